@@ -1,0 +1,32 @@
+# torchfabric entry points; each sets up what is missing first (scripts/setup.sh).
+#   make run    build, then train the Fashion-MNIST autoencoder (the main job)
+#   make test   build with Bazel and CMake, run every test; last line `N passed, N failed`
+#   make bench  build, then run the benchmarks (results: docs/benchmarks.md)
+# ARGS="..." passes extra flags to the example, e.g. make run ARGS="--max-steps 50".
+PYTHON ?= python3
+BAZEL ?= bazel
+ARGS ?=
+export PYTHON
+
+.PHONY: all setup build run test bench clean
+all: build
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(BAZEL) build //...
+
+run: build
+	@mkdir -p build
+	./bazel-bin/examples/autoencoder/autoencoder --checkpoint build/autoencoder.pt $(ARGS)
+
+test: setup
+	@scripts/run_tests.sh
+
+bench: build
+	./bazel-bin/benchmarks/overhead/overhead
+
+clean:
+	$(BAZEL) clean
+	rm -rf build

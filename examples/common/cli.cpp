@@ -1,0 +1,52 @@
+#include "cli.h"
+
+#include <cstdlib>
+#include <iostream>
+
+#include <boost/program_options.hpp>
+
+namespace examples {
+
+TrainArgs parse_args(int argc, char** argv, const std::string& description, TrainArgs args) {
+  namespace po = boost::program_options;
+  std::string devices = args.fabric.devices.str();
+  std::string precision = args.fabric.precision.str();
+  po::options_description flags(description + "\n\nOptions");
+  flags.add_options()
+      ("help,h", "show this help and exit")
+      ("accelerator", po::value(&args.fabric.accelerator)->default_value(args.fabric.accelerator),
+       "auto, cpu, cuda or gpu")
+      ("devices", po::value(&devices)->default_value(devices),
+       "number of devices (processes on cpu), a list such as 0,1, or auto")
+      ("strategy", po::value(&args.fabric.strategy)->default_value(args.fabric.strategy),
+       "auto or single_device")
+      ("num-nodes", po::value(&args.fabric.num_nodes)->default_value(args.fabric.num_nodes),
+       "number of nodes")
+      ("precision", po::value(&precision)->default_value(precision),
+       "32-true, 64-true, 16-mixed, bf16-mixed, 16-true, bf16-true (or 32, 64, 16, bf16)")
+      ("epochs", po::value(&args.epochs)->default_value(args.epochs), "passes over the training set")
+      ("batch-size", po::value(&args.batch_size)->default_value(args.batch_size), "batch size per device")
+      ("max-steps", po::value(&args.max_steps)->default_value(args.max_steps),
+       "stop after this many optimizer steps (-1: no limit)")
+      ("seed", po::value(&args.seed)->default_value(args.seed), "global random seed")
+      ("lr", po::value(&args.lr)->default_value(args.lr), "learning rate")
+      ("checkpoint", po::value(&args.checkpoint)->default_value(args.checkpoint),
+       "where to write the trained weights (empty: do not write)");
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, flags), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    std::cerr << "error: " << e.what() << "\n\n" << flags << std::endl;
+    std::exit(2);
+  }
+  if (vm.count("help")) {
+    std::cout << flags << std::endl;
+    std::exit(0);
+  }
+  args.fabric.devices = fabric::Devices(devices);
+  args.fabric.precision = precision;
+  return args;
+}
+
+}  // namespace examples

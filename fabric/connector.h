@@ -1,0 +1,37 @@
+// The connector turns FabricOptions (and LT_* environment overrides) into the
+// concrete accelerator, device list, strategy and precision a Fabric runs with.
+// All validation of user-facing options happens here, at construction, so a bad
+// value fails before any work starts, with the valid values in the message.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <c10/core/Device.h>
+
+#include "fabric/accelerator.h"
+#include "fabric/options.h"
+#include "launchers/cluster_environment.h"
+
+namespace fabric {
+
+struct Connection {
+  std::shared_ptr<Accelerator> accelerator;
+  std::vector<c10::Device> devices;  // this node's devices, one per local rank
+  int num_nodes = 1;
+  std::string strategy;   // resolved, e.g. "single_device"
+  std::string precision;  // canonical, e.g. "bf16-mixed"
+  launchers::ClusterEnvironment environment;
+};
+
+// Applies LT_ACCELERATOR, LT_DEVICES, LT_STRATEGY, LT_NUM_NODES, LT_PRECISION to
+// `options` the way Lightning does: a set variable wins over the default, and
+// conflicts with a non-default value in code are an error when LT_CLI_USED is set
+// (i.e. the program was started by a command-line launcher).
+FabricOptions apply_environment_overrides(FabricOptions options);
+
+// Resolves everything; throws std::invalid_argument on an invalid or impossible value.
+Connection connect(const FabricOptions& options);
+
+}  // namespace fabric

@@ -1,0 +1,79 @@
+// Options accepted by fabric::Fabric, mirroring Lightning Fabric's constructor.
+//
+// Every field has the default Lightning uses, so `Fabric()` runs on one device in
+// fp32, and designated initializers read like the Python call:
+//   fabric::Fabric fabric({.accelerator = "cpu", .precision = "bf16-mixed"});
+// The values are validated when the Fabric is constructed (see connector.h); the
+// environment variables LT_ACCELERATOR, LT_DEVICES, LT_STRATEGY, LT_NUM_NODES and
+// LT_PRECISION override them, as Lightning's `fabric run` does.
+#pragma once
+
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace fabric {
+
+namespace precision {
+class Precision;
+}
+class Callback;
+class Logger;
+
+// `devices`: a count ("2", 2, -1 for all), a list of indices ({0, 1}, "0,1"), or
+// "auto". Implicit constructors let the option be written as in Python.
+class Devices {
+ public:
+  enum class Kind { kAuto, kCount, kList };
+
+  Devices() = default;  // "auto"
+  Devices(int count);   // NOLINT(google-explicit-constructor)
+  Devices(const char* spec);         // NOLINT
+  Devices(const std::string& spec);  // NOLINT
+  Devices(std::vector<int> indices);  // NOLINT
+  Devices(std::initializer_list<int> indices);  // NOLINT
+
+  Kind kind() const { return kind_; }
+  int count() const { return count_; }  // kCount only; -1 means "all"
+  const std::vector<int>& indices() const { return indices_; }  // kList only
+  // The spelling used in messages and to compare with LT_DEVICES: "auto", "2", "[0, 1]".
+  std::string str() const;
+
+ private:
+  Kind kind_ = Kind::kAuto;
+  int count_ = 0;
+  std::vector<int> indices_;
+};
+
+// `precision`: a name ("bf16-mixed") or one of Lightning's integer aliases (32, 64, 16).
+class PrecisionArg {
+ public:
+  PrecisionArg() = default;
+  PrecisionArg(const char* name) : name_(name) {}          // NOLINT
+  PrecisionArg(std::string name) : name_(std::move(name)) {}  // NOLINT
+  PrecisionArg(int bits) : name_(std::to_string(bits)) {}  // NOLINT
+  const std::string& str() const { return name_; }
+
+ private:
+  std::string name_ = "32-true";
+};
+
+struct FabricOptions {
+  // "auto" (cuda when a GPU is visible, else cpu), "cpu", "cuda", "gpu" (= cuda).
+  std::string accelerator = "auto";
+  // "auto" (single_device for a world of one), "single_device".
+  std::string strategy = "auto";
+  Devices devices = "auto";
+  int num_nodes = 1;
+  // "32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true" and the
+  // aliases 32, 64, 16 ("16-mixed"), "bf16" ("bf16-mixed").
+  PrecisionArg precision = "32-true";
+  // A ready-made precision plugin (Lightning's `plugins=`); replaces `precision`.
+  // Use it for a GradScaler with non-default settings or fp16 AMP on the CPU.
+  std::shared_ptr<precision::Precision> precision_plugin;
+  std::vector<std::shared_ptr<Callback>> callbacks;
+  std::vector<std::shared_ptr<Logger>> loggers;
+};
+
+}  // namespace fabric

@@ -1,0 +1,27 @@
+// Detects whether an external launcher started this process and which rank it is.
+// Checked in this order, first match wins:
+//   1. torchrun-style: RANK and WORLD_SIZE (plus LOCAL_RANK, NODE_RANK or GROUP_RANK)
+//   2. Open MPI:       OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK
+//   3. SLURM:          SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID
+//                      (ignored in an interactive `srun bash` session)
+// Nothing set means a plain process: rank 0 of a world of one.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace fabric::launchers {
+
+struct ClusterEnvironment {
+  std::string kind = "none";  // "none", "torchrun", "mpi", "slurm"
+  int64_t global_rank = 0;
+  int64_t world_size = 1;
+  int64_t local_rank = 0;
+  int64_t node_rank = 0;
+};
+
+// Reads the variables above; throws std::invalid_argument naming a variable whose
+// value is not a number or is out of range (e.g. RANK >= WORLD_SIZE).
+ClusterEnvironment detect_cluster_environment();
+
+}  // namespace fabric::launchers

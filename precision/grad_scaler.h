@@ -1,0 +1,76 @@
+// Dynamic loss scaling for fp16 mixed precision, with the semantics of Python's
+// torch.amp.GradScaler: the loss is multiplied by `scale` before backward; before
+// the step the gradients are unscaled and checked for inf/nan in one fused kernel
+// (at::_amp_foreach_non_finite_check_and_unscale_); a step with non-finite
+// gradients is skipped and the scale multiplied by `backoff_factor`; after
+// `growth_interval` clean steps in a row it is multiplied by `growth_factor`
+// (at::_amp_update_scale_). The scale lives on the loss's device, so no host sync
+// happens except the one that decides whether to step.
+#pragma once
+
+#include <cstdint>
+#include <unordered_map>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace torch::optim {
+class Optimizer;
+}
+
+namespace fabric::precision {
+
+struct GradScalerOptions {
+  double init_scale = 65536.0;
+  double growth_factor = 2.0;
+  double backoff_factor = 0.5;
+  int64_t growth_interval = 2000;
+  bool enabled = true;
+};
+
+class GradScaler {
+ public:
+  explicit GradScaler(GradScalerOptions options = {});
+
+  // loss * scale (creates the scale on the loss's device on first use).
+  at::Tensor scale(const at::Tensor& loss);
+  // Divides the optimizer's gradients by the scale in place and records whether
+  // any is inf/nan. At most once per optimizer between update()s.
+  void unscale_(torch::optim::Optimizer& optimizer);
+  // Unscales if not yet done, then steps unless an inf/nan was found.
+  // Returns true when the optimizer stepped.
+  bool step(torch::optim::Optimizer& optimizer);
+  // Updates the scale from this iteration's inf/nan checks; call once per iteration.
+  void update();
+
+  double get_scale() const;
+  int64_t growth_tracker() const;
+  // Whether the most recent step() was skipped because of inf/nan gradients.
+  bool last_step_skipped() const { return last_step_skipped_; }
+  const GradScalerOptions& options() const { return options_; }
+  bool is_enabled() const { return options_.enabled; }
+
+  // The scale and growth tracker, for checkpoints: {"scale", "_growth_tracker"}.
+  at::Tensor scale_tensor() const { return scale_; }
+  at::Tensor growth_tracker_tensor() const { return growth_tracker_; }
+  void load(double scale, int64_t growth_tracker);
+
+ private:
+  enum class Stage { kReady, kUnscaled, kStepped };
+  struct OptimizerState {
+    Stage stage = Stage::kReady;
+    std::vector<at::Tensor> found_inf_per_device;
+  };
+
+  void lazy_init(const c10::Device& device);
+
+  GradScalerOptions options_;
+  at::Tensor scale_;           // float32, shape [1]
+  at::Tensor growth_tracker_;  // int32, shape [1]
+  double pending_scale_;
+  int64_t pending_tracker_ = 0;
+  bool last_step_skipped_ = false;
+  std::unordered_map<const torch::optim::Optimizer*, OptimizerState> per_optimizer_;
+};
+
+}  // namespace fabric::precision

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole test suite (`make test` runs it after set-up): builds everything with
+# Bazel and runs its tests, then builds everything with CMake and runs the same
+# test programs from that build, so neither build rots. Last line:
+# `N passed, N failed` over every GoogleTest case of both runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export PYTHON
+BAZEL=${BAZEL:-bazel}
+failures=()
+results=build/test-results
+rm -rf "$results" && mkdir -p "$results/bazel" "$results/cmake"
+
+echo "== bazel build + test"
+# Build first, so the timing-sensitive example tests do not share the 2 cores
+# with compilation.
+$BAZEL build //... && $BAZEL test //... --test_output=errors
+status=$?
+if [ $status -ne 0 ] && [ $status -ne 3 ]; then
+  failures+=(--failure "bazel build/test (exit status $status)")
+fi
+for target in fabric_tests example_tests; do
+  if [ -f "bazel-testlogs/tests/$target/test.xml" ]; then
+    cp "bazel-testlogs/tests/$target/test.xml" "$results/bazel/$target.xml"
+  else
+    failures+=(--failure "bazel //tests:$target produced no results")
+  fi
+done
+
+echo "== cmake build + test"
+prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null)
+if cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$prefix" -DPython3_EXECUTABLE="$(command -v "$PYTHON")" > build/cmake-configure.log 2>&1 \
+   && cmake --build build/cmake -j2; then
+  ./build/cmake/fabric_tests --gtest_output="xml:$results/cmake/fabric_tests.xml" > build/cmake-fabric_tests.log 2>&1 \
+    || grep -E "FAILED|Failure" -A3 build/cmake-fabric_tests.log | head -40
+  [ -f "$results/cmake/fabric_tests.xml" ] || failures+=(--failure "cmake fabric_tests crashed (build/cmake-fabric_tests.log)")
+  ./build/cmake/example_tests build/cmake/autoencoder build/cmake/classifier \
+    --gtest_output="xml:$results/cmake/example_tests.xml" > build/cmake-example_tests.log 2>&1 \
+    || grep -E "FAILED|Failure" -A3 build/cmake-example_tests.log | head -40
+  [ -f "$results/cmake/example_tests.xml" ] || failures+=(--failure "cmake example_tests crashed (build/cmake-example_tests.log)")
+else
+  tail -20 build/cmake-configure.log
+  failures+=(--failure "cmake configure/build (see build/cmake-configure.log)")
+fi
+
+echo "== summary"
+"$PYTHON" scripts/summarize_tests.py "${failures[@]}" "$results"

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Counts GoogleTest results from JUnit XML files and prints one line per failed
+or skipped test, then the totals; the last line is `N passed, N failed`.
+
+usage: summarize_tests.py [--failure NAME]... XML_OR_DIR...
+  --failure NAME   count a step that produced no XML (a build that failed) as failed
+"""
+import os
+import sys
+import xml.etree.ElementTree as ET
+
+
+def xml_files(paths):
+    for path in paths:
+        if os.path.isdir(path):
+            for root, _, files in os.walk(path, followlinks=True):
+                for name in sorted(files):
+                    if name.endswith(".xml"):
+                        yield os.path.join(root, name)
+        elif os.path.exists(path):
+            yield path
+
+
+def main(argv):
+    failures, paths = [], []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--failure":
+            failures.append(next(it))
+        else:
+            paths.append(arg)
+    passed, failed, skipped = 0, [], []
+    for path in xml_files(paths):
+        try:
+            tree = ET.parse(path)
+        except ET.ParseError as error:
+            failed.append(f"{path}: unreadable results ({error})")
+            continue
+        for case in tree.iter("testcase"):
+            name = f"{case.get('classname')}.{case.get('name')}"
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed.append(f"{name} ({path})")
+            elif case.get("result") == "skipped" or case.find("skipped") is not None:
+                skipped.append(name)
+            else:
+                passed += 1
+    failed += failures
+    for name in skipped:
+        print(f"SKIPPED {name}")
+    for name in failed:
+        print(f"FAILED  {name}")
+    print(f"{len(skipped)} skipped (they need a GPU)" if skipped else "0 skipped")
+    print(f"{passed} passed, {len(failed)} failed")
+    return 1 if failed or passed == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,84 @@
+// Runs the example programs end to end: the autoencoder in every precision mode
+// for a few steps, and the classifier to its reported test accuracy.
+// argv[1], argv[2]: paths of the autoencoder and classifier binaries.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <climits>
+#include <cstdlib>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <regex>
+
+#include "test_util.h"
+
+namespace {
+std::string g_autoencoder, g_classifier;
+
+std::string absolute(const char* path) {
+  char resolved[PATH_MAX];
+  return ::realpath(path, resolved) ? resolved : path;
+}
+
+std::string last_line(const std::string& text) {
+  auto end = text.find_last_not_of('\n');
+  if (end == std::string::npos) return "";
+  auto start = text.rfind('\n', end);
+  return text.substr(start == std::string::npos ? 0 : start + 1, end - start);
+}
+}  // namespace
+
+TEST(Examples, AutoencoderRunsInEveryCpuPrecision) {
+  for (const char* precision : {"32-true", "64-true", "bf16-mixed", "bf16-true", "16-true"}) {
+    SCOPED_TRACE(precision);
+    const auto checkpoint = ::testing::TempDir() + "/ae_" + precision + ".pt";
+    ::unlink(checkpoint.c_str());
+    auto result = testutil::run_command(g_autoencoder + " --accelerator cpu --max-steps 30" +
+                                        " --precision " + precision + " --checkpoint " + checkpoint);
+    ASSERT_EQ(result.status, 0) << result.output;
+    std::smatch match;
+    ASSERT_TRUE(std::regex_search(result.output, match,
+                                  std::regex("epoch 0: train_loss ([0-9.]+) val_loss ([0-9.]+)")))
+        << result.output;
+    const double train = std::stod(match[1]), val = std::stod(match[2]);
+    EXPECT_TRUE(std::isfinite(train) && train > 0 && train < 0.2) << result.output;
+    EXPECT_TRUE(std::isfinite(val) && val > 0 && val < 0.2) << result.output;
+    struct stat info {};
+    EXPECT_EQ(::stat(checkpoint.c_str(), &info), 0) << result.output;
+    EXPECT_GT(info.st_size, 0) << result.output;
+  }
+}
+
+TEST(Examples, AutoencoderRejectsBadFlagsByMessage) {
+  auto result = testutil::run_command(g_autoencoder + " --precision 8-mixed --max-steps 1");
+  EXPECT_NE(result.status, 0);
+  EXPECT_NE(result.output.find("precision='8-mixed'"), std::string::npos) << result.output;
+  result = testutil::run_command(g_autoencoder + " --no-such-flag");
+  EXPECT_EQ(result.status, 2) << result.output;
+  result = testutil::run_command(g_autoencoder + " --help");
+  EXPECT_EQ(result.status, 0);
+  for (const char* flag : {"--accelerator", "--devices", "--strategy", "--precision", "--epochs",
+                           "--batch-size", "--max-steps", "--seed", "--checkpoint"}) {
+    EXPECT_NE(result.output.find(flag), std::string::npos) << flag;
+  }
+}
+
+TEST(Examples, ClassifierReachesEightyFivePercent) {
+  auto result = testutil::run_command(g_classifier + " --accelerator cpu --checkpoint ''");
+  ASSERT_EQ(result.status, 0) << result.output;
+  std::smatch match;
+  const std::string last = last_line(result.output);
+  ASSERT_TRUE(std::regex_match(last, match, std::regex("test accuracy: ([0-9.]+)"))) << result.output;
+  EXPECT_GE(std::stod(match[1]), 0.85) << result.output;
+}
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: %s AUTOENCODER CLASSIFIER\n", argv[0]);
+    return 2;
+  }
+  g_autoencoder = absolute(argv[1]);
+  g_classifier = absolute(argv[2]);
+  return RUN_ALL_TESTS();
+}

@@ -1,0 +1,146 @@
+// Option resolution: defaults, aliases, LT_* overrides, cluster variables, and an
+// error naming the bad value and the valid ones for every invalid option.
+#include <torch/torch.h>
+
+#include <c10/util/Exception.h>
+
+#include "fabric/accelerator.h"
+#include "fabric/fabric.h"
+#include "test_util.h"
+
+using fabric::Fabric;
+using testutil::EnvGuard;
+
+namespace {
+
+bool has_cuda() { return fabric::cuda_device_count() > 0; }
+
+// Collects LibTorch warnings (TORCH_WARN) for the scope.
+class WarningCollector : public c10::WarningHandler {
+ public:
+  void process(const c10::Warning& warning) override { messages.push_back(warning.msg()); }
+  std::vector<std::string> messages;
+};
+
+}  // namespace
+
+TEST(Options, DefaultsResolveToOneDeviceFp32) {
+  Fabric fabric;
+  EXPECT_EQ(fabric.accelerator(), has_cuda() ? "cuda" : "cpu");
+  EXPECT_EQ(fabric.strategy().name(), "single_device");
+  EXPECT_EQ(fabric.precision().name(), "32-true");
+  EXPECT_EQ(fabric.world_size(), 1);
+  EXPECT_EQ(fabric.global_rank(), 0);
+  EXPECT_TRUE(fabric.is_global_zero());
+  EXPECT_EQ(fabric.device().type(), has_cuda() ? c10::kCUDA : c10::kCPU);
+}
+
+TEST(Options, PrecisionAliases) {
+  EXPECT_EQ(Fabric({.accelerator = "cpu", .precision = 32}).precision().name(), "32-true");
+  EXPECT_EQ(Fabric({.accelerator = "cpu", .precision = 64}).precision().name(), "64-true");
+  EXPECT_EQ(Fabric({.accelerator = "cpu", .precision = "bf16"}).precision().name(), "bf16-mixed");
+  EXPECT_EQ(Fabric({.accelerator = "cpu", .precision = "16-true"}).precision().name(), "16-true");
+  EXPECT_EQ(Fabric({.accelerator = "cpu", .precision = "bf16-true"}).precision().name(),
+            "bf16-true");
+}
+
+TEST(Options, SixteenMixedOnCpuFallsBackToBf16WithWarning) {
+  WarningCollector collector;
+  c10::WarningUtils::WarningHandlerGuard guard(&collector);
+  Fabric fabric({.accelerator = "cpu", .precision = 16});
+  EXPECT_EQ(fabric.precision().name(), "bf16-mixed");
+  EXPECT_EQ(fabric.precision().scaler(), nullptr);
+  ASSERT_EQ(collector.messages.size(), 1u);
+  EXPECT_NE(collector.messages[0].find("bf16-mixed"), std::string::npos);
+}
+
+TEST(Options, InvalidAcceleratorListsValidOnes) {
+  EXPECT_THROW_WITH(Fabric({.accelerator = "tpu"}), "accelerator='tpu'", "'cpu'", "'cuda'",
+                    "'gpu'", "'auto'");
+}
+
+TEST(Options, InvalidPrecisionListsValidOnes) {
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .precision = "8-mixed"}),
+                    "precision='8-mixed'", "'32-true'", "'bf16-mixed'", "'16-true'");
+}
+
+TEST(Options, InvalidStrategyListsValidOnes) {
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .strategy = "ddp_spawn_xyz"}),
+                    "strategy='ddp_spawn_xyz'", "'auto'", "'single_device'");
+}
+
+TEST(Options, CudaWithoutGpuIsAnError) {
+  if (has_cuda()) GTEST_SKIP() << "a GPU is visible";
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cuda", .devices = 3}), "accelerator='cuda'",
+                    "no CUDA device", "'cpu'");
+  EXPECT_THROW_WITH(Fabric({.accelerator = "gpu"}), "accelerator='gpu'", "no CUDA device");
+}
+
+TEST(Options, MoreGpusThanVisibleIsAnError) {
+  if (!has_cuda()) GTEST_SKIP() << "no GPU visible";
+  const int too_many = static_cast<int>(fabric::cuda_device_count()) + 1;
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cuda", .devices = too_many}),
+                    "devices=" + std::to_string(too_many), "CUDA device(s) are visible");
+}
+
+TEST(Options, ThreeCpuDevicesNeedAMultiProcessStrategy) {
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .devices = 3}), "world of 3 processes",
+                    "'single_device'");
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .num_nodes = 2}), "world of 2 processes");
+}
+
+TEST(Options, InvalidDeviceValues) {
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .devices = 0}), "devices=0", ">= 1");
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .devices = {0, 1}}), "devices=[0, 1]",
+                    "number of processes");
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .devices = "two"}), "devices='two'",
+                    "'auto'");
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .num_nodes = 0}), "num_nodes=0");
+}
+
+TEST(Options, DevicesParse) {
+  EXPECT_EQ(fabric::Devices("auto").kind(), fabric::Devices::Kind::kAuto);
+  EXPECT_EQ(fabric::Devices("2").count(), 2);
+  EXPECT_EQ(fabric::Devices("-1").count(), -1);
+  EXPECT_EQ(fabric::Devices("0,1").indices(), (std::vector<int>{0, 1}));
+  EXPECT_EQ(fabric::Devices("[1, 3]").indices(), (std::vector<int>{1, 3}));
+  EXPECT_EQ(fabric::Devices({2, 0}).str(), "[2, 0]");
+}
+
+TEST(Options, EnvironmentOverridesDefaults) {
+  EnvGuard precision("LT_PRECISION", "bf16-mixed");
+  EnvGuard accelerator("LT_ACCELERATOR", "cpu");
+  Fabric fabric;
+  EXPECT_EQ(fabric.precision().name(), "bf16-mixed");
+  EXPECT_EQ(fabric.accelerator(), "cpu");
+}
+
+TEST(Options, EnvironmentConflictUnderCliIsAnError) {
+  EnvGuard cli("LT_CLI_USED", "1");
+  EnvGuard precision("LT_PRECISION", "bf16-mixed");
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .precision = "64-true"}), "precision=64-true",
+                    "--precision=bf16-mixed");
+  // The same value in both places is no conflict.
+  EXPECT_EQ(Fabric({.accelerator = "cpu", .precision = "bf16-mixed"}).precision().name(),
+            "bf16-mixed");
+}
+
+TEST(Options, InvalidEnvironmentValueIsNamed) {
+  EnvGuard precision("LT_PRECISION", "4-true");
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu"}), "precision='4-true'");
+}
+
+TEST(Options, BadRankVariablesAreRejected) {
+  {
+    EnvGuard rank("RANK", "5"), size("WORLD_SIZE", "2");
+    EXPECT_THROW_WITH(Fabric({.accelerator = "cpu"}), "RANK=5", "WORLD_SIZE=2");
+  }
+  {
+    EnvGuard rank("RANK", "zero"), size("WORLD_SIZE", "1");
+    EXPECT_THROW_WITH(Fabric({.accelerator = "cpu"}), "RANK='zero'");
+  }
+  {
+    EnvGuard rank("RANK", "0"), size("WORLD_SIZE", "2");
+    EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .devices = 1}), "2 processes", "devices=1");
+  }
+}
