@@ -26,6 +26,7 @@ test: setup
 
 bench: build
 	./bazel-bin/benchmarks/overhead/overhead
+	./bazel-bin/benchmarks/ddp/ddp
 
 clean:
 	$(BAZEL) clean

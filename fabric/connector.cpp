@@ -49,25 +49,53 @@ FabricOptions apply_environment_overrides(FabricOptions options) {
 }
 
 Connection connect(const FabricOptions& raw) {
-  const FabricOptions options = apply_environment_overrides(raw);
+  FabricOptions options = apply_environment_overrides(raw);
   Connection c;
   if (options.num_nodes < 1) {
     throw std::invalid_argument("num_nodes=" + std::to_string(options.num_nodes) +
                                 " is not valid: it must be >= 1");
   }
   c.accelerator = make_accelerator(options.accelerator);
+  c.environment = launchers::detect_cluster_environment();
+  const auto& env = c.environment;
+  const bool external = env.kind != "none";
+  if (external && options.devices.kind() == Devices::Kind::kAuto) {
+    options.devices = Devices(static_cast<int>(env.local_world_size));
+  }
+  if (external && options.num_nodes == 1 && env.local_world_size > 0 &&
+      env.world_size > env.local_world_size) {
+    options.num_nodes = static_cast<int>(env.world_size / env.local_world_size);
+  }
   c.devices = c.accelerator->parse_devices(options.devices);
   c.num_nodes = options.num_nodes;
-  c.environment = launchers::detect_cluster_environment();
-  const int64_t world_size = static_cast<int64_t>(c.devices.size()) * c.num_nodes;
-  if (c.environment.world_size != 1 && c.environment.world_size != world_size) {
-    throw std::invalid_argument(
-        "the " + c.environment.kind + " environment says the world has " +
-        std::to_string(c.environment.world_size) + " processes, but devices=" +
-        options.devices.str() + " x num_nodes=" + std::to_string(c.num_nodes) + " gives " +
-        std::to_string(world_size));
+  c.world_size = static_cast<int64_t>(c.devices.size()) * c.num_nodes;
+  if (external) {
+    if (env.world_size != c.world_size) {
+      throw std::invalid_argument(
+          "the " + env.kind + " environment says the world has " +
+          std::to_string(env.world_size) + " processes, but devices=" + options.devices.str() +
+          " x num_nodes=" + std::to_string(c.num_nodes) + " gives " +
+          std::to_string(c.world_size));
+    }
+    if (env.local_rank >= static_cast<int64_t>(c.devices.size())) {
+      throw std::invalid_argument("the " + env.kind + " environment gives local rank " +
+                                  std::to_string(env.local_rank) + ", but devices=" +
+                                  options.devices.str() + " has only " +
+                                  std::to_string(c.devices.size()) + " device(s) per node");
+    }
+    c.global_rank = env.global_rank;
+    c.local_rank = env.local_rank;
+    c.node_rank = env.node_rank;
+  } else if (c.world_size > 1) {
+    if (c.num_nodes > 1) {
+      throw std::invalid_argument(
+          "num_nodes=" + std::to_string(c.num_nodes) +
+          " needs every node's ranks started by a launcher: run the program with fabric-run "
+          "(--num-nodes --node-rank --main-address) on each node, or with mpirun / srun");
+    }
+    c.needs_launch = true;
   }
-  c.strategy = strategies::resolve_strategy_name(options.strategy, world_size);
+  c.strategy = strategies::resolve_strategy_name(options.strategy, c.world_size);
   if (options.precision_plugin) {
     c.precision = "plugin";
   } else {

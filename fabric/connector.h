@@ -23,6 +23,12 @@ struct Connection {
   std::string strategy;   // resolved, e.g. "single_device"
   std::string precision;  // canonical, e.g. "bf16-mixed"
   launchers::ClusterEnvironment environment;
+  int64_t world_size = 1;
+  int64_t global_rank = 0;
+  int64_t local_rank = 0;
+  int64_t node_rank = 0;
+  // True when nothing launched the other ranks: Fabric::launch() must start them.
+  bool needs_launch = false;
 };
 
 // Applies LT_ACCELERATOR, LT_DEVICES, LT_STRATEGY, LT_NUM_NODES, LT_PRECISION to
@@ -32,6 +38,9 @@ struct Connection {
 FabricOptions apply_environment_overrides(FabricOptions options);
 
 // Resolves everything; throws std::invalid_argument on an invalid or impossible value.
+// Under an external launcher, devices="auto" means this node's ranks, num_nodes=1
+// (the default) means world / ranks per node, and explicit values must agree with
+// the environment.
 Connection connect(const FabricOptions& options);
 
 }  // namespace fabric

@@ -1,12 +1,23 @@
 #include "fabric/fabric.h"
 
 #include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <iostream>
 #include <stdexcept>
+#include <thread>
+#include <unistd.h>
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <torch/serialize.h>
 
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
 #include <torch/utils.h>
 
+#include "launchers/mpirun.h"
+#include "launchers/supervisor.h"
 #include "precision/registry.h"
 #include "strategies/registry.h"
 
@@ -15,9 +26,20 @@ namespace fabric {
 Fabric::Fabric(FabricOptions options) : options_(std::move(options)) {
   Connection connection = connect(options_);
   accelerator_name_ = connection.accelerator->name();
+  needs_launch_ = connection.needs_launch;
   strategies::StrategyArgs args;
-  args.parallel_devices = connection.devices;
-  args.num_nodes = connection.num_nodes;
+  args.topology.parallel_devices = connection.devices;
+  args.topology.num_nodes = connection.num_nodes;
+  args.topology.global_rank = connection.global_rank;
+  args.topology.local_rank = connection.local_rank;
+  args.topology.node_rank = connection.node_rank;
+  args.topology.world_size = connection.world_size;
+  args.process_group_backend = options_.process_group_backend;
+  args.main_address = connection.environment.main_address;
+  args.main_port = connection.environment.main_port;
+  args.timeout = options_.timeout;
+  args.ddp.find_unused_parameters = options_.find_unused_parameters;
+  args.ddp.gradient_as_bucket_view = options_.gradient_as_bucket_view;
   strategy_ = strategies::make_strategy(connection.strategy, args);
   precision_ = options_.precision_plugin
                    ? options_.precision_plugin
@@ -39,9 +61,48 @@ void Fabric::launch() {
   if (launched_) {
     throw std::logic_error("Fabric::launch() was already called on this Fabric");
   }
+  if (needs_launch_) {
+    if (device().is_cpu()) {
+      // CPU ranks must form one MPI world: restart this program under mpirun.
+      launchers::relaunch_under_mpirun(static_cast<int>(world_size()));
+    }
+    supervisor_ = spawn_local_ranks(static_cast<int>(world_size()));
+  }
   strategy_->setup_environment();
   launched_ = true;
 }
+
+namespace {
+
+// CUDA ranks 1..N-1 as children with torchrun-style variables; this process
+// becomes rank 0. A thread watches the children: if one fails, the others are
+// stopped and this process exits with its status.
+std::shared_ptr<void> spawn_local_ranks_impl(int nprocs) {
+  auto supervisor = std::make_shared<launchers::Supervisor>();
+  const int port = launchers::free_port();
+  const auto command = launchers::own_command_line();
+  for (int rank = 1; rank < nprocs; ++rank) {
+    supervisor->start(rank, command,
+                      launchers::torchrun_environment(rank, rank, nprocs, nprocs, 0, "127.0.0.1",
+                                                      port));
+  }
+  for (const auto& [key, value] :
+       launchers::torchrun_environment(0, 0, nprocs, nprocs, 0, "127.0.0.1", port)) {
+    ::setenv(key.c_str(), value.c_str(), 1);
+  }
+  std::thread([supervisor] {
+    const int status = supervisor->wait_all();
+    if (status != 0) {
+      std::cerr << "torchfabric: a spawned rank failed; ending the job" << std::endl;
+      std::_Exit(status);
+    }
+  }).detach();
+  return supervisor;
+}
+
+}  // namespace
+
+std::shared_ptr<void> Fabric::spawn_local_ranks(int nprocs) { return spawn_local_ranks_impl(nprocs); }
 
 void Fabric::check_module(const torch::nn::Module* module) const {
   if (!module) throw std::invalid_argument("Fabric::setup: the module is a null pointer");
@@ -144,6 +205,85 @@ void Fabric::call(const std::string& hook) {
 }
 
 void Fabric::barrier() { strategy_->barrier(); }
+
+namespace {
+
+strategies::Strategy::ReduceOp parse_op(const std::string& op) {
+  using Op = strategies::Strategy::ReduceOp;
+  if (op == "sum") return Op::kSum;
+  if (op == "mean") return Op::kMean;
+  if (op == "max") return Op::kMax;
+  if (op == "min") return Op::kMin;
+  throw std::invalid_argument("all_reduce: reduce_op='" + op +
+                              "' is not supported. Valid values: 'sum', 'mean', 'max', 'min'");
+}
+
+}  // namespace
+
+at::Tensor Fabric::all_reduce(at::Tensor tensor, const std::string& op) {
+  const auto reduce = parse_op(op);
+  if (world_size() == 1) return tensor;
+  at::Tensor work = tensor.to(device());
+  strategy_->all_reduce(work, reduce);
+  if (!work.is_same(tensor)) tensor.copy_(work);
+  return tensor;
+}
+
+double Fabric::all_reduce(double value, const std::string& op) {
+  auto t = at::full({1}, value, at::TensorOptions().dtype(at::kDouble));
+  if (device().is_cuda()) t = t.to(at::kFloat);  // NCCL reductions of fp64 work, but stay safe
+  return all_reduce(t, op).item<double>();
+}
+
+at::Tensor Fabric::all_gather(const at::Tensor& tensor) {
+  if (world_size() == 1) return tensor.unsqueeze(0);
+  return strategy_->all_gather(tensor.to(device()));
+}
+
+at::Tensor Fabric::broadcast(at::Tensor tensor, int64_t src) {
+  if (world_size() == 1) return tensor;
+  at::Tensor work = tensor.to(device());
+  strategy_->broadcast(work, src);
+  if (!work.is_same(tensor)) tensor.copy_(work);
+  return tensor;
+}
+
+std::string Fabric::broadcast(const std::string& value, int64_t src) {
+  if (world_size() == 1) return value;
+  auto size = at::full({1}, static_cast<int64_t>(value.size()), at::kLong);
+  size = broadcast(size, src);
+  auto bytes = at::empty({size.item<int64_t>()}, at::kByte);
+  if (global_rank() == src) std::memcpy(bytes.data_ptr(), value.data(), value.size());
+  bytes = broadcast(bytes, src);
+  return std::string(static_cast<const char*>(bytes.data_ptr()),
+                     static_cast<size_t>(bytes.numel()));
+}
+
+c10::IValue Fabric::broadcast(const c10::IValue& value, int64_t src) {
+  if (world_size() == 1) return value;
+  std::string payload;
+  if (global_rank() == src) {
+    auto data = torch::pickle_save(value);
+    payload.assign(data.begin(), data.end());
+  }
+  payload = broadcast(payload, src);
+  return torch::pickle_load(std::vector<char>(payload.begin(), payload.end()));
+}
+
+Fabric::NoBackwardSync::NoBackwardSync(strategies::Strategy& strategy, bool enabled)
+    : strategy_(strategy), previous_(strategy.gradient_sync()) {
+  if (enabled) strategy_.set_gradient_sync(false);
+}
+
+Fabric::NoBackwardSync::~NoBackwardSync() { strategy_.set_gradient_sync(previous_); }
+
+Fabric::RankZeroFirst::RankZeroFirst(Fabric& fabric) : fabric_(fabric) {
+  if (!fabric_.is_global_zero()) fabric_.barrier();
+}
+
+Fabric::RankZeroFirst::~RankZeroFirst() noexcept(false) {
+  if (fabric_.is_global_zero() && !std::uncaught_exceptions()) fabric_.barrier();
+}
 
 int64_t Fabric::global_rank() const { return strategy_->global_rank(); }
 int64_t Fabric::local_rank() const { return strategy_->local_rank(); }

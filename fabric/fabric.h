@@ -27,6 +27,7 @@
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
 #include <torch/data/example.h>
 #include <torch/nn/pimpl.h>
 
@@ -177,7 +178,52 @@ class Fabric {
   void log_dict(const std::map<std::string, double>& metrics, int64_t step = -1);
   // Calls hook `hook` on every callback, in order.
   void call(const std::string& hook);
+
+  // Collectives over all ranks; with one process they pass data through.
+  // Waits until every rank gets here.
   void barrier();
+  // Reduces `tensor` across ranks in place and returns it. op: "sum", "mean",
+  // "max", "min". The tensor may live anywhere; it is reduced on device().
+  at::Tensor all_reduce(at::Tensor tensor, const std::string& op = "mean");
+  double all_reduce(double value, const std::string& op = "mean");
+  // Every rank's tensor stacked along a new leading dimension of size world_size().
+  at::Tensor all_gather(const at::Tensor& tensor);
+  // Rank `src`'s tensor (same shape and dtype on every rank).
+  at::Tensor broadcast(at::Tensor tensor, int64_t src = 0);
+  // Rank `src`'s value, sent serialised (strings, numbers, lists, dicts, tensors).
+  std::string broadcast(const std::string& value, int64_t src = 0);
+  c10::IValue broadcast(const c10::IValue& value, int64_t src = 0);
+
+  // RAII guard: gradients are not synchronised in the backward passes inside it
+  // (gradient accumulation). `enabled=false` makes it a no-op.
+  class NoBackwardSync {
+   public:
+    NoBackwardSync(strategies::Strategy& strategy, bool enabled);
+    ~NoBackwardSync();
+    NoBackwardSync(const NoBackwardSync&) = delete;
+    NoBackwardSync& operator=(const NoBackwardSync&) = delete;
+
+   private:
+    strategies::Strategy& strategy_;
+    bool previous_;
+  };
+  template <typename M>
+  NoBackwardSync no_backward_sync(const FabricModule<M>& /*module*/, bool enabled = true) {
+    return NoBackwardSync(*strategy_, enabled);
+  }
+  // RAII guard: rank 0 runs the scope first, the other ranks after it (e.g. so
+  // rank 0 downloads or prepares data once).
+  class RankZeroFirst {
+   public:
+    explicit RankZeroFirst(Fabric& fabric);
+    ~RankZeroFirst() noexcept(false);
+    RankZeroFirst(const RankZeroFirst&) = delete;
+    RankZeroFirst& operator=(const RankZeroFirst&) = delete;
+
+   private:
+    Fabric& fabric_;
+  };
+  RankZeroFirst rank_zero_first() { return RankZeroFirst(*this); }
 
   int64_t global_rank() const;
   int64_t rank() const { return global_rank(); }
@@ -195,6 +241,7 @@ class Fabric {
 
  private:
   void check_module(const torch::nn::Module* module) const;
+  static std::shared_ptr<void> spawn_local_ranks(int nprocs);
   void place_module(torch::nn::Module& module);
 
   FabricOptions options_;
@@ -204,6 +251,8 @@ class Fabric {
   std::optional<uint64_t> seed_;
   int64_t next_log_step_ = 0;
   bool launched_ = false;
+  bool needs_launch_ = false;
+  std::shared_ptr<void> supervisor_;  // keeps spawned ranks' supervisor alive
 };
 
 }  // namespace fabric

@@ -8,6 +8,7 @@
 // LT_PRECISION override them, as Lightning's `fabric run` does.
 #pragma once
 
+#include <chrono>
 #include <initializer_list>
 #include <memory>
 #include <string>
@@ -62,7 +63,7 @@ class PrecisionArg {
 struct FabricOptions {
   // "auto" (cuda when a GPU is visible, else cpu), "cpu", "cuda", "gpu" (= cuda).
   std::string accelerator = "auto";
-  // "auto" (single_device for a world of one), "single_device".
+  // "auto" (single_device for a world of one, else ddp), "single_device", "ddp".
   std::string strategy = "auto";
   Devices devices = "auto";
   int num_nodes = 1;
@@ -74,6 +75,13 @@ struct FabricOptions {
   std::shared_ptr<precision::Precision> precision_plugin;
   std::vector<std::shared_ptr<Callback>> callbacks;
   std::vector<std::shared_ptr<Logger>> loggers;
+  // Multi-process options (strategy "ddp"). Backend: "nccl" (CUDA, the default
+  // there), "mpi" (CPU, the default there); "gloo" is named but not built.
+  std::string process_group_backend;
+  // How long rendezvous and collectives may wait for the other ranks.
+  std::chrono::seconds timeout = std::chrono::minutes(30);
+  bool find_unused_parameters = false;
+  bool gradient_as_bucket_view = false;
 };
 
 }  // namespace fabric

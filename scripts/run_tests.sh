@@ -20,7 +20,7 @@ status=$?
 if [ $status -ne 0 ] && [ $status -ne 3 ]; then
   failures+=(--failure "bazel build/test (exit status $status)")
 fi
-for target in fabric_tests example_tests; do
+for target in fabric_tests example_tests ddp_tests; do
   if [ -f "bazel-testlogs/tests/$target/test.xml" ]; then
     cp "bazel-testlogs/tests/$target/test.xml" "$results/bazel/$target.xml"
   else
@@ -39,6 +39,10 @@ if cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$prefix" -DPython3_EXECUTABLE=
     --gtest_output="xml:$results/cmake/example_tests.xml" > build/cmake-example_tests.log 2>&1 \
     || grep -E "FAILED|Failure" -A3 build/cmake-example_tests.log | head -40
   [ -f "$results/cmake/example_tests.xml" ] || failures+=(--failure "cmake example_tests crashed (build/cmake-example_tests.log)")
+  ./build/cmake/ddp_tests build/cmake/ddp_worker build/cmake/fabric-run \
+    --gtest_output="xml:$results/cmake/ddp_tests.xml" > build/cmake-ddp_tests.log 2>&1 \
+    || grep -E "FAILED|Failure" -A3 build/cmake-ddp_tests.log | head -40
+  [ -f "$results/cmake/ddp_tests.xml" ] || failures+=(--failure "cmake ddp_tests crashed (build/cmake-ddp_tests.log)")
 else
   tail -20 build/cmake-configure.log
   failures+=(--failure "cmake configure/build (see build/cmake-configure.log)")

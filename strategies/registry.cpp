@@ -15,7 +15,7 @@ std::string join(const std::vector<std::string>& items) {
 
 }  // namespace
 
-std::vector<std::string> valid_strategies() { return {"auto", "single_device"}; }
+std::vector<std::string> valid_strategies() { return {"auto", "single_device", "ddp"}; }
 
 std::string resolve_strategy_name(const std::string& name, int64_t world_size) {
   bool known = false;
@@ -24,23 +24,32 @@ std::string resolve_strategy_name(const std::string& name, int64_t world_size) {
     throw std::invalid_argument("strategy='" + name + "' is not supported. Valid values: " +
                                 join(valid_strategies()));
   }
-  if (world_size > 1) {
+  if (name == "auto") return world_size > 1 ? "ddp" : "single_device";
+  if (name == "single_device" && world_size > 1) {
     throw std::invalid_argument(
-        "a world of " + std::to_string(world_size) + " processes (devices x num_nodes) needs a "
-        "multi-process strategy, and strategy='" + name + "' runs one process on one device; "
-        "this build offers only " + join(valid_strategies()) +
-        ", so use devices=1 and num_nodes=1");
+        "strategy='single_device' runs one process on one device, but devices x num_nodes "
+        "make a world of " + std::to_string(world_size) +
+        " processes; use strategy='ddp' (or 'auto'), or devices=1");
   }
-  return "single_device";
+  return name;
 }
 
 std::shared_ptr<Strategy> make_strategy(const std::string& name, const StrategyArgs& args) {
+  const auto& devices = args.topology.parallel_devices;
   if (name == "single_device") {
-    if (args.parallel_devices.size() != 1) {
+    if (devices.size() != 1) {
       throw std::invalid_argument("strategy='single_device' needs exactly one device, got " +
-                                  std::to_string(args.parallel_devices.size()));
+                                  std::to_string(devices.size()));
     }
-    return std::make_shared<SingleDeviceStrategy>(args.parallel_devices.front());
+    return std::make_shared<SingleDeviceStrategy>(devices.front());
+  }
+  if (name == "ddp") {
+    ProcessGroupOptions pg;
+    pg.backend = args.process_group_backend;
+    pg.master_addr = args.main_address;
+    pg.master_port = args.main_port;
+    pg.timeout = args.timeout;
+    return std::make_shared<DDPStrategy>(args.topology, pg, args.ddp);
   }
   throw std::invalid_argument("strategy='" + name + "' is not supported. Valid values: " +
                               join(valid_strategies()));

@@ -46,6 +46,20 @@ class Strategy {
                                      double norm_type, bool error_if_nonfinite);
   // Clamps every gradient element of `parameters` into [-clip_val, clip_val].
   virtual void clip_gradients_value(const std::vector<at::Tensor>& parameters, double clip_val);
+  // Called by a set-up module before each forward (DDP re-broadcasts buffers).
+  virtual void pre_forward(torch::nn::Module& /*module*/) {}
+  // Turns gradient synchronisation in backward off and on (no_backward_sync).
+  virtual void set_gradient_sync(bool /*enabled*/) {}
+  virtual bool gradient_sync() const { return true; }
+
+  // Collectives. With one process they leave the data as it is.
+  enum class ReduceOp { kSum, kMean, kMax, kMin };
+  // Reduces `tensor` across ranks in place.
+  virtual void all_reduce(at::Tensor& /*tensor*/, ReduceOp /*op*/) {}
+  // Overwrites `tensor` with rank `src`'s (same shape and dtype on every rank).
+  virtual void broadcast(at::Tensor& /*tensor*/, int64_t /*src*/) {}
+  // Every rank's `tensor`, stacked along a new leading world dimension.
+  virtual at::Tensor all_gather(const at::Tensor& tensor) { return tensor.unsqueeze(0); }
   // Waits for every rank (nothing to wait for on one process).
   virtual void barrier() {}
 };

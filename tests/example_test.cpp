@@ -49,6 +49,22 @@ TEST(Examples, AutoencoderRunsInEveryCpuPrecision) {
   }
 }
 
+TEST(Examples, AutoencoderTrainsWithTwoDdpRanksPrintingFromRankZero) {
+  auto result = testutil::run_command(g_autoencoder +
+                                      " --accelerator cpu --devices 2 --strategy ddp --max-steps 30"
+                                      " --checkpoint ''");
+  ASSERT_EQ(result.status, 0) << result.output;
+  std::smatch match;
+  ASSERT_TRUE(std::regex_search(result.output, match,
+                                std::regex("epoch 0: train_loss ([0-9.]+) val_loss ([0-9.]+)")))
+      << result.output;
+  EXPECT_LT(std::stod(match[2]), 0.2) << result.output;
+  // Printed by rank zero only.
+  EXPECT_EQ(result.output.find("epoch 0:"), result.output.rfind("epoch 0:")) << result.output;
+  EXPECT_NE(result.output.find("430 steps per epoch"), std::string::npos)
+      << "each rank should see half of the 55000 images: " << result.output;
+}
+
 TEST(Examples, AutoencoderRejectsBadFlagsByMessage) {
   auto result = testutil::run_command(g_autoencoder + " --precision 8-mixed --max-steps 1");
   EXPECT_NE(result.status, 0);

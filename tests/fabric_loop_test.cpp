@@ -267,3 +267,34 @@ TEST(FabricLoop, ToDeviceAndLaunchOnce) {
   EXPECT_EQ(fabric.launch([](fabric::Fabric& f) { return f.world_size(); }), 1);
   EXPECT_THROW_WITH(fabric.launch(), "already called");
 }
+
+TEST(FabricLoop, DistributedSamplerCoversEveryIndexOnceAcrossRanks) {
+  for (bool drop_last : {false, true}) {
+    SCOPED_TRACE(drop_last ? "drop_last" : "padded");
+    const size_t n = 10;  // not a multiple of 3 ranks
+    std::vector<std::vector<size_t>> previous;
+    for (int epoch = 0; epoch < 3; ++epoch) {
+      std::vector<size_t> all;
+      std::vector<std::vector<size_t>> per_rank;
+      for (int64_t rank = 0; rank < 3; ++rank) {
+        fabric::DistributedSampler sampler(
+            n, {.num_replicas = 3, .rank = rank, .shuffle = true, .seed = 9, .drop_last = drop_last});
+        sampler.set_epoch(epoch);
+        auto mine = sampler.indices();
+        EXPECT_EQ(mine.size(), drop_last ? 3u : 4u);
+        all.insert(all.end(), mine.begin(), mine.end());
+        per_rank.push_back(mine);
+      }
+      std::set<size_t> distinct(all.begin(), all.end());
+      if (drop_last) {
+        EXPECT_EQ(all.size(), 9u);
+        EXPECT_EQ(distinct.size(), 9u) << "no index twice";
+      } else {
+        EXPECT_EQ(all.size(), 12u);  // padded with the head of the permutation
+        EXPECT_EQ(distinct.size(), n) << "every index at least once";
+      }
+      if (epoch > 0) EXPECT_NE(per_rank, previous) << "epoch " << epoch << " repeats";
+      previous = per_rank;
+    }
+  }
+}

@@ -83,10 +83,34 @@ TEST(Options, MoreGpusThanVisibleIsAnError) {
                     "devices=" + std::to_string(too_many), "CUDA device(s) are visible");
 }
 
-TEST(Options, ThreeCpuDevicesNeedAMultiProcessStrategy) {
-  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .devices = 3}), "world of 3 processes",
-                    "'single_device'");
-  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .num_nodes = 2}), "world of 2 processes");
+TEST(Options, MultiProcessWorldsNeedAMultiProcessStrategy) {
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .strategy = "single_device", .devices = 3}),
+                    "world of 3", "strategy='ddp'");
+  // "auto" picks ddp for more than one process.
+  EXPECT_EQ(Fabric({.accelerator = "cpu", .devices = 3}).strategy().name(), "ddp");
+  EXPECT_EQ(Fabric({.accelerator = "cpu", .devices = 3}).world_size(), 3);
+  // Several nodes need a launcher on every node.
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .num_nodes = 2}), "num_nodes=2", "fabric-run");
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .devices = 2, .process_group_backend = "gloo"}),
+                    "'gloo' is not available", "'mpi'");
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .devices = 2, .process_group_backend = "nccl"}),
+                    "needs accelerator='cuda'");
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .devices = 2, .process_group_backend = "shm"}),
+                    "'shm' is not supported", "'mpi'");
+}
+
+TEST(Options, ExternalLauncherResolvesDevicesAndRanks) {
+  EnvGuard rank("RANK", "3"), size("WORLD_SIZE", "4"), local("LOCAL_RANK", "1"),
+      local_size("LOCAL_WORLD_SIZE", "2"), node("NODE_RANK", "1");
+  Fabric fabric({.accelerator = "cpu"});
+  EXPECT_EQ(fabric.strategy().name(), "ddp");
+  EXPECT_EQ(fabric.global_rank(), 3);
+  EXPECT_EQ(fabric.local_rank(), 1);
+  EXPECT_EQ(fabric.node_rank(), 1);
+  EXPECT_EQ(fabric.world_size(), 4);
+  EXPECT_FALSE(fabric.is_global_zero());
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .devices = 3}), "says the world has 4",
+                    "devices=3");
 }
 
 TEST(Options, InvalidDeviceValues) {

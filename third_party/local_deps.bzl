@@ -25,6 +25,8 @@ def _torch_repository_impl(ctx):
         print("torchfabric is pinned to torch 2.11; found %s in %s" % (version, executable))
     lib = torch_dir + "/lib"
     ctx.symlink(torch_dir + "/include", "include")
+    cuda_home = ctx.os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    ctx.symlink(cuda_home + "/include", "cuda_include")
     ctx.file("BUILD.bazel", """
 package(default_visibility = ["//visibility:public"])
 
@@ -48,6 +50,13 @@ cc_library(
     ],
 )
 
+# The CUDA toolkit's headers, for the one file that includes ProcessGroupNCCL.hpp.
+cc_library(
+    name = "cuda_headers",
+    hdrs = glob(["cuda_include/*.h", "cuda_include/crt/*.h", "cuda_include/crt/*.hpp"]),
+    includes = ["cuda_include"],
+)
+
 # The interpreter that holds this torch, for tests that compare with Python.
 cc_library(
     name = "python_path",
@@ -57,6 +66,6 @@ cc_library(
 
 torch_repository = repository_rule(
     implementation = _torch_repository_impl,
-    environ = ["PYTHON", "PATH"],
+    environ = ["PYTHON", "PATH", "CUDA_HOME"],
     local = True,
 )

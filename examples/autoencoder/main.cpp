@@ -3,6 +3,7 @@
 // Runs unchanged on CPU or GPU and in any precision:
 //   autoencoder --max-steps 50
 //   autoencoder --accelerator cuda --precision bf16-mixed --epochs 2
+//   autoencoder --devices 2 --strategy ddp          (2 CPU ranks, started by Fabric)
 #include <torch/torch.h>
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -93,9 +94,12 @@ int run(int argc, char** argv) {
       val_sum += torch::mse_loss(out, x.to(out.scalar_type()), torch::Reduction::Sum).item<double>();
       val_count += x.numel();
     }
-    fabric.print("epoch ", epoch, ": train_loss ", std::fixed, std::setprecision(5),
-                 train_sum / std::max<int64_t>(train_batches, 1), " val_loss ",
-                 val_sum / std::max<int64_t>(val_count, 1));
+    // Every rank saw its own shard: combine before printing.
+    const double train_loss = fabric.all_reduce(train_sum / std::max<int64_t>(train_batches, 1));
+    const double val_total = fabric.all_reduce(val_sum, "sum");
+    const double val_elements = fabric.all_reduce(static_cast<double>(val_count), "sum");
+    fabric.print("epoch ", epoch, ": train_loss ", std::fixed, std::setprecision(5), train_loss,
+                 " val_loss ", val_total / std::max(val_elements, 1.0));
   }
   if (!args.checkpoint.empty() && fabric.is_global_zero()) {
     torch::save(model, args.checkpoint);

@@ -62,8 +62,10 @@ int run(int argc, char** argv) {
     total += batch.target.size(0);
   }
   if (!args.checkpoint.empty() && fabric.is_global_zero()) torch::save(model, args.checkpoint);
-  fabric.print("test accuracy: ", std::fixed, std::setprecision(4),
-               static_cast<double>(correct) / static_cast<double>(total));
+  // Each rank evaluated its shard (padded to equal length across ranks).
+  const double all_correct = fabric.all_reduce(static_cast<double>(correct), "sum");
+  const double all_total = fabric.all_reduce(static_cast<double>(total), "sum");
+  fabric.print("test accuracy: ", std::fixed, std::setprecision(4), all_correct / all_total);
   return 0;
 }
 

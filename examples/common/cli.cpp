@@ -19,7 +19,7 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
       ("devices", po::value(&devices)->default_value(devices),
        "number of devices (processes on cpu), a list such as 0,1, or auto")
       ("strategy", po::value(&args.fabric.strategy)->default_value(args.fabric.strategy),
-       "auto or single_device")
+       "auto, single_device or ddp")
       ("num-nodes", po::value(&args.fabric.num_nodes)->default_value(args.fabric.num_nodes),
        "number of nodes")
       ("precision", po::value(&precision)->default_value(precision),

@@ -1,0 +1,119 @@
+// fabric-run: starts this node's ranks of a torchfabric program, like Lightning's
+// `fabric run`. The flags become LT_* variables that Fabric reads (with
+// LT_CLI_USED=1, so a conflicting value in code is an error).
+//
+//   fabric-run --devices 2 -- ./train --epochs 3          # 2 CPU ranks via mpirun
+//   fabric-run --accelerator cuda --devices 8 -- ./train  # 8 GPU ranks, NCCL
+//   fabric-run --accelerator cuda --devices 8 --num-nodes 2 --node-rank 0 \
+//       --main-address node0 -- ./train                   # on each node
+//
+// CPU ranks are started through mpirun (their collectives run on Open MPI, which
+// only joins processes it started); GPU ranks are started directly with
+// torchrun-style variables and supervised: when one fails, the rest are stopped
+// and fabric-run exits with its status.
+#include <cstdlib>
+#include <iostream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <boost/program_options.hpp>
+
+#include "fabric/accelerator.h"
+#include "launchers/mpirun.h"
+#include "launchers/supervisor.h"
+
+namespace po = boost::program_options;
+
+int main(int argc, char** argv) {
+  std::string accelerator = "auto", strategy = "auto", devices = "1", precision = "32-true";
+  std::string main_address = "127.0.0.1", launcher = "auto";
+  int num_nodes = 1, node_rank = 0, main_port = 29400;
+  std::vector<std::string> program;
+  po::options_description flags(
+      "fabric-run: start the ranks of a torchfabric program on this node\n\n"
+      "usage: fabric-run [options] [--] PROGRAM [ARGS...]\n\nOptions");
+  flags.add_options()
+      ("help,h", "show this help and exit")
+      ("accelerator", po::value(&accelerator)->default_value(accelerator),
+       "auto (cuda if a GPU is visible, else cpu), cpu, cuda or gpu")
+      ("strategy", po::value(&strategy)->default_value(strategy),
+       "auto, single_device or ddp (passed to the program as LT_STRATEGY)")
+      ("devices", po::value(&devices)->default_value(devices),
+       "ranks on this node: a number of CPU processes or GPUs, a GPU list such as 0,1, or auto")
+      ("num-nodes", po::value(&num_nodes)->default_value(num_nodes), "number of nodes in the job")
+      ("node-rank", po::value(&node_rank)->default_value(node_rank),
+       "this node's index, 0 .. num-nodes-1")
+      ("main-address", po::value(&main_address)->default_value(main_address),
+       "address of node 0, where rank 0 hosts the rendezvous store")
+      ("main-port", po::value(&main_port)->default_value(main_port), "port of the rendezvous store")
+      ("precision", po::value(&precision)->default_value(precision),
+       "32-true, 64-true, 16-mixed, bf16-mixed, 16-true, bf16-true (passed as LT_PRECISION)")
+      ("launcher", po::value(&launcher)->default_value(launcher),
+       "auto (mpirun for cpu, subprocess for cuda), mpirun, or subprocess")
+      ("program", po::value(&program), "the program and its arguments");
+  po::positional_options_description positional;
+  positional.add("program", -1);
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(argc, argv).options(flags).positional(positional).run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    std::cerr << "fabric-run: " << e.what() << "\n\n" << flags << std::endl;
+    return 2;
+  }
+  if (vm.count("help")) {
+    std::cout << flags << std::endl;
+    return 0;
+  }
+  if (program.empty()) {
+    std::cerr << "fabric-run: no program given\n\n" << flags << std::endl;
+    return 2;
+  }
+  try {
+    if (num_nodes < 1 || node_rank < 0 || node_rank >= num_nodes) {
+      throw std::invalid_argument("--node-rank " + std::to_string(node_rank) +
+                                  " is out of range for --num-nodes " + std::to_string(num_nodes));
+    }
+    if (main_port < 1 || main_port > 65535) {
+      throw std::invalid_argument("--main-port " + std::to_string(main_port) +
+                                  " is not a TCP port (1..65535)");
+    }
+    auto acc = fabric::make_accelerator(accelerator);
+    const int local = static_cast<int>(acc->parse_devices(fabric::Devices(devices)).size());
+    if (launcher == "auto") launcher = acc->name() == "cpu" ? "mpirun" : "subprocess";
+    if (launcher != "mpirun" && launcher != "subprocess") {
+      throw std::invalid_argument("--launcher " + launcher +
+                                  " is not supported; valid: auto, mpirun, subprocess");
+    }
+    const std::map<std::string, std::string> common = {
+        {"LT_ACCELERATOR", accelerator}, {"LT_STRATEGY", strategy},
+        {"LT_DEVICES", devices},         {"LT_NUM_NODES", std::to_string(num_nodes)},
+        {"LT_PRECISION", precision},     {"LT_CLI_USED", "1"}};
+    for (const auto& [key, value] : common) ::setenv(key.c_str(), value.c_str(), 1);
+
+    if (launcher == "mpirun") {
+      if (num_nodes > 1) {
+        throw std::invalid_argument(
+            "--num-nodes " + std::to_string(num_nodes) +
+            " with CPU ranks: the CPU backend is Open MPI, which cannot join ranks started by "
+            "separate fabric-run commands (and Gloo is not in this LibTorch). Start one job "
+            "across the nodes instead: mpirun -np N -H host1:n,host2:n PROGRAM");
+      }
+      fabric::launchers::exec_command(fabric::launchers::mpirun_command(local, program));
+    }
+    fabric::launchers::Supervisor supervisor;
+    supervisor.forward_signals();
+    const int world = local * num_nodes;
+    for (int r = 0; r < local; ++r) {
+      supervisor.start(node_rank * local + r, program,
+                       fabric::launchers::torchrun_environment(node_rank * local + r, r, world,
+                                                               local, node_rank, main_address,
+                                                               main_port));
+    }
+    return supervisor.wait_all();
+  } catch (const std::exception& e) {
+    std::cerr << "fabric-run: " << e.what() << std::endl;
+    return 2;
+  }
+}

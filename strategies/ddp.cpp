@@ -1,0 +1,330 @@
+#include "strategies/ddp.h"
+
+#include <algorithm>
+#include <mutex>
+#include <stdexcept>
+
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/csrc/autograd/utils/lambda_post_hook.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/nn/module.h>
+
+#include "precision/precision.h"
+#include "strategies/mpi_backend.h"
+#include "strategies/nccl_backend.h"
+
+namespace fabric::strategies {
+
+struct DDPStrategy::ModuleState {
+  struct Bucket {
+    at::Tensor flat;
+    std::vector<at::Tensor> params;
+    std::vector<std::string> names;
+    std::vector<int64_t> offsets;
+    std::vector<char> ready;
+    size_t pending = 0;
+    bool launched = false;
+    c10::intrusive_ptr<c10d::Work> work;
+  };
+  const torch::nn::Module* module = nullptr;
+  std::vector<Bucket> buckets;
+  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
+  std::vector<at::Tensor> buffers;
+  size_t next_launch = 0;
+  bool touched = false;
+  std::mutex mutex;
+};
+
+DDPStrategy::DDPStrategy(Topology topology, ProcessGroupOptions process_group, DDPOptions options)
+    : topology_(std::move(topology)), pg_options_(std::move(process_group)), options_(options) {
+  if (topology_.parallel_devices.empty()) {
+    throw std::invalid_argument("strategy='ddp' needs at least one device");
+  }
+  if (topology_.local_rank < 0 ||
+      topology_.local_rank >= static_cast<int64_t>(topology_.parallel_devices.size())) {
+    throw std::invalid_argument(
+        "local rank " + std::to_string(topology_.local_rank) + " has no device: this node has " +
+        std::to_string(topology_.parallel_devices.size()) + " device(s) (devices=" +
+        std::to_string(topology_.parallel_devices.size()) + ")");
+  }
+  pg_options_.rank = topology_.global_rank;
+  pg_options_.world_size = topology_.world_size;
+  pg_options_.device = root_device();
+  if (pg_options_.backend.empty()) pg_options_.backend = default_backend(root_device().type());
+  check_backend(pg_options_.backend, root_device().type());
+  if (options_.bucket_cap_mb <= 0 || options_.first_bucket_cap_mb <= 0) {
+    throw std::invalid_argument("DDP bucket sizes must be > 0 MB");
+  }
+}
+
+DDPStrategy::~DDPStrategy() = default;
+
+c10::Device DDPStrategy::root_device() const {
+  return topology_.parallel_devices[static_cast<size_t>(topology_.local_rank)];
+}
+
+c10d::Backend& DDPStrategy::backend() const {
+  if (!pg_.group) {
+    throw std::logic_error(
+        "the ddp process group does not exist yet: call fabric.launch() before setup and "
+        "collectives");
+  }
+  return *pg_.group->getBackend(root_device().type());
+}
+
+void DDPStrategy::setup_environment() {
+  if (root_device().is_cuda()) set_cuda_device(root_device().index());
+  pg_ = create_process_group(pg_options_);
+}
+
+void DDPStrategy::setup_module(torch::nn::Module& module) {
+  module.to(root_device());
+  auto& be = backend();
+  auto state = std::make_unique<ModuleState>();
+  state->module = &module;
+
+  // Every rank starts from rank 0's weights and buffers.
+  {
+    torch::NoGradGuard no_grad;
+    c10d::BroadcastOptions root;
+    root.rootRank = 0;
+    std::vector<at::Tensor> tensors;
+    for (auto& p : module.parameters()) tensors.push_back(p.detach());
+    for (auto& b : module.buffers()) {
+      tensors.push_back(b);
+      state->buffers.push_back(b);
+    }
+    for (auto& t : tensors) {
+      std::vector<at::Tensor> one = {t};
+      be.broadcast(one, root)->wait();
+    }
+  }
+
+  // Buckets over the trainable parameters in reverse order, split by dtype.
+  std::vector<std::pair<std::string, at::Tensor>> params;
+  for (auto& item : module.named_parameters()) {
+    if (item.value().requires_grad()) params.emplace_back(item.key(), item.value());
+  }
+  std::reverse(params.begin(), params.end());
+  const double mib = 1024.0 * 1024.0;
+  size_t bytes = 0;
+  ModuleState::Bucket* current = nullptr;
+  for (auto& [name, param] : params) {
+    const double cap = (state->buckets.size() <= 1 ? options_.first_bucket_cap_mb
+                                                   : options_.bucket_cap_mb) * mib;
+    const bool new_bucket = !current || current->params.front().scalar_type() !=
+                                            param.scalar_type() ||
+                            (bytes > 0 && bytes + param.nbytes() > cap &&
+                             !current->params.empty());
+    if (new_bucket) {
+      state->buckets.emplace_back();
+      current = &state->buckets.back();
+      bytes = 0;
+    }
+    current->offsets.push_back(current->params.empty()
+                                   ? 0
+                                   : current->offsets.back() + current->params.back().numel());
+    current->params.push_back(param);
+    current->names.push_back(name);
+    bytes += param.nbytes();
+  }
+  for (auto& bucket : state->buckets) {
+    const int64_t numel = bucket.offsets.back() + bucket.params.back().numel();
+    bucket.flat = at::zeros({numel}, bucket.params.front().options().requires_grad(false));
+    bucket.ready.assign(bucket.params.size(), 0);
+    bucket.pending = bucket.params.size();
+  }
+
+  // A post-accumulation hook per parameter feeds its bucket.
+  ModuleState* raw = state.get();
+  for (size_t b = 0; b < raw->buckets.size(); ++b) {
+    for (size_t i = 0; i < raw->buckets[b].params.size(); ++i) {
+      auto accumulator = torch::autograd::impl::grad_accumulator(raw->buckets[b].params[i]);
+      accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
+          [this, raw, b, i](const torch::autograd::variable_list& outputs,
+                            const torch::autograd::variable_list& /*inputs*/) {
+            if (!sync_) return outputs;
+            std::lock_guard<std::mutex> lock(raw->mutex);
+            auto& bucket = raw->buckets[b];
+            if (bucket.launched || bucket.ready[i]) return outputs;
+            const auto& grad = bucket.params[i].grad();
+            auto slice = bucket.flat.narrow(0, bucket.offsets[i], bucket.params[i].numel());
+            if (grad.defined()) {
+              slice.copy_(grad.reshape({-1}));
+            } else {
+              slice.zero_();
+            }
+            bucket.ready[i] = 1;
+            raw->touched = true;
+            if (--bucket.pending == 0) {
+              // Start every consecutive full bucket, in index order on every rank.
+              while (raw->next_launch < raw->buckets.size() &&
+                     raw->buckets[raw->next_launch].pending == 0) {
+                auto& next = raw->buckets[raw->next_launch++];
+                next.flat.div_(static_cast<double>(topology_.world_size));
+                std::vector<at::Tensor> one = {next.flat};
+                next.work = backend().allreduce(one, c10d::AllreduceOptions());
+                next.launched = true;
+              }
+            }
+            return outputs;
+          }));
+      raw->accumulators.push_back(std::move(accumulator));
+    }
+  }
+  modules_.push_back(std::move(state));
+}
+
+void DDPStrategy::pre_forward(torch::nn::Module& module) {
+  if (!options_.broadcast_buffers || topology_.world_size == 1 || !sync_ ||
+      !module.is_training() || !torch::autograd::GradMode::is_enabled()) {
+    return;
+  }
+  for (auto& state : modules_) {
+    if (state->module != &module || state->buffers.empty()) continue;
+    torch::NoGradGuard no_grad;
+    c10d::BroadcastOptions root;
+    root.rootRank = 0;
+    for (auto& buffer : state->buffers) {
+      std::vector<at::Tensor> one = {buffer};
+      backend().broadcast(one, root)->wait();
+    }
+  }
+}
+
+void DDPStrategy::backward(const at::Tensor& loss, precision::Precision& precision) {
+  if (!sync_) {
+    precision.pre_backward(loss).backward();
+    return;
+  }
+  for (auto& state : modules_) {
+    std::lock_guard<std::mutex> lock(state->mutex);
+    for (auto& bucket : state->buckets) {
+      std::fill(bucket.ready.begin(), bucket.ready.end(), 0);
+      bucket.pending = bucket.params.size();
+      bucket.launched = false;
+      bucket.work.reset();
+    }
+    state->next_launch = 0;
+    state->touched = false;
+  }
+  precision.pre_backward(loss).backward();
+  const auto backward_end = std::chrono::steady_clock::now();
+  for (auto& state : modules_) {
+    if (state->touched) finish_sync(*state, backward_end);
+  }
+}
+
+void DDPStrategy::finish_sync(ModuleState& state,
+                              std::chrono::steady_clock::time_point backward_end) {
+  std::vector<std::string> unused;
+  {
+    std::lock_guard<std::mutex> lock(state.mutex);
+    for (size_t b = state.next_launch; b < state.buckets.size(); ++b) {
+      auto& bucket = state.buckets[b];
+      for (size_t i = 0; i < bucket.params.size(); ++i) {
+        if (bucket.ready[i]) continue;
+        bucket.flat.narrow(0, bucket.offsets[i], bucket.params[i].numel()).zero_();
+        bucket.ready[i] = 1;
+        unused.push_back(bucket.names[i]);
+      }
+      bucket.pending = 0;
+    }
+    while (state.next_launch < state.buckets.size()) {
+      auto& next = state.buckets[state.next_launch++];
+      next.flat.div_(static_cast<double>(topology_.world_size));
+      std::vector<at::Tensor> one = {next.flat};
+      next.work = backend().allreduce(one, c10d::AllreduceOptions());
+      next.launched = true;
+    }
+  }
+  for (auto& bucket : state.buckets) {
+    bucket.work->wait();
+    if (auto timing = collective_timing(bucket.work)) {
+      const double total = std::chrono::duration<double>(timing->end - timing->start).count();
+      const auto hidden_end = std::min(timing->end, backward_end);
+      const double hidden =
+          hidden_end > timing->start
+              ? std::chrono::duration<double>(hidden_end - timing->start).count()
+              : 0.0;
+      stats_.comm_seconds += total;
+      stats_.hidden_seconds += hidden;
+    }
+    ++stats_.buckets_reduced;
+    for (size_t i = 0; i < bucket.params.size(); ++i) {
+      auto& param = bucket.params[i];
+      auto slice = bucket.flat.narrow(0, bucket.offsets[i], param.numel()).view(param.sizes());
+      if (options_.gradient_as_bucket_view) {
+        param.mutable_grad() = slice;
+      } else if (param.grad().defined()) {
+        param.mutable_grad().copy_(slice);
+      } else {
+        param.mutable_grad() = slice.clone();
+      }
+    }
+  }
+  if (!unused.empty() && !options_.find_unused_parameters) {
+    std::string names;
+    for (const auto& n : unused) names += (names.empty() ? "" : ", ") + n;
+    throw std::runtime_error(
+        "ddp: these parameters received no gradient in this backward: " + names +
+        ". If the model does not use every parameter in every step, pass "
+        "find_unused_parameters=true (their gradients then count as zero)");
+  }
+}
+
+void DDPStrategy::all_reduce(at::Tensor& tensor, ReduceOp op) {
+  c10d::AllreduceOptions opts;
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kMean: opts.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM); break;
+    case ReduceOp::kMax: opts.reduceOp = c10d::ReduceOp(c10d::ReduceOp::MAX); break;
+    case ReduceOp::kMin: opts.reduceOp = c10d::ReduceOp(c10d::ReduceOp::MIN); break;
+  }
+  if (op == ReduceOp::kMean && !tensor.is_floating_point()) {
+    throw std::invalid_argument(std::string("all_reduce 'mean' needs a floating-point tensor, got ") +
+                                c10::toString(tensor.scalar_type()));
+  }
+  std::vector<at::Tensor> one = {tensor};
+  backend().allreduce(one, opts)->wait();
+  if (op == ReduceOp::kMean) tensor.div_(static_cast<double>(topology_.world_size));
+}
+
+void DDPStrategy::broadcast(at::Tensor& tensor, int64_t src) {
+  if (src < 0 || src >= topology_.world_size) {
+    throw std::invalid_argument("broadcast: src=" + std::to_string(src) +
+                                " is not a rank of this world (0.." +
+                                std::to_string(topology_.world_size - 1) + ")");
+  }
+  c10d::BroadcastOptions opts;
+  opts.rootRank = src;
+  std::vector<at::Tensor> one = {tensor};
+  backend().broadcast(one, opts)->wait();
+}
+
+at::Tensor DDPStrategy::all_gather(const at::Tensor& tensor) {
+  auto input = tensor.contiguous();
+  std::vector<std::vector<at::Tensor>> outputs(1);
+  for (int64_t r = 0; r < topology_.world_size; ++r) outputs[0].push_back(at::empty_like(input));
+  std::vector<at::Tensor> inputs = {input};
+  backend().allgather(outputs, inputs, c10d::AllgatherOptions())->wait();
+  return at::stack(outputs[0]);
+}
+
+void DDPStrategy::barrier() {
+  auto token = at::zeros({1}, at::TensorOptions().device(root_device()));
+  std::vector<at::Tensor> one = {token};
+  backend().allreduce(one, c10d::AllreduceOptions())->wait();
+}
+
+std::vector<size_t> DDPStrategy::bucket_counts() const {
+  std::vector<size_t> out;
+  for (const auto& state : modules_) out.push_back(state->buckets.size());
+  return out;
+}
+
+}  // namespace fabric::strategies

@@ -1,0 +1,258 @@
+#include "strategies/mpi_backend.h"
+
+// C API only: the deprecated MPI C++ bindings need libmpi_cxx.
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+
+#include <cstdlib>
+#include <stdexcept>
+
+#include <ATen/core/ivalue.h>
+#include <ATen/ops/empty.h>
+
+namespace fabric::strategies {
+namespace {
+
+struct MPIEnvironment {
+  MPIEnvironment() {
+    int initialized = 0;
+    MPI_Initialized(&initialized);
+    if (!initialized) {
+      int provided = 0;
+      MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided);
+      if (provided < MPI_THREAD_SERIALIZED) {
+        throw std::runtime_error("Open MPI does not provide MPI_THREAD_SERIALIZED");
+      }
+      owner = true;
+    }
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+  }
+  ~MPIEnvironment() {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (owner && !finalized) MPI_Finalize();
+  }
+  bool owner = false;
+  int rank = 0, size = 1;
+};
+
+MPIEnvironment& environment() {
+  static MPIEnvironment env;
+  return env;
+}
+
+void check_tensor(const at::Tensor& t, const char* op) {
+  if (!t.device().is_cpu()) {
+    throw std::invalid_argument(std::string("mpi backend: ") + op + " got a tensor on " +
+                                t.device().str() +
+                                "; the mpi backend handles CPU tensors (use nccl for CUDA)");
+  }
+}
+
+MPI_Datatype mpi_type(c10::ScalarType type) {
+  switch (type) {
+    case c10::ScalarType::Float: return MPI_FLOAT;
+    case c10::ScalarType::Double: return MPI_DOUBLE;
+    case c10::ScalarType::Long: return MPI_INT64_T;
+    case c10::ScalarType::Int: return MPI_INT32_T;
+    case c10::ScalarType::Short: return MPI_INT16_T;
+    case c10::ScalarType::Char: return MPI_INT8_T;
+    case c10::ScalarType::Byte: return MPI_UINT8_T;
+    case c10::ScalarType::Bool: return MPI_C_BOOL;
+    default: return MPI_DATATYPE_NULL;
+  }
+}
+
+MPI_Op mpi_op(const c10d::ReduceOp& op) {
+  switch (op.op_) {
+    case c10d::ReduceOp::SUM:
+    case c10d::ReduceOp::AVG: return MPI_SUM;
+    case c10d::ReduceOp::PRODUCT: return MPI_PROD;
+    case c10d::ReduceOp::MIN: return MPI_MIN;
+    case c10d::ReduceOp::MAX: return MPI_MAX;
+    default:
+      throw std::invalid_argument(
+          "mpi backend: unsupported reduce op; valid ops are SUM, AVG, PRODUCT, MIN, MAX");
+  }
+}
+
+// Runs `fn` on a contiguous tensor of an MPI-reducible type and writes the result back.
+template <typename F>
+void with_mpi_buffer(at::Tensor& tensor, F&& fn) {
+  const bool half = tensor.scalar_type() == c10::ScalarType::Half ||
+                    tensor.scalar_type() == c10::ScalarType::BFloat16;
+  if (!half && tensor.is_contiguous()) {
+    fn(tensor);
+    return;
+  }
+  at::Tensor buffer = half ? tensor.to(c10::ScalarType::Float).contiguous() : tensor.contiguous();
+  fn(buffer);
+  tensor.copy_(buffer);
+}
+
+}  // namespace
+
+std::pair<int, int> mpi_world() {
+  auto& env = environment();
+  return {env.rank, env.size};
+}
+
+bool launched_by_mpi() {
+  const char* size = std::getenv("OMPI_COMM_WORLD_SIZE");
+  return size && *size;
+}
+
+class MPIBackend::Work : public c10d::Work {
+ public:
+  Work(int rank, c10d::OpType type, std::vector<at::Tensor> outputs)
+      : c10d::Work(rank, type),
+        outputs_(std::move(outputs)),
+        future_(c10::make_intrusive<at::ivalue::Future>(
+            c10::ListType::create(c10::TensorType::get()))) {}
+
+  std::vector<at::Tensor> result() override { return outputs_; }
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+
+  void run(const std::function<void()>& fn) {
+    timing.start = std::chrono::steady_clock::now();
+    std::exception_ptr error;
+    try {
+      fn();
+    } catch (...) {
+      error = std::current_exception();
+    }
+    timing.end = std::chrono::steady_clock::now();
+    finish(error);
+    if (error) {
+      future_->setError(error);
+    } else {
+      future_->markCompleted(c10::IValue(outputs_));
+    }
+  }
+
+  CollectiveTiming timing;
+
+ private:
+  std::vector<at::Tensor> outputs_;
+  c10::intrusive_ptr<at::ivalue::Future> future_;
+};
+
+MPIBackend::MPIBackend()
+    : c10d::Backend(mpi_world().first, mpi_world().second), worker_([this] { loop(); }) {}
+
+MPIBackend::~MPIBackend() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+}
+
+void MPIBackend::loop() {
+  for (;;) {
+    std::pair<c10::intrusive_ptr<Work>, std::function<void()>> job;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stop_ and drained
+      job = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    job.first->run(job.second);
+  }
+}
+
+c10::intrusive_ptr<c10d::Work> MPIBackend::enqueue(c10d::OpType type,
+                                                   std::vector<at::Tensor> outputs,
+                                                   std::function<void()> run) {
+  auto work = c10::make_intrusive<Work>(getRank(), type, std::move(outputs));
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    queue_.emplace_back(work, std::move(run));
+  }
+  cv_.notify_one();
+  return work;
+}
+
+c10::intrusive_ptr<c10d::Work> MPIBackend::broadcast(std::vector<at::Tensor>& tensors,
+                                                     const c10d::BroadcastOptions& opts) {
+  for (const auto& t : tensors) check_tensor(t, "broadcast");
+  const int root = static_cast<int>(opts.rootRank);
+  return enqueue(c10d::OpType::BROADCAST, tensors, [tensors, root]() mutable {
+    for (auto& tensor : tensors) {
+      at::Tensor buffer = tensor.is_contiguous() ? tensor : tensor.contiguous();
+      MPI_Bcast(buffer.data_ptr(), static_cast<int>(buffer.nbytes()), MPI_BYTE, root,
+                MPI_COMM_WORLD);
+      if (!buffer.is_same(tensor)) tensor.copy_(buffer);
+    }
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> MPIBackend::allreduce(std::vector<at::Tensor>& tensors,
+                                                     const c10d::AllreduceOptions& opts) {
+  for (const auto& t : tensors) {
+    check_tensor(t, "allreduce");
+    const bool half = t.scalar_type() == c10::ScalarType::Half ||
+                      t.scalar_type() == c10::ScalarType::BFloat16;
+    if (!half && mpi_type(t.scalar_type()) == MPI_DATATYPE_NULL) {
+      throw std::invalid_argument(std::string("mpi backend: allreduce of dtype ") +
+                                  c10::toString(t.scalar_type()) + " is not supported");
+    }
+  }
+  const MPI_Op op = mpi_op(opts.reduceOp);
+  const bool average = opts.reduceOp.op_ == c10d::ReduceOp::AVG;
+  const int size = getSize();
+  return enqueue(c10d::OpType::ALLREDUCE, tensors, [tensors, op, average, size]() mutable {
+    for (auto& tensor : tensors) {
+      with_mpi_buffer(tensor, [&](at::Tensor& buffer) {
+        MPI_Allreduce(MPI_IN_PLACE, buffer.data_ptr(), static_cast<int>(buffer.numel()),
+                      mpi_type(buffer.scalar_type()), op, MPI_COMM_WORLD);
+        if (average) buffer.div_(size);
+      });
+    }
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> MPIBackend::allgather(
+    std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor>& inputs,
+    const c10d::AllgatherOptions& /*opts*/) {
+  if (inputs.size() != 1 || outputs.size() != 1 ||
+      outputs[0].size() != static_cast<size_t>(getSize())) {
+    throw std::invalid_argument(
+        "mpi backend: allgather takes one input tensor and one list of world_size outputs");
+  }
+  check_tensor(inputs[0], "allgather");
+  for (const auto& out : outputs[0]) {
+    if (out.sizes() != inputs[0].sizes() || out.scalar_type() != inputs[0].scalar_type()) {
+      throw std::invalid_argument("mpi backend: allgather outputs must match the input's shape "
+                                  "and dtype");
+    }
+  }
+  auto input = inputs[0];
+  auto outs = outputs[0];
+  const int size = getSize();
+  return enqueue(c10d::OpType::ALLGATHER, outs, [input, outs, size]() mutable {
+    at::Tensor send = input.contiguous();
+    at::Tensor recv = at::empty({size * send.numel()}, send.options());
+    const int bytes = static_cast<int>(send.nbytes());
+    MPI_Allgather(send.data_ptr(), bytes, MPI_BYTE, recv.data_ptr(), bytes, MPI_BYTE,
+                  MPI_COMM_WORLD);
+    for (int r = 0; r < size; ++r) {
+      outs[r].copy_(recv.narrow(0, r * send.numel(), send.numel()).view(send.sizes()));
+    }
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> MPIBackend::barrier(const c10d::BarrierOptions& /*opts*/) {
+  return enqueue(c10d::OpType::BARRIER, {}, [] { MPI_Barrier(MPI_COMM_WORLD); });
+}
+
+std::optional<CollectiveTiming> collective_timing(const c10::intrusive_ptr<c10d::Work>& work) {
+  if (auto* mpi = dynamic_cast<MPIBackend::Work*>(work.get())) return mpi->timing;
+  return std::nullopt;
+}
+
+}  // namespace fabric::strategies

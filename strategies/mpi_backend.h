@@ -1,0 +1,69 @@
+// A c10d::Backend on Open MPI, for CPU tensors. Pip's LibTorch ships no
+// ProcessGroupMPI, so this is ours: it implements the collectives Fabric and the
+// DDP strategy use (broadcast, allreduce, allgather, barrier) behind c10d's
+// Backend interface, so the rest of the code sees one c10d::ProcessGroup.
+//
+// Every MPI call runs on one worker thread, in the order the collectives were
+// issued: calls return at once with a c10d::Work, which lets DDP overlap gradient
+// all-reduce with the rest of backward, and MPI only ever sees one caller
+// (MPI_THREAD_SERIALIZED). The ranks must have been started by mpirun (or another
+// Open MPI launcher): two independently started processes cannot form a world.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+
+namespace fabric::strategies {
+
+// Initialises MPI on first use (MPI_THREAD_SERIALIZED) and finalises it at exit.
+// Returns {rank, size} of MPI_COMM_WORLD.
+std::pair<int, int> mpi_world();
+// True when this process was started by an Open MPI launcher (OMPI_COMM_WORLD_SIZE set).
+bool launched_by_mpi();
+
+// Timing of one collective, for overlap measurements.
+struct CollectiveTiming {
+  std::chrono::steady_clock::time_point start, end;
+};
+
+class MPIBackend : public c10d::Backend {
+ public:
+  // Uses MPI_COMM_WORLD; initialises MPI if needed.
+  MPIBackend();
+  ~MPIBackend() override;
+
+  const std::string getBackendName() const override { return "mpi"; }
+
+  c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
+                                           const c10d::BroadcastOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
+                                           const c10d::AllreduceOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
+                                           std::vector<at::Tensor>& inputs,
+                                           const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override;
+
+  class Work;  // completed on the worker thread; records its timing
+
+ private:
+  c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, std::vector<at::Tensor> outputs,
+                                         std::function<void()> run);
+  void loop();
+
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<std::pair<c10::intrusive_ptr<Work>, std::function<void()>>> queue_;
+  bool stop_ = false;
+  std::thread worker_;
+};
+
+// The start and end time of a Work returned by MPIBackend (nullopt for other Works).
+std::optional<CollectiveTiming> collective_timing(const c10::intrusive_ptr<c10d::Work>& work);
+
+}  // namespace fabric::strategies

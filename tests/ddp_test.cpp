@@ -1,0 +1,265 @@
+// Distributed tests on the CPU with 2 ranks (Open MPI backend): DDP equals one
+// process on the concatenated batch; gradient accumulation with no_backward_sync;
+// every collective; the same program started four ways; faults (a killed rank, a
+// rank that never joins, torchrun-style and multi-node launches that this build
+// cannot serve on the CPU).
+// argv[1]: the ddp_worker binary, argv[2]: the fabric-run binary.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <climits>
+#include <csignal>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <thread>
+#include <unistd.h>
+
+#include "ddp_model.h"
+#include "fabric/filesystem.h"
+#include "test_util.h"
+
+namespace {
+
+std::string g_worker, g_fabric_run;
+
+std::string absolute(const char* path) {
+  char resolved[PATH_MAX];
+  return ::realpath(path, resolved) ? resolved : path;
+}
+
+std::string mpirun() {
+  return std::string("mpirun -np 2 --bind-to none --oversubscribe") +
+         (::geteuid() == 0 ? " --allow-run-as-root" : "");
+}
+
+std::string fresh_dir(const std::string& name) {
+  const std::string dir = ::testing::TempDir() + "/ddp_" + name;
+  fabric::fs::remove_all(dir);
+  fabric::fs::make_directories(dir);
+  return dir;
+}
+
+std::vector<torch::Tensor> read_params(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<torch::Tensor> out;
+  if (bytes.empty()) return out;
+  for (const auto& t : torch::pickle_load(bytes).toTensorList()) out.push_back(t);
+  return out;
+}
+
+// One process, the whole 16-row batch, 10 Adam steps.
+std::vector<torch::Tensor> reference_params(bool with_unused) {
+  torch::manual_seed(0);
+  auto model = std::make_shared<DdpMlpImpl>(with_unused);
+  torch::optim::Adam opt(model->parameters(), 1e-2);
+  for (int step = 0; step < 10; ++step) {
+    auto [x, y] = ddp_global_batch(step);
+    opt.zero_grad();
+    torch::mse_loss(model->forward(x), y).backward();
+    opt.step();
+  }
+  std::vector<torch::Tensor> out;
+  for (const auto& p : model->parameters()) out.push_back(p.detach().clone());
+  return out;
+}
+
+void expect_matches_reference(const std::string& dir, bool with_unused = false) {
+  const auto reference = reference_params(with_unused);
+  for (int rank = 0; rank < 2; ++rank) {
+    SCOPED_TRACE("rank " + std::to_string(rank));
+    auto params = read_params(dir + "/params_rank" + std::to_string(rank) + ".pt");
+    ASSERT_EQ(params.size(), reference.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      EXPECT_TRUE(torch::allclose(params[i], reference[i], /*rtol=*/1e-5, /*atol=*/1e-5))
+          << "parameter " << i << " max diff "
+          << (params[i] - reference[i]).abs().max().item<double>();
+    }
+  }
+}
+
+}  // namespace
+
+TEST(Ddp, TwoRanksEqualOneProcessOnTheConcatenatedBatch) {
+  const auto dir = fresh_dir("train");
+  auto result = testutil::run_command(mpirun() + " " + g_worker + " train " + dir);
+  ASSERT_EQ(result.status, 0) << result.output;
+  expect_matches_reference(dir);
+}
+
+TEST(Ddp, GradientAsBucketViewMatchesToo) {
+  const auto dir = fresh_dir("train_view");
+  auto result = testutil::run_command(mpirun() + " " + g_worker + " train_view " + dir);
+  ASSERT_EQ(result.status, 0) << result.output;
+  expect_matches_reference(dir);
+}
+
+TEST(Ddp, NoBackwardSyncAccumulationMatches) {
+  const auto dir = fresh_dir("accumulate");
+  auto result = testutil::run_command(mpirun() + " " + g_worker + " accumulate " + dir);
+  ASSERT_EQ(result.status, 0) << result.output;
+  expect_matches_reference(dir);
+}
+
+TEST(Ddp, FindUnusedParametersTreatsThemAsZero) {
+  const auto dir = fresh_dir("unused");
+  auto result = testutil::run_command(mpirun() + " " + g_worker + " unused " + dir);
+  ASSERT_EQ(result.status, 0) << result.output;
+  expect_matches_reference(dir, /*with_unused=*/true);
+}
+
+TEST(Ddp, CollectivesGiveTheRightValues) {
+  const auto dir = fresh_dir("collectives");
+  auto result = testutil::run_command(mpirun() + " " + g_worker + " collectives " + dir);
+  ASSERT_EQ(result.status, 0) << result.output;
+  EXPECT_NE(result.output.find("collectives ok on 2 ranks"), std::string::npos) << result.output;
+}
+
+TEST(Ddp, SameResultWhetherSpawnedByFabricFabricRunOrMpirun) {
+  const std::vector<std::pair<std::string, std::string>> ways = {
+      {"spawn", g_worker + " train DIR --devices 2"},
+      {"fabric_run", g_fabric_run + " --accelerator cpu --devices 2 -- " + g_worker + " train DIR"},
+      {"mpirun", mpirun() + " " + g_worker + " train DIR"},
+  };
+  for (const auto& [name, command] : ways) {
+    SCOPED_TRACE(name);
+    const auto dir = fresh_dir("way_" + name);
+    std::string cmd = command;
+    cmd.replace(cmd.find("DIR"), 3, dir);
+    auto result = testutil::run_command(cmd);
+    ASSERT_EQ(result.status, 0) << result.output;
+    // Rank zero alone prints.
+    size_t prints = 0;
+    for (size_t pos = 0; (pos = result.output.find("final loss", pos)) != std::string::npos; ++pos) {
+      ++prints;
+    }
+    EXPECT_EQ(prints, 1u) << result.output;
+    expect_matches_reference(dir);
+  }
+}
+
+TEST(Ddp, TorchrunStyleCpuLaunchFailsAtOnceNamingTheLauncher) {
+  // Gloo is not in pip's LibTorch and two independently started processes cannot
+  // form an Open MPI world, so this launch must fail fast and say what to use.
+  const auto dir = fresh_dir("torchrun");
+  const auto start = std::chrono::steady_clock::now();
+  std::string both;
+  for (int rank = 0; rank < 2; ++rank) {
+    both += "RANK=" + std::to_string(rank) + " LOCAL_RANK=" + std::to_string(rank) +
+            " WORLD_SIZE=2 LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29731 " +
+            g_worker + " train " + dir + " & ";
+  }
+  auto result = testutil::run_command("(" + both + "wait)");
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(seconds, 30.0);
+  EXPECT_NE(result.output.find("mpirun -np N"), std::string::npos) << result.output;
+  EXPECT_NE(result.output.find("Gloo is not available"), std::string::npos) << result.output;
+  EXPECT_FALSE(fabric::fs::exists(dir + "/params_rank0.pt"));
+}
+
+TEST(Ddp, TwoNodesOnOneMachineFailAtOnceOnCpu) {
+  // Node ranks 0 and 1, one process each, loopback address: the same condition.
+  const auto dir = fresh_dir("two_nodes");
+  std::string both;
+  for (int node = 0; node < 2; ++node) {
+    both += g_fabric_run + " --accelerator cpu --launcher subprocess --devices 1 --num-nodes 2" +
+            " --node-rank " + std::to_string(node) + " --main-address 127.0.0.1 --main-port 29733 -- " +
+            g_worker + " train " + dir + " & ";
+  }
+  auto result = testutil::run_command("(" + both + "wait)");
+  EXPECT_NE(result.output.find("Gloo is not available"), std::string::npos) << result.output;
+  EXPECT_NE(result.output.find("rank 0"), std::string::npos) << result.output;
+  EXPECT_NE(result.output.find("rank 1"), std::string::npos) << result.output;
+  // And fabric-run's own mpirun path refuses a multi-node CPU job with the alternative.
+  result = testutil::run_command(g_fabric_run + " --accelerator cpu --num-nodes 2 -- " + g_worker +
+                                 " train " + dir);
+  EXPECT_EQ(result.status, 2) << result.output;
+  EXPECT_NE(result.output.find("mpirun -np N -H"), std::string::npos) << result.output;
+}
+
+TEST(Ddp, KillingOneRankEndsTheJobNamingIt) {
+  for (bool through_fabric_spawn : {false, true}) {
+    SCOPED_TRACE(through_fabric_spawn ? "fabric spawn" : "mpirun");
+    const auto dir = fresh_dir(through_fabric_spawn ? "kill_spawn" : "kill_mpirun");
+    const std::string command = through_fabric_spawn
+                                    ? g_worker + " slow " + dir + " --devices 2"
+                                    : mpirun() + " " + g_worker + " slow " + dir;
+    std::string output;
+    int status = -1;
+    std::thread runner([&] {
+      auto result = testutil::run_command(command);
+      output = result.output;
+      status = result.status;
+    });
+    const std::string pid_file = dir + "/pid_rank1";
+    for (int i = 0; i < 600 && !fabric::fs::exists(pid_file); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    pid_t pid = 0;
+    std::ifstream(pid_file) >> pid;
+    ASSERT_GT(pid, 0) << "rank 1 never started";
+    const auto killed_at = std::chrono::steady_clock::now();
+    ::kill(pid, SIGKILL);
+    runner.join();
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - killed_at).count();
+    EXPECT_LT(seconds, 60.0);
+    EXPECT_NE(status, 0) << output;
+    EXPECT_NE(output.find("rank 1"), std::string::npos) << output;
+  }
+}
+
+TEST(Ddp, SupervisorStopsTheOthersWhenARankDies) {
+  // fabric-run's own supervisor (the GPU launch path), exercised with a shell job:
+  // rank 1 kills itself, rank 0 would otherwise sleep for 100 s.
+  const auto start = std::chrono::steady_clock::now();
+  auto result = testutil::run_command(
+      g_fabric_run + " --accelerator cpu --launcher subprocess --devices 2 -- sh -c " +
+      "'if [ \"$RANK\" = 1 ]; then sleep 1; kill -9 $$; fi; sleep 100'");
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(seconds, 30.0);
+  EXPECT_EQ(result.status, 128 + SIGKILL) << result.output;
+  EXPECT_NE(result.output.find("rank 1"), std::string::npos) << result.output;
+  EXPECT_NE(result.output.find("killed by signal 9"), std::string::npos) << result.output;
+}
+
+TEST(Ddp, ARankThatNeverJoinsFailsTheRendezvousAfterTheTimeout) {
+  const auto dir = fresh_dir("nojoin");
+  const auto start = std::chrono::steady_clock::now();
+  auto result = testutil::run_command(mpirun() + " " + g_worker + " nojoin " + dir + " --timeout 3");
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_NE(result.status, 0) << result.output;
+  EXPECT_LT(seconds, 60.0);
+  EXPECT_NE(result.output.find("timed out after 3"), std::string::npos) << result.output;
+  EXPECT_NE(result.output.find("rank(s) 1 of 2 never joined"), std::string::npos) << result.output;
+}
+
+TEST(Ddp, FabricRunHelpDocumentsEveryFlag) {
+  auto result = testutil::run_command(g_fabric_run + " --help");
+  EXPECT_EQ(result.status, 0);
+  for (const char* flag : {"--accelerator", "--strategy", "--devices", "--num-nodes", "--node-rank",
+                           "--main-address", "--main-port", "--precision", "--launcher"}) {
+    EXPECT_NE(result.output.find(flag), std::string::npos) << flag;
+  }
+  result = testutil::run_command(g_fabric_run + " --node-rank 3 --num-nodes 2 -- true");
+  EXPECT_EQ(result.status, 2);
+  EXPECT_NE(result.output.find("--node-rank 3 is out of range"), std::string::npos) << result.output;
+}
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: %s DDP_WORKER FABRIC_RUN\n", argv[0]);
+    return 2;
+  }
+  g_worker = absolute(argv[1]);
+  g_fabric_run = absolute(argv[2]);
+  // The workers must not inherit a launcher environment from whoever runs the tests.
+  for (const char* var : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"}) ::unsetenv(var);
+  return RUN_ALL_TESTS();
+}

@@ -1,0 +1,165 @@
+// A program the distributed tests start in several ways (Fabric spawn, fabric-run,
+// mpirun, torchrun-style variables). Usage:
+//   ddp_worker MODE OUTDIR [--devices N] [--timeout SECONDS]
+// MODE:
+//   train_view   the same with gradient_as_bucket_view
+//   train        10 Adam steps of DDP on this rank's half of a global batch; rank r
+//                writes its final parameters to OUTDIR/params_rank<r>.pt
+//   accumulate   the same with 4 micro-batches per step, the first 3 under
+//                no_backward_sync
+//   unused       a model with a parameter that gets no gradient (find_unused on)
+//   collectives  checks every collective's values; exits 3 on a wrong value
+//   slow         trains forever (slowly) after writing OUTDIR/pid_rank<r>
+//   nojoin       rank 1 never calls launch(); the others wait --timeout seconds
+#include <torch/torch.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <chrono>
+#include <fstream>
+#include <iostream>
+#include <thread>
+#include <unistd.h>
+
+#include "ddp_model.h"
+#include "fabric/fabric.h"
+
+namespace {
+
+void save_params(const torch::nn::Module& model, const std::string& path) {
+  c10::List<torch::Tensor> list;
+  for (const auto& p : model.parameters()) list.push_back(p.detach().cpu());
+  auto bytes = torch::pickle_save(c10::IValue(list));
+  std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+int fail(const std::string& what) {
+  std::cerr << "collectives check failed: " << what << std::endl;
+  return 3;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::cerr << "usage: ddp_worker MODE OUTDIR [--devices N] [--timeout SECONDS]" << std::endl;
+    return 2;
+  }
+  const std::string mode = argv[1], out = argv[2];
+  fabric::FabricOptions options;
+  options.accelerator = "cpu";
+  for (int i = 3; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (flag == "--devices") options.devices = fabric::Devices(std::string(argv[i + 1]));
+    if (flag == "--timeout") options.timeout = std::chrono::seconds(std::stoi(argv[i + 1]));
+  }
+  options.find_unused_parameters = mode == "unused";
+  options.gradient_as_bucket_view = mode == "train_view";
+  try {
+    fabric::Fabric fabric(options);
+    if (mode == "nojoin") {
+      const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
+      if (rank && std::string(rank) == "1") {
+        std::this_thread::sleep_for(std::chrono::minutes(10));
+        return 0;
+      }
+    }
+    fabric.launch();
+    const int64_t rank = fabric.global_rank(), world = fabric.world_size();
+
+    if (mode == "collectives") {
+      auto t = torch::full({3}, static_cast<double>(rank + 1));
+      if (!torch::equal(fabric.all_reduce(t.clone(), "sum"), torch::full({3}, world * (world + 1) / 2.0)))
+        return fail("sum");
+      if (!torch::allclose(fabric.all_reduce(t.clone(), "mean"), torch::full({3}, (world + 1) / 2.0)))
+        return fail("mean");
+      if (!torch::equal(fabric.all_reduce(t.clone(), "max"), torch::full({3}, double(world))))
+        return fail("max");
+      if (!torch::equal(fabric.all_reduce(t.clone(), "min"), torch::full({3}, 1.0))) return fail("min");
+      if (fabric.all_reduce(static_cast<double>(rank), "sum") != world * (world - 1) / 2.0)
+        return fail("scalar sum");
+      auto ints = torch::full({2}, rank + 5, torch::kLong);
+      if (!torch::equal(fabric.all_reduce(ints, "max"), torch::full({2}, world + 4, torch::kLong)))
+        return fail("int max");
+      auto gathered = fabric.all_gather(torch::full({2, 2}, static_cast<float>(rank)));
+      if (gathered.sizes() != std::vector<int64_t>{world, 2, 2}) return fail("all_gather shape");
+      for (int64_t r = 0; r < world; ++r) {
+        if (!torch::equal(gathered[r], torch::full({2, 2}, static_cast<float>(r))))
+          return fail("all_gather values");
+      }
+      auto b = fabric.broadcast(torch::full({4}, static_cast<float>(rank * 10)), world - 1);
+      if (!torch::equal(b, torch::full({4}, static_cast<float>((world - 1) * 10))))
+        return fail("broadcast tensor");
+      auto text = fabric.broadcast(rank == 0 ? std::string("hello from rank 0") : std::string(), 0);
+      if (text != "hello from rank 0") return fail("broadcast string: " + text);
+      c10::Dict<std::string, int64_t> dict;
+      dict.insert("epoch", 7);
+      auto value = fabric.broadcast(rank == 0 ? c10::IValue(dict) : c10::IValue(), 0);
+      if (!value.isGenericDict() || value.toGenericDict().at("epoch").toInt() != 7)
+        return fail("broadcast value");
+      // rank_zero_first: rank 0 writes a file the others then read.
+      const std::string marker = out + "/rank_zero_first.txt";
+      {
+        auto guard = fabric.rank_zero_first();
+        if (rank == 0) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(300));
+          std::ofstream(marker) << "ready";
+        } else {
+          std::ifstream in(marker);
+          std::string word;
+          in >> word;
+          if (word != "ready") return fail("rank_zero_first: rank 0 had not finished");
+        }
+      }
+      fabric.barrier();
+      fabric.print("collectives ok on ", world, " ranks");
+      return 0;
+    }
+
+    torch::manual_seed(0);
+    auto model = std::make_shared<DdpMlpImpl>(mode == "unused");
+    if (rank != 0) {  // different initial weights: setup must broadcast rank 0's
+      torch::NoGradGuard no_grad;
+      for (auto& p : model->parameters()) p.add_(1.0);
+    }
+    auto optimizer = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-2);
+    auto [net, opt] = fabric.setup(model, optimizer);
+    const int64_t per_rank = 16 / world;
+
+    if (mode == "slow") {
+      std::ofstream(out + "/pid_rank" + std::to_string(rank)) << ::getpid();
+      for (int step = 0;; ++step) {
+        auto [x, y] = ddp_global_batch(step % 10);
+        opt.zero_grad();
+        fabric.backward(torch::mse_loss(net(x.narrow(0, rank * per_rank, per_rank)),
+                                        y.narrow(0, rank * per_rank, per_rank)));
+        opt.step();
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    }
+
+    for (int step = 0; step < 10; ++step) {
+      auto [x, y] = ddp_global_batch(step);
+      auto xs = x.narrow(0, rank * per_rank, per_rank), ys = y.narrow(0, rank * per_rank, per_rank);
+      opt.zero_grad();
+      if (mode == "accumulate") {
+        const int64_t micro = per_rank / 4;
+        for (int m = 0; m < 4; ++m) {
+          auto guard = fabric.no_backward_sync(net, /*enabled=*/m < 3);
+          auto loss = torch::mse_loss(net(xs.narrow(0, m * micro, micro)),
+                                      ys.narrow(0, m * micro, micro)) / 4;
+          fabric.backward(loss);
+        }
+      } else {
+        fabric.backward(torch::mse_loss(net(xs), ys));
+      }
+      opt.step();
+    }
+    save_params(*model, out + "/params_rank" + std::to_string(rank) + ".pt");
+    fabric.print("final loss ", torch::mse_loss(net(ddp_global_batch(0).first), ddp_global_batch(0).second).item<double>());
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << std::endl;
+    return 1;
+  }
+}
