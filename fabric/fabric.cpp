@@ -189,6 +189,37 @@ uint64_t Fabric::seed_everything(std::optional<uint64_t> seed) {
   return *seed;
 }
 
+void Fabric::save(const std::string& path, const State& state) {
+  std::exception_ptr error;
+  if (is_global_zero()) {
+    try {
+      save_checkpoint(path, state);
+    } catch (...) {
+      error = std::current_exception();
+    }
+  }
+  // Everyone leaves together; a failed write on rank 0 fails every rank.
+  if (world_size() > 1) {
+    const double failed = all_reduce(error ? 1.0 : 0.0, "max");
+    if (failed != 0 && !error) {
+      throw std::runtime_error("Fabric::save: rank 0 failed to write " + path);
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+LoadResult Fabric::load(const std::string& path, State& state, bool strict) {
+  return load_checkpoint(path, state, strict);
+}
+
+void Fabric::load_raw(const std::string& path, torch::nn::Module& module, bool strict) {
+  fabric::load_raw(path, module, strict);
+}
+
+void Fabric::load_raw(const std::string& path, FabricOptimizer& optimizer) {
+  fabric::load_raw(path, *optimizer.optimizer());
+}
+
 void Fabric::log(const std::string& name, double value, int64_t step) {
   log_dict({{name, value}}, step);
 }

@@ -32,6 +32,7 @@
 #include <torch/nn/pimpl.h>
 
 #include "fabric/callback.h"
+#include "fabric/checkpoint.h"
 #include "fabric/connector.h"
 #include "fabric/dataloader.h"
 #include "fabric/logger.h"
@@ -171,6 +172,22 @@ class Fabric {
   // the data loaders' shuffling and in PL_GLOBAL_SEED. Without an argument uses
   // PL_GLOBAL_SEED, else 0. Returns the seed used.
   uint64_t seed_everything(std::optional<uint64_t> seed = std::nullopt);
+
+  // Writes `state` (modules, optimizers, RNG state, tensors, numbers, strings,
+  // nested maps) to `path` atomically, in PyTorch's file format. Global rank 0
+  // writes; every rank returns once the file is complete.
+  void save(const std::string& path, const State& state);
+  // Restores `state` from `path` in place (modules and optimizers loaded, plain
+  // values replaced) on every rank; returns the entries not asked for. strict:
+  // missing keys and module mismatches throw, listing every problem.
+  LoadResult load(const std::string& path, State& state, bool strict = true);
+  // A bare state dict (e.g. Python's torch.save(model.state_dict())).
+  template <typename M>
+  void load_raw(const std::string& path, const FabricModule<M>& module, bool strict = true) {
+    fabric::load_raw(path, *module.base(), strict);
+  }
+  void load_raw(const std::string& path, torch::nn::Module& module, bool strict = true);
+  void load_raw(const std::string& path, FabricOptimizer& optimizer);
 
   // Sends metrics to every logger, on global rank zero only. step < 0 means "one
   // more than the last step logged".

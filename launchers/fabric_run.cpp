@@ -4,8 +4,8 @@
 //
 //   fabric-run --devices 2 -- ./train --epochs 3          # 2 CPU ranks via mpirun
 //   fabric-run --accelerator cuda --devices 8 -- ./train  # 8 GPU ranks, NCCL
-//   fabric-run --accelerator cuda --devices 8 --num-nodes 2 --node-rank 0 \
-//       --main-address node0 -- ./train                   # on each node
+//   fabric-run --accelerator cuda --devices 8 --num-nodes 2 --node-rank 0
+//              --main-address node0 -- ./train        # on each node
 //
 // CPU ranks are started through mpirun (their collectives run on Open MPI, which
 // only joins processes it started); GPU ranks are started directly with

@@ -4,7 +4,9 @@
 #include <mutex>
 #include <stdexcept>
 
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/util/strides.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/function.h>
@@ -259,7 +261,13 @@ void DDPStrategy::finish_sync(ModuleState& state,
       auto& param = bucket.params[i];
       auto slice = bucket.flat.narrow(0, bucket.offsets[i], param.numel()).view(param.sizes());
       if (options_.gradient_as_bucket_view) {
-        param.mutable_grad() = slice;
+        // An alias of the bucket's memory that autograd does not track as a view,
+        // so optimizers may detach_() or reset it (zero_grad) as usual.
+        torch::NoGradGuard no_grad;
+        at::Tensor alias = at::empty({0}, bucket.flat.options());
+        alias.set_(bucket.flat.storage(), bucket.flat.storage_offset() + bucket.offsets[i],
+                   param.sizes(), c10::contiguous_strides(param.sizes()));
+        param.mutable_grad() = alias;
       } else if (param.grad().defined()) {
         param.mutable_grad().copy_(slice);
       } else {

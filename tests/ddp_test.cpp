@@ -95,6 +95,14 @@ TEST(Ddp, GradientAsBucketViewMatchesToo) {
   expect_matches_reference(dir);
 }
 
+TEST(Ddp, CheckpointSavedOnceLoadedByBothContinuesIdentically) {
+  const auto dir = fresh_dir("checkpoint");
+  auto result = testutil::run_command(mpirun() + " " + g_worker + " checkpoint " + dir);
+  ASSERT_EQ(result.status, 0) << result.output;
+  expect_matches_reference(dir);
+  EXPECT_FALSE(fabric::fs::exists(dir + "/ddp_checkpoint.pt.tmp")) << "stray temporary file";
+}
+
 TEST(Ddp, NoBackwardSyncAccumulationMatches) {
   const auto dir = fresh_dir("accumulate");
   auto result = testutil::run_command(mpirun() + " " + g_worker + " accumulate " + dir);

@@ -7,6 +7,8 @@
 //                writes its final parameters to OUTDIR/params_rank<r>.pt
 //   accumulate   the same with 4 micro-batches per step, the first 3 under
 //                no_backward_sync
+//   checkpoint   5 steps, save, fresh model and optimizer on every rank load the
+//                checkpoint, 5 more steps; writes params like train
 //   unused       a model with a parameter that gets no gradient (find_unused on)
 //   collectives  checks every collective's values; exits 3 on a wrong value
 //   slow         trains forever (slowly) after writing OUTDIR/pid_rank<r>
@@ -138,7 +140,28 @@ int main(int argc, char** argv) {
       }
     }
 
-    for (int step = 0; step < 10; ++step) {
+    int first_step = 0;
+    if (mode == "checkpoint") {
+      for (int step = 0; step < 5; ++step) {
+        auto [x, y] = ddp_global_batch(step);
+        opt.zero_grad();
+        fabric.backward(torch::mse_loss(net(x.narrow(0, rank * per_rank, per_rank)),
+                                        y.narrow(0, rank * per_rank, per_rank)));
+        opt.step();
+      }
+      const std::string path = out + "/ddp_checkpoint.pt";
+      fabric.save(path, {{"model", net}, {"optimizer", opt}, {"step", 5}});
+      // Scramble the live objects, then restore them from the file on every rank.
+      {
+        torch::NoGradGuard no_grad;
+        for (auto& p : model->parameters()) p.uniform_();
+      }
+      optimizer->state().clear();
+      fabric::State state{{"model", net}, {"optimizer", opt}, {"step", 0}};
+      fabric.load(path, state);
+      first_step = static_cast<int>(state.at("step").to_int());
+    }
+    for (int step = first_step; step < 10; ++step) {
       auto [x, y] = ddp_global_batch(step);
       auto xs = x.narrow(0, rank * per_rank, per_rank), ys = y.narrow(0, rank * per_rank, per_rank);
       opt.zero_grad();

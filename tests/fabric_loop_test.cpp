@@ -293,7 +293,9 @@ TEST(FabricLoop, DistributedSamplerCoversEveryIndexOnceAcrossRanks) {
         EXPECT_EQ(all.size(), 12u);  // padded with the head of the permutation
         EXPECT_EQ(distinct.size(), n) << "every index at least once";
       }
-      if (epoch > 0) EXPECT_NE(per_rank, previous) << "epoch " << epoch << " repeats";
+      if (epoch > 0) {
+        EXPECT_NE(per_rank, previous) << "epoch " << epoch << " repeats";
+      }
       previous = per_rank;
     }
   }

@@ -61,7 +61,7 @@ int run(int argc, char** argv) {
     correct += predicted.eq(batch.target).sum().item<int64_t>();
     total += batch.target.size(0);
   }
-  if (!args.checkpoint.empty() && fabric.is_global_zero()) torch::save(model, args.checkpoint);
+  if (!args.checkpoint.empty()) fabric.save(args.checkpoint, {{"model", net}, {"optimizer", opt}});
   // Each rank evaluated its shard (padded to equal length across ranks).
   const double all_correct = fabric.all_reduce(static_cast<double>(correct), "sum");
   const double all_total = fabric.all_reduce(static_cast<double>(total), "sum");

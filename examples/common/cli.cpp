@@ -31,7 +31,9 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
       ("seed", po::value(&args.seed)->default_value(args.seed), "global random seed")
       ("lr", po::value(&args.lr)->default_value(args.lr), "learning rate")
       ("checkpoint", po::value(&args.checkpoint)->default_value(args.checkpoint),
-       "where to write the trained weights (empty: do not write)");
+       "where to write the final checkpoint (empty: do not write)")
+      ("resume", po::value(&args.resume)->default_value(args.resume),
+       "continue training from this checkpoint (model, optimizer, step, epoch, RNG)");
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, flags), vm);

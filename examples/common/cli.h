@@ -18,6 +18,7 @@ struct TrainArgs {
   uint64_t seed = 42;
   double lr = 1e-3;
   std::string checkpoint;
+  std::string resume;  // checkpoint to continue from (empty: start fresh)
 };
 
 // Parses argv into `defaults` (whose values are shown by --help). Prints help and

@@ -1,0 +1,96 @@
+// Checkpoint save/load time for a model of about 100 M parameters (float32, 25
+// tensors of 4 M): torchfabric's atomic save_checkpoint / load_checkpoint against
+// Python's torch.save / torch.load of tensors of the same shapes on the same disk,
+// measured in the same run (best of --repeats). Last line:
+// `save time torchfabric/python: X`.
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cstdio>
+#include <iomanip>
+#include <iostream>
+#include <regex>
+
+#include <boost/program_options.hpp>
+
+#include "fabric/checkpoint.h"
+#include "fabric/filesystem.h"
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  namespace po = boost::program_options;
+  int tensors = 25, repeats = 3;
+  int64_t numel = 4 * 1024 * 1024;
+  std::string dir = "build/bench-checkpoint", python = "python3";
+  po::options_description flags("checkpoint save/load: torchfabric vs Python torch.save/torch.load");
+  flags.add_options()("help,h", "show this help")
+      ("tensors", po::value(&tensors)->default_value(tensors), "number of tensors")
+      ("numel", po::value(&numel)->default_value(numel), "elements per tensor")
+      ("repeats", po::value(&repeats)->default_value(repeats), "best of this many")
+      ("dir", po::value(&dir)->default_value(dir), "where to write the files")
+      ("python", po::value(&python)->default_value(python), "python3 with torch");
+  po::variables_map vm;
+  po::store(po::parse_command_line(argc, argv, flags), vm);
+  po::notify(vm);
+  if (vm.count("help")) {
+    std::cout << flags << std::endl;
+    return 0;
+  }
+  fabric::fs::make_directories(dir);
+  const std::string path = dir + "/torchfabric.pt";
+  fabric::State model;
+  for (int i = 0; i < tensors; ++i) model.emplace("layer" + std::to_string(i) + ".weight", torch::randn({numel}));
+  fabric::State state{{"model", fabric::State(model)}, {"step", 1}};
+  double save = 1e9, load = 1e9;
+  for (int r = 0; r < repeats; ++r) {
+    auto start = Clock::now();
+    fabric::save_checkpoint(path, state);
+    save = std::min(save, seconds_since(start));
+    fabric::State target{{"model", fabric::State()}, {"step", 0}};
+    start = Clock::now();
+    auto result = fabric::load_checkpoint(path, target);
+    load = std::min(load, seconds_since(start));
+  }
+  const std::string script = dir + "/python_bench.py";
+  std::FILE* f = std::fopen(script.c_str(), "w");
+  std::fprintf(f,
+               "import time, torch, sys\n"
+               "n, numel, repeats, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]\n"
+               "state = {'model': {f'layer{i}.weight': torch.randn(numel) for i in range(n)}, 'step': 1}\n"
+               "save = load = 1e9\n"
+               "for _ in range(repeats):\n"
+               "    t = time.perf_counter(); torch.save(state, path); save = min(save, time.perf_counter() - t)\n"
+               "    t = time.perf_counter(); torch.load(path); load = min(load, time.perf_counter() - t)\n"
+               "print(f'python save {save:.4f} load {load:.4f}')\n");
+  std::fclose(f);
+  const std::string cmd = python + " " + script + " " + std::to_string(tensors) + " " +
+                          std::to_string(numel) + " " + std::to_string(repeats) + " " + dir +
+                          "/python.pt 2>&1";
+  FILE* pipe = ::popen(cmd.c_str(), "r");
+  std::string output;
+  char buffer[4096];
+  size_t n;
+  while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, n);
+  ::pclose(pipe);
+  std::smatch m;
+  if (!std::regex_search(output, m, std::regex("python save ([0-9.]+) load ([0-9.]+)"))) {
+    std::cerr << "python benchmark failed:\n" << output << std::endl;
+    return 1;
+  }
+  const double py_save = std::stod(m[1]), py_load = std::stod(m[2]);
+  const double params = static_cast<double>(tensors) * static_cast<double>(numel);
+  std::cout << std::fixed << std::setprecision(3) << params / 1e6 << " M parameters, best of "
+            << repeats << "\n"
+            << "torchfabric save " << save << " s, load " << load << " s\n"
+            << "python      save " << py_save << " s, load " << py_load << " s\n"
+            << "load time torchfabric/python: " << load / py_load << "\n"
+            << "save time torchfabric/python: " << save / py_save << std::endl;
+  fabric::fs::remove_all(dir);
+  return 0;
+}

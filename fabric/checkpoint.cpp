@@ -1,0 +1,260 @@
+#include "fabric/checkpoint.h"
+
+#include "fabric/serialization.h"
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <fstream>
+#include <iterator>
+#include <stdexcept>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <c10/util/Exception.h>
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+#include <torch/serialize.h>
+
+namespace fabric {
+namespace {
+
+std::string directory_of(const std::string& path) {
+  const auto slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+[[noreturn]] void fail(const std::string& what, const std::string& path) {
+  throw std::runtime_error(what + " " + path + ": " + std::strerror(errno));
+}
+
+using GenericDict = c10::impl::GenericDict;
+
+GenericDict new_dict() { return GenericDict(c10::StringType::get(), c10::AnyType::get()); }
+
+void load_into(State& state, const GenericDict& dict, bool strict, const std::string& prefix,
+               LoadResult& result) {
+  for (auto& [key, value] : state) {
+    const std::string name = prefix + key;
+    auto it = dict.find(key);
+    if (it == dict.end()) {
+      result.missing_keys.push_back(name);
+      continue;
+    }
+    const c10::IValue& loaded = it->value();
+    switch (value.kind()) {
+      case StateValue::Kind::kModule: {
+        auto report = load_module_state_dict(*value.module(), loaded, strict, "'" + name + "'");
+        for (auto& m : report.missing) result.mismatches.missing.push_back(name + "." + m);
+        for (auto& m : report.unexpected) result.mismatches.unexpected.push_back(name + "." + m);
+        for (auto& m : report.mismatched) result.mismatches.mismatched.push_back(name + "." + m);
+        break;
+      }
+      case StateValue::Kind::kOptimizer:
+        load_optimizer_state_dict(*value.optimizer(), loaded, "'" + name + "'");
+        break;
+      case StateValue::Kind::kRng: {
+        auto rng = RngState::from_ivalue(loaded);
+        rng.restore();
+        value = StateValue(rng);
+        break;
+      }
+      case StateValue::Kind::kNested: {
+        if (!loaded.isGenericDict()) {
+          throw std::runtime_error("checkpoint entry '" + name + "' is a " + loaded.tagKind() +
+                                   ", expected a dict");
+        }
+        load_into(value.nested(), loaded.toGenericDict(), strict, name + ".", result);
+        break;
+      }
+      case StateValue::Kind::kValue:
+        value = StateValue(loaded);
+        break;
+    }
+  }
+  for (const auto& item : dict) {
+    const auto key = item.key().toStringRef();
+    if (!state.count(key)) result.remainder.emplace(key, StateValue(item.value()));
+  }
+}
+
+}  // namespace
+
+StateValue::StateValue(std::shared_ptr<torch::nn::Module> module)
+    : kind_(Kind::kModule), module_(std::move(module)) {
+  if (!module_) throw std::invalid_argument("checkpoint state: a module is a null pointer");
+}
+
+StateValue::StateValue(std::shared_ptr<torch::optim::Optimizer> optimizer)
+    : kind_(Kind::kOptimizer), optimizer_(std::move(optimizer)) {
+  if (!optimizer_) throw std::invalid_argument("checkpoint state: an optimizer is a null pointer");
+}
+
+StateValue::StateValue(RngState rng) : kind_(Kind::kRng), rng_(std::move(rng)) {}
+
+StateValue::StateValue(State nested)
+    : kind_(Kind::kNested), nested_(std::make_shared<State>(std::move(nested))) {}
+
+StateValue::StateValue(c10::IValue value) : kind_(Kind::kValue), value_(std::move(value)) {}
+
+int64_t StateValue::to_int() const {
+  if (kind_ == Kind::kValue && value_.isInt()) return value_.toInt();
+  if (kind_ == Kind::kValue && value_.isTensor() && value_.toTensor().numel() == 1) {
+    return value_.toTensor().item<int64_t>();
+  }
+  throw std::runtime_error("checkpoint value is a " + value_.tagKind() + ", not an integer");
+}
+
+double StateValue::to_double() const {
+  if (kind_ == Kind::kValue && value_.isDouble()) return value_.toDouble();
+  if (kind_ == Kind::kValue && value_.isInt()) return static_cast<double>(value_.toInt());
+  throw std::runtime_error("checkpoint value is a " + value_.tagKind() + ", not a number");
+}
+
+std::string StateValue::to_string() const {
+  if (kind_ == Kind::kValue && value_.isString()) return value_.toStringRef();
+  throw std::runtime_error("checkpoint value is a " + value_.tagKind() + ", not a string");
+}
+
+at::Tensor StateValue::to_tensor() const {
+  if (kind_ == Kind::kValue && value_.isTensor()) return value_.toTensor();
+  throw std::runtime_error("checkpoint value is a " + value_.tagKind() + ", not a tensor");
+}
+
+c10::IValue StateValue::to_ivalue() const {
+  switch (kind_) {
+    case Kind::kModule: return module_state_dict(*module_);
+    case Kind::kOptimizer: return optimizer_state_dict(*optimizer_);
+    case Kind::kRng: return rng_.to_ivalue();
+    case Kind::kNested: return state_to_ivalue(*nested_);
+    case Kind::kValue: break;
+  }
+  if (value_.isTensor()) return value_.toTensor().detach();
+  return value_;
+}
+
+c10::IValue state_to_ivalue(const State& state) {
+  auto dict = new_dict();
+  for (const auto& [key, value] : state) dict.insert(key, value.to_ivalue());
+  return dict;
+}
+
+void atomic_write(const std::string& path, const std::vector<char>& bytes) {
+  atomic_write(path, [&](const std::function<void(const char*, size_t)>& sink) {
+    sink(bytes.data(), bytes.size());
+  });
+}
+
+void atomic_write(const std::string& path,
+                  const std::function<void(const std::function<void(const char*, size_t)>& sink)>&
+                      produce) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) fail("cannot create", tmp);
+  auto abandon = [&](const char* what) {
+    const int saved = errno;
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    errno = saved;
+    fail(what, tmp);
+  };
+  try {
+    produce([&](const char* data, size_t size) {
+      size_t done = 0;
+      while (done < size) {
+        const ssize_t n = ::write(fd, data + done, size - done);
+        if (n < 0) {
+          if (errno == EINTR) continue;
+          abandon("cannot write");
+        }
+        done += static_cast<size_t>(n);
+      }
+    });
+  } catch (...) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  if (::fsync(fd) != 0) abandon("cannot fsync");
+  ::close(fd);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int saved = errno;
+    ::unlink(tmp.c_str());
+    errno = saved;
+    fail("cannot rename the temporary file onto", path);
+  }
+  const int dir = ::open(directory_of(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir >= 0) {
+    ::fsync(dir);
+    ::close(dir);
+  }
+}
+
+c10::IValue read_checkpoint(const std::string& path) {
+  struct stat info {};
+  if (::stat(path.c_str(), &info) != 0) {
+    throw std::runtime_error("checkpoint not found: " + path);
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail("cannot open checkpoint", path);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (bytes.size() < 4 || bytes[0] != 'P' || bytes[1] != 'K') {
+    throw std::runtime_error("file " + path +
+                             " is not a checkpoint (not a PyTorch zip archive; files from "
+                             "torch.save with _use_new_zipfile_serialization=False are not "
+                             "supported)");
+  }
+  try {
+    return torch::pickle_load(bytes);
+  } catch (const c10::Error& e) {
+    throw std::runtime_error("checkpoint " + path + " is truncated or corrupt (" +
+                             std::to_string(bytes.size()) + " bytes): " + e.what_without_backtrace());
+  }
+}
+
+void save_checkpoint(const std::string& path, const State& state) {
+  const auto value = state_to_ivalue(state);
+  atomic_write(path, [&](const std::function<void(const char*, size_t)>& sink) {
+    serialize(value, sink);
+  });
+}
+
+LoadResult load_checkpoint(const std::string& path, State& state, bool strict) {
+  const auto loaded = read_checkpoint(path);
+  if (!loaded.isGenericDict()) {
+    throw std::runtime_error("checkpoint " + path + " holds a " + loaded.tagKind() +
+                             ", not a dict of named entries");
+  }
+  const auto dict = loaded.toGenericDict();
+  if (strict) {
+    // Check every key first, so a failed strict load changes nothing.
+    std::vector<std::string> missing;
+    for (const auto& [key, value] : state) {
+      if (dict.find(key) == dict.end()) missing.push_back(key);
+    }
+    if (!missing.empty()) {
+      std::string names;
+      for (const auto& n : missing) names += (names.empty() ? "" : ", ") + ("'" + n + "'");
+      std::string present;
+      for (const auto& item : dict) {
+        present += (present.empty() ? "" : ", ") + ("'" + item.key().toStringRef() + "'");
+      }
+      throw std::runtime_error("checkpoint " + path + " has no " + names + " (it holds " +
+                               present + "); pass strict=false to load the rest");
+    }
+  }
+  LoadResult result;
+  load_into(state, dict, strict, "", result);
+  return result;
+}
+
+void load_raw(const std::string& path, torch::nn::Module& module, bool strict) {
+  load_module_state_dict(module, read_checkpoint(path), strict, "module from " + path);
+}
+
+void load_raw(const std::string& path, torch::optim::Optimizer& optimizer) {
+  load_optimizer_state_dict(optimizer, read_checkpoint(path), "optimizer from " + path);
+}
+
+}  // namespace fabric
