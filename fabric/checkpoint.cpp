@@ -12,6 +12,8 @@
 #include <unistd.h>
 
 #include <c10/util/Exception.h>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/import_read.h>
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
 #include <torch/serialize.h>
@@ -196,20 +198,28 @@ c10::IValue read_checkpoint(const std::string& path) {
   if (::stat(path.c_str(), &info) != 0) {
     throw std::runtime_error("checkpoint not found: " + path);
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail("cannot open checkpoint", path);
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (bytes.size() < 4 || bytes[0] != 'P' || bytes[1] != 'K') {
-    throw std::runtime_error("file " + path +
-                             " is not a checkpoint (not a PyTorch zip archive; files from "
-                             "torch.save with _use_new_zipfile_serialization=False are not "
-                             "supported)");
+  {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) fail("cannot open checkpoint", path);
+    char magic[2] = {0, 0};
+    in.read(magic, 2);
+    if (magic[0] != 'P' || magic[1] != 'K') {
+      throw std::runtime_error("file " + path +
+                               " is not a checkpoint (not a PyTorch zip archive; files from "
+                               "torch.save with _use_new_zipfile_serialization=False are not "
+                               "supported)");
+    }
   }
   try {
-    return torch::pickle_load(bytes);
+    // Records are read straight from the file into their tensors' storage.
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    return torch::jit::readArchiveAndTensors("data", /*pickle_prefix=*/"",
+                                             /*tensor_prefix=*/"", std::nullopt, std::nullopt,
+                                             std::nullopt, reader);
   } catch (const c10::Error& e) {
     throw std::runtime_error("checkpoint " + path + " is truncated or corrupt (" +
-                             std::to_string(bytes.size()) + " bytes): " + e.what_without_backtrace());
+                             std::to_string(info.st_size) +
+                             " bytes): " + e.what_without_backtrace());
   }
 }
 

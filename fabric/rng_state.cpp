@@ -15,7 +15,7 @@ RngState RngState::capture() {
     std::lock_guard<std::mutex> lock(cpu.mutex());
     state.cpu = cpu.get_state();
   }
-  const auto devices = torch::cuda::device_count();
+  const auto devices = static_cast<size_t>(torch::cuda::device_count());
   for (size_t i = 0; i < devices; ++i) {
     auto gen = at::globalContext().defaultGenerator(
         c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(i)));
@@ -32,7 +32,7 @@ void RngState::restore() const {
     std::lock_guard<std::mutex> lock(gen.mutex());
     gen.set_state(cpu);
   }
-  const auto devices = torch::cuda::device_count();
+  const auto devices = static_cast<size_t>(torch::cuda::device_count());
   for (size_t i = 0; i < cuda.size() && i < devices; ++i) {
     auto g = at::globalContext().defaultGenerator(
         c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(i)));

@@ -235,6 +235,21 @@ TEST(Ddp, SupervisorStopsTheOthersWhenARankDies) {
   EXPECT_NE(result.output.find("killed by signal 9"), std::string::npos) << result.output;
 }
 
+TEST(Ddp, CtrlCReachesEveryRank) {
+  // SIGINT to fabric-run is forwarded to every rank (each in its own process group).
+  const std::string job =
+      g_fabric_run + " --accelerator cpu --launcher subprocess --devices 2 -- sh -c " +
+      "'sleep 100 & s=$!; trap \"echo rank $RANK got SIGINT; kill $s; exit 0\" INT; wait'";
+  const auto start = std::chrono::steady_clock::now();
+  auto result =
+      testutil::run_command("(exec " + job + ") & pid=$!; sleep 2; kill -INT $pid; wait $pid");
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(seconds, 30.0) << result.output;
+  EXPECT_NE(result.output.find("rank 0 got SIGINT"), std::string::npos) << result.output;
+  EXPECT_NE(result.output.find("rank 1 got SIGINT"), std::string::npos) << result.output;
+}
+
 TEST(Ddp, ARankThatNeverJoinsFailsTheRendezvousAfterTheTimeout) {
   const auto dir = fresh_dir("nojoin");
   const auto start = std::chrono::steady_clock::now();

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include "fabric/accelerator.h"
+#include "launchers/cluster_environment.h"
 #include "fabric/fabric.h"
 #include "test_util.h"
 
@@ -167,4 +168,36 @@ TEST(Options, BadRankVariablesAreRejected) {
     EnvGuard rank("RANK", "0"), size("WORLD_SIZE", "2");
     EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .devices = 1}), "2 processes", "devices=1");
   }
+}
+
+TEST(Options, SlurmVariablesAreRead) {
+  EnvGuard procid("SLURM_PROCID", "3"), ntasks("SLURM_NTASKS", "4"), localid("SLURM_LOCALID", "1"),
+      nodeid("SLURM_NODEID", "1"), nnodes("SLURM_NNODES", "2"),
+      nodelist("SLURM_NODELIST", "gpu[12-13]"), job("SLURM_JOB_ID", "987654"),
+      name("SLURM_JOB_NAME", "train");
+  auto env = fabric::launchers::detect_cluster_environment();
+  EXPECT_EQ(env.kind, "slurm");
+  EXPECT_EQ(env.global_rank, 3);
+  EXPECT_EQ(env.world_size, 4);
+  EXPECT_EQ(env.local_rank, 1);
+  EXPECT_EQ(env.node_rank, 1);
+  EXPECT_EQ(env.local_world_size, 2);
+  EXPECT_EQ(env.main_address, "gpu12");
+  EXPECT_EQ(env.main_port, 15000 + 7654);
+  // An interactive `srun bash` is not a launcher.
+  EnvGuard interactive("SLURM_JOB_NAME", "bash");
+  EXPECT_EQ(fabric::launchers::detect_cluster_environment().kind, "none");
+}
+
+TEST(Options, TorchrunTakesPrecedenceOverMpiAndSlurm) {
+  EnvGuard rank("RANK", "1"), size("WORLD_SIZE", "2"), ompi("OMPI_COMM_WORLD_SIZE", "8"),
+      slurm("SLURM_NTASKS", "16"), procid("SLURM_PROCID", "0"), addr("MASTER_ADDR", "10.0.0.1"),
+      port("MASTER_PORT", "70000");
+  EXPECT_THROW_WITH(fabric::launchers::detect_cluster_environment(), "MASTER_PORT=70000");
+  EnvGuard good_port("MASTER_PORT", "29555");
+  auto env = fabric::launchers::detect_cluster_environment();
+  EXPECT_EQ(env.kind, "torchrun");
+  EXPECT_EQ(env.world_size, 2);
+  EXPECT_EQ(env.main_address, "10.0.0.1");
+  EXPECT_EQ(env.main_port, 29555);
 }

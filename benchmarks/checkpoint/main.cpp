@@ -60,14 +60,18 @@ int main(int argc, char** argv) {
   const std::string script = dir + "/python_bench.py";
   std::FILE* f = std::fopen(script.c_str(), "w");
   std::fprintf(f,
-               "import time, torch, sys\n"
+               "import os, time, torch, sys\n"
                "n, numel, repeats, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]\n"
                "state = {'model': {f'layer{i}.weight': torch.randn(numel) for i in range(n)}, 'step': 1}\n"
-               "save = load = 1e9\n"
+               "save = load = durable = 1e9\n"
                "for _ in range(repeats):\n"
                "    t = time.perf_counter(); torch.save(state, path); save = min(save, time.perf_counter() - t)\n"
                "    t = time.perf_counter(); torch.load(path); load = min(load, time.perf_counter() - t)\n"
-               "print(f'python save {save:.4f} load {load:.4f}')\n");
+               "    t = time.perf_counter()\n"
+               "    with open(path, 'wb') as f:\n"
+               "        torch.save(state, f); f.flush(); os.fsync(f.fileno())\n"
+               "    durable = min(durable, time.perf_counter() - t)\n"
+               "print(f'python save {save:.4f} load {load:.4f} fsynced {durable:.4f}')\n");
   std::fclose(f);
   const std::string cmd = python + " " + script + " " + std::to_string(tensors) + " " +
                           std::to_string(numel) + " " + std::to_string(repeats) + " " + dir +
@@ -79,16 +83,18 @@ int main(int argc, char** argv) {
   while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, n);
   ::pclose(pipe);
   std::smatch m;
-  if (!std::regex_search(output, m, std::regex("python save ([0-9.]+) load ([0-9.]+)"))) {
+  if (!std::regex_search(output, m, std::regex("python save ([0-9.]+) load ([0-9.]+) fsynced ([0-9.]+)"))) {
     std::cerr << "python benchmark failed:\n" << output << std::endl;
     return 1;
   }
-  const double py_save = std::stod(m[1]), py_load = std::stod(m[2]);
+  const double py_save = std::stod(m[1]), py_load = std::stod(m[2]), py_durable = std::stod(m[3]);
   const double params = static_cast<double>(tensors) * static_cast<double>(numel);
   std::cout << std::fixed << std::setprecision(3) << params / 1e6 << " M parameters, best of "
             << repeats << "\n"
             << "torchfabric save " << save << " s, load " << load << " s\n"
-            << "python      save " << py_save << " s, load " << py_load << " s\n"
+            << "python      save " << py_save << " s (with fsync " << py_durable << " s), load "
+            << py_load << " s\n"
+            << "save time torchfabric/python-with-fsync: " << save / py_durable << "\n"
             << "load time torchfabric/python: " << load / py_load << "\n"
             << "save time torchfabric/python: " << save / py_save << std::endl;
   fabric::fs::remove_all(dir);
