@@ -5,18 +5,10 @@
 #include <c10/util/Exception.h>
 
 #include "precision/mixed_precision.h"
+#include "precision/quoted_list.h"
 #include "precision/true_precision.h"
 
 namespace fabric::precision {
-namespace {
-
-std::string join(const std::vector<std::string>& items) {
-  std::string out;
-  for (const auto& item : items) out += (out.empty() ? "" : ", ") + ("'" + item + "'");
-  return out;
-}
-
-}  // namespace
 
 std::vector<std::string> valid_precisions() {
   return {"32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
@@ -31,7 +23,7 @@ std::string canonical_precision(const std::string& name) {
   if (name == "16-true") return "16-true";
   if (name == "bf16-true") return "bf16-true";
   throw std::invalid_argument("precision='" + name + "' is not supported. Valid values: " +
-                              join(valid_precisions()));
+                              quoted_list(valid_precisions()));
 }
 
 std::shared_ptr<Precision> make_precision(const std::string& name, c10::DeviceType device_type) {

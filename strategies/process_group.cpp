@@ -14,17 +14,12 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "precision/quoted_list.h"
 #include "strategies/mpi_backend.h"
 #include "strategies/nccl_backend.h"
 
 namespace fabric::strategies {
 namespace {
-
-std::string join(const std::vector<std::string>& items) {
-  std::string out;
-  for (const auto& item : items) out += (out.empty() ? "" : ", ") + ("'" + item + "'");
-  return out;
-}
 
 std::string env_or(const char* name, const std::string& fallback) {
   const char* value = std::getenv(name);
@@ -88,7 +83,7 @@ std::string default_backend(c10::DeviceType device_type) {
 }
 
 void check_backend(const std::string& backend, c10::DeviceType device_type) {
-  const std::string valid = "valid backends in this build: " + join(available_backends());
+  const std::string valid = "valid backends in this build: " + quoted_list(available_backends());
   if (backend == "gloo") {
     throw std::invalid_argument(
         "process_group_backend='gloo' is not available: pip's LibTorch ships no Gloo headers, "

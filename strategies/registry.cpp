@@ -2,18 +2,10 @@
 
 #include <stdexcept>
 
+#include "precision/quoted_list.h"
 #include "strategies/single_device.h"
 
 namespace fabric::strategies {
-namespace {
-
-std::string join(const std::vector<std::string>& items) {
-  std::string out;
-  for (const auto& item : items) out += (out.empty() ? "" : ", ") + ("'" + item + "'");
-  return out;
-}
-
-}  // namespace
 
 std::vector<std::string> valid_strategies() { return {"auto", "single_device", "ddp"}; }
 
@@ -22,7 +14,7 @@ std::string resolve_strategy_name(const std::string& name, int64_t world_size) {
   for (const auto& valid : valid_strategies()) known = known || valid == name;
   if (!known) {
     throw std::invalid_argument("strategy='" + name + "' is not supported. Valid values: " +
-                                join(valid_strategies()));
+                                quoted_list(valid_strategies()));
   }
   if (name == "auto") return world_size > 1 ? "ddp" : "single_device";
   if (name == "single_device" && world_size > 1) {
@@ -52,7 +44,7 @@ std::shared_ptr<Strategy> make_strategy(const std::string& name, const StrategyA
     return std::make_shared<DDPStrategy>(args.topology, pg, args.ddp);
   }
   throw std::invalid_argument("strategy='" + name + "' is not supported. Valid values: " +
-                              join(valid_strategies()));
+                              quoted_list(valid_strategies()));
 }
 
 }  // namespace fabric::strategies
