@@ -57,27 +57,12 @@ Fabric::~Fabric() {
   }
 }
 
-void Fabric::launch() {
-  if (launched_) {
-    throw std::logic_error("Fabric::launch() was already called on this Fabric");
-  }
-  if (needs_launch_) {
-    if (device().is_cpu()) {
-      // CPU ranks must form one MPI world: restart this program under mpirun.
-      launchers::relaunch_under_mpirun(static_cast<int>(world_size()));
-    }
-    supervisor_ = spawn_local_ranks(static_cast<int>(world_size()));
-  }
-  strategy_->setup_environment();
-  launched_ = true;
-}
-
 namespace {
 
 // CUDA ranks 1..N-1 as children with torchrun-style variables; this process
 // becomes rank 0. A thread watches the children: if one fails, the others are
 // stopped and this process exits with its status.
-std::shared_ptr<void> spawn_local_ranks_impl(int nprocs) {
+std::shared_ptr<void> spawn_local_ranks(int nprocs) {
   auto supervisor = std::make_shared<launchers::Supervisor>();
   const int port = launchers::free_port();
   const auto command = launchers::own_command_line();
@@ -102,7 +87,20 @@ std::shared_ptr<void> spawn_local_ranks_impl(int nprocs) {
 
 }  // namespace
 
-std::shared_ptr<void> Fabric::spawn_local_ranks(int nprocs) { return spawn_local_ranks_impl(nprocs); }
+void Fabric::launch() {
+  if (launched_) {
+    throw std::logic_error("Fabric::launch() was already called on this Fabric");
+  }
+  if (needs_launch_) {
+    if (device().is_cpu()) {
+      // CPU ranks must form one MPI world: restart this program under mpirun.
+      launchers::relaunch_under_mpirun(static_cast<int>(world_size()));
+    }
+    supervisor_ = spawn_local_ranks(static_cast<int>(world_size()));
+  }
+  strategy_->setup_environment();
+  launched_ = true;
+}
 
 void Fabric::check_module(const torch::nn::Module* module) const {
   if (!module) throw std::invalid_argument("Fabric::setup: the module is a null pointer");
@@ -262,7 +260,6 @@ at::Tensor Fabric::all_reduce(at::Tensor tensor, const std::string& op) {
 
 double Fabric::all_reduce(double value, const std::string& op) {
   auto t = at::full({1}, value, at::TensorOptions().dtype(at::kDouble));
-  if (device().is_cuda()) t = t.to(at::kFloat);  // NCCL reductions of fp64 work, but stay safe
   return all_reduce(t, op).item<double>();
 }
 

@@ -258,7 +258,6 @@ class Fabric {
 
  private:
   void check_module(const torch::nn::Module* module) const;
-  static std::shared_ptr<void> spawn_local_ranks(int nprocs);
   void place_module(torch::nn::Module& module);
 
   FabricOptions options_;

@@ -22,7 +22,6 @@ std::string shape(at::IntArrayRef sizes) {
   return out.str();
 }
 
-using Dict = c10::Dict<std::string, c10::IValue>;
 using GenericDict = c10::impl::GenericDict;
 
 GenericDict new_dict() { return GenericDict(c10::StringType::get(), c10::AnyType::get()); }
@@ -59,14 +58,41 @@ std::vector<at::Tensor> all_params(const torch::optim::Optimizer& optimizer) {
   return out;
 }
 
-template <typename Options>
-const Options& options_of(const torch::optim::OptimizerParamGroup& group) {
-  return static_cast<const Options&>(group.options());
+// Adam and AdamW have the same options and state fields but no common base class.
+template <typename ParamState>
+void save_adam_state(GenericDict& s, const ParamState& a) {
+  s.insert("step", step_tensor(a.step()));
+  s.insert("exp_avg", a.exp_avg());
+  s.insert("exp_avg_sq", a.exp_avg_sq());
+  if (a.max_exp_avg_sq().defined()) s.insert("max_exp_avg_sq", a.max_exp_avg_sq());
 }
 
 template <typename Options>
-Options& options_of(torch::optim::OptimizerParamGroup& group) {
-  return static_cast<Options&>(group.options());
+void save_adam_group(GenericDict& g, const Options& o, bool decoupled_weight_decay) {
+  g.insert("lr", o.lr());
+  g.insert("betas", c10::ivalue::Tuple::create(std::get<0>(o.betas()), std::get<1>(o.betas())));
+  g.insert("eps", o.eps());
+  g.insert("weight_decay", o.weight_decay());
+  g.insert("amsgrad", o.amsgrad());
+  g.insert("decoupled_weight_decay", decoupled_weight_decay);
+}
+
+template <typename Options>
+void load_adam_group(Options& o, const GenericDict& g, const std::string& what) {
+  auto betas = get(g, "betas", what).toTupleRef().elements();
+  o.lr(as_double(get(g, "lr", what)))
+      .eps(as_double(get(g, "eps", what)))
+      .weight_decay(as_double(get(g, "weight_decay", what)))
+      .amsgrad(as_bool(get(g, "amsgrad", what)))
+      .betas(std::make_tuple(as_double(betas[0]), as_double(betas[1])));
+}
+
+template <typename ParamState, typename Step, typename TensorOf>
+std::unique_ptr<torch::optim::OptimizerParamState> load_adam_state(Step step, TensorOf tensor) {
+  auto ps = std::make_unique<ParamState>();
+  ps->step(step()).exp_avg(tensor("exp_avg")).exp_avg_sq(tensor("exp_avg_sq"));
+  if (auto m = tensor("max_exp_avg_sq"); m.defined()) ps->max_exp_avg_sq(m);
+  return ps;
 }
 
 }  // namespace
@@ -158,15 +184,9 @@ c10::IValue optimizer_state_dict(const torch::optim::Optimizer& optimizer) {
         auto s = new_dict();
         const auto* raw = it->second.get();
         if (auto* a = dynamic_cast<const AdamParamState*>(raw)) {
-          s.insert("step", step_tensor(a->step()));
-          s.insert("exp_avg", a->exp_avg());
-          s.insert("exp_avg_sq", a->exp_avg_sq());
-          if (a->max_exp_avg_sq().defined()) s.insert("max_exp_avg_sq", a->max_exp_avg_sq());
+          save_adam_state(s, *a);
         } else if (auto* w = dynamic_cast<const AdamWParamState*>(raw)) {
-          s.insert("step", step_tensor(w->step()));
-          s.insert("exp_avg", w->exp_avg());
-          s.insert("exp_avg_sq", w->exp_avg_sq());
-          if (w->max_exp_avg_sq().defined()) s.insert("max_exp_avg_sq", w->max_exp_avg_sq());
+          save_adam_state(s, *w);
         } else if (auto* m = dynamic_cast<const SGDParamState*>(raw)) {
           if (m->momentum_buffer().defined()) s.insert("momentum_buffer", m->momentum_buffer());
         } else if (auto* r = dynamic_cast<const RMSpropParamState*>(raw)) {
@@ -188,19 +208,9 @@ c10::IValue optimizer_state_dict(const torch::optim::Optimizer& optimizer) {
     }
     const auto& base = group.options();
     if (auto* o = dynamic_cast<const AdamOptions*>(&base)) {
-      g.insert("lr", o->lr());
-      g.insert("betas", c10::ivalue::Tuple::create(std::get<0>(o->betas()), std::get<1>(o->betas())));
-      g.insert("eps", o->eps());
-      g.insert("weight_decay", o->weight_decay());
-      g.insert("amsgrad", o->amsgrad());
-      g.insert("decoupled_weight_decay", false);
+      save_adam_group(g, *o, /*decoupled_weight_decay=*/false);
     } else if (auto* o = dynamic_cast<const AdamWOptions*>(&base)) {
-      g.insert("lr", o->lr());
-      g.insert("betas", c10::ivalue::Tuple::create(std::get<0>(o->betas()), std::get<1>(o->betas())));
-      g.insert("eps", o->eps());
-      g.insert("weight_decay", o->weight_decay());
-      g.insert("amsgrad", o->amsgrad());
-      g.insert("decoupled_weight_decay", true);
+      save_adam_group(g, *o, /*decoupled_weight_decay=*/true);
     } else if (auto* o = dynamic_cast<const SGDOptions*>(&base)) {
       g.insert("lr", o->lr());
       g.insert("momentum", o->momentum());
@@ -268,17 +278,9 @@ void load_optimizer_state_dict(torch::optim::Optimizer& optimizer, const c10::IV
     }
     auto& base = group.options();
     if (auto* o = dynamic_cast<AdamOptions*>(&base)) {
-      auto betas = get(g, "betas", what).toTupleRef().elements();
-      o->lr(as_double(get(g, "lr", what))).eps(as_double(get(g, "eps", what)))
-          .weight_decay(as_double(get(g, "weight_decay", what)))
-          .amsgrad(as_bool(get(g, "amsgrad", what)))
-          .betas(std::make_tuple(as_double(betas[0]), as_double(betas[1])));
+      load_adam_group(*o, g, what);
     } else if (auto* o = dynamic_cast<AdamWOptions*>(&base)) {
-      auto betas = get(g, "betas", what).toTupleRef().elements();
-      o->lr(as_double(get(g, "lr", what))).eps(as_double(get(g, "eps", what)))
-          .weight_decay(as_double(get(g, "weight_decay", what)))
-          .amsgrad(as_bool(get(g, "amsgrad", what)))
-          .betas(std::make_tuple(as_double(betas[0]), as_double(betas[1])));
+      load_adam_group(*o, g, what);
     } else if (auto* o = dynamic_cast<SGDOptions*>(&base)) {
       o->lr(as_double(get(g, "lr", what))).momentum(as_double(get(g, "momentum", what)))
           .dampening(as_double(get(g, "dampening", what)))
@@ -326,15 +328,9 @@ void load_optimizer_state_dict(torch::optim::Optimizer& optimizer, const c10::IV
       };
       std::unique_ptr<OptimizerParamState> restored;
       if (dynamic_cast<AdamOptions*>(&base)) {
-        auto ps = std::make_unique<AdamParamState>();
-        ps->step(step()).exp_avg(tensor("exp_avg")).exp_avg_sq(tensor("exp_avg_sq"));
-        if (auto m = tensor("max_exp_avg_sq"); m.defined()) ps->max_exp_avg_sq(m);
-        restored = std::move(ps);
+        restored = load_adam_state<AdamParamState>(step, tensor);
       } else if (dynamic_cast<AdamWOptions*>(&base)) {
-        auto ps = std::make_unique<AdamWParamState>();
-        ps->step(step()).exp_avg(tensor("exp_avg")).exp_avg_sq(tensor("exp_avg_sq"));
-        if (auto m = tensor("max_exp_avg_sq"); m.defined()) ps->max_exp_avg_sq(m);
-        restored = std::move(ps);
+        restored = load_adam_state<AdamWParamState>(step, tensor);
       } else if (dynamic_cast<SGDOptions*>(&base)) {
         auto ps = std::make_unique<SGDParamState>();
         if (auto m = tensor("momentum_buffer"); m.defined()) ps->momentum_buffer(m);

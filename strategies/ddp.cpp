@@ -28,15 +28,14 @@ struct DDPStrategy::ModuleState {
     std::vector<std::string> names;
     std::vector<int64_t> offsets;
     std::vector<char> ready;
-    size_t pending = 0;
-    bool launched = false;
+    size_t pending = 0;  // parameters whose gradient has not arrived yet
     c10::intrusive_ptr<c10d::Work> work;
   };
   const torch::nn::Module* module = nullptr;
   std::vector<Bucket> buckets;
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
   std::vector<at::Tensor> buffers;
-  size_t next_launch = 0;
+  size_t next_launch = 0;  // buckets [0, next_launch) are being reduced
   bool touched = false;
   std::mutex mutex;
 };
@@ -152,7 +151,7 @@ void DDPStrategy::setup_module(torch::nn::Module& module) {
             if (!sync_) return outputs;
             std::lock_guard<std::mutex> lock(raw->mutex);
             auto& bucket = raw->buckets[b];
-            if (bucket.launched || bucket.ready[i]) return outputs;
+            if (bucket.ready[i]) return outputs;  // (a launched bucket is all ready)
             const auto& grad = bucket.params[i].grad();
             auto slice = bucket.flat.narrow(0, bucket.offsets[i], bucket.params[i].numel());
             if (grad.defined()) {
@@ -162,23 +161,25 @@ void DDPStrategy::setup_module(torch::nn::Module& module) {
             }
             bucket.ready[i] = 1;
             raw->touched = true;
-            if (--bucket.pending == 0) {
-              // Start every consecutive full bucket, in index order on every rank.
-              while (raw->next_launch < raw->buckets.size() &&
-                     raw->buckets[raw->next_launch].pending == 0) {
-                auto& next = raw->buckets[raw->next_launch++];
-                next.flat.div_(static_cast<double>(topology_.world_size));
-                std::vector<at::Tensor> one = {next.flat};
-                next.work = backend().allreduce(one, c10d::AllreduceOptions());
-                next.launched = true;
-              }
-            }
+            if (--bucket.pending == 0) launch_full_buckets(*raw);
             return outputs;
           }));
       raw->accumulators.push_back(std::move(accumulator));
     }
   }
   modules_.push_back(std::move(state));
+}
+
+void DDPStrategy::launch_full_buckets(ModuleState& state) {
+  // Every consecutive full bucket, in index order, so all ranks issue the same
+  // collectives in the same order.
+  while (state.next_launch < state.buckets.size() &&
+         state.buckets[state.next_launch].pending == 0) {
+    auto& next = state.buckets[state.next_launch++];
+    next.flat.div_(static_cast<double>(topology_.world_size));
+    std::vector<at::Tensor> one = {next.flat};
+    next.work = backend().allreduce(one, c10d::AllreduceOptions());
+  }
 }
 
 void DDPStrategy::pre_forward(torch::nn::Module& module) {
@@ -208,7 +209,6 @@ void DDPStrategy::backward(const at::Tensor& loss, precision::Precision& precisi
     for (auto& bucket : state->buckets) {
       std::fill(bucket.ready.begin(), bucket.ready.end(), 0);
       bucket.pending = bucket.params.size();
-      bucket.launched = false;
       bucket.work.reset();
     }
     state->next_launch = 0;
@@ -236,13 +236,7 @@ void DDPStrategy::finish_sync(ModuleState& state,
       }
       bucket.pending = 0;
     }
-    while (state.next_launch < state.buckets.size()) {
-      auto& next = state.buckets[state.next_launch++];
-      next.flat.div_(static_cast<double>(topology_.world_size));
-      std::vector<at::Tensor> one = {next.flat};
-      next.work = backend().allreduce(one, c10d::AllreduceOptions());
-      next.launched = true;
-    }
+    launch_full_buckets(state);
   }
   for (auto& bucket : state.buckets) {
     bucket.work->wait();

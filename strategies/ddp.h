@@ -87,6 +87,8 @@ class DDPStrategy : public Strategy {
  private:
   struct ModuleState;
   c10d::Backend& backend() const;
+  // Starts the all-reduce of full buckets in order; the caller holds state's mutex.
+  void launch_full_buckets(ModuleState& state);
   void finish_sync(ModuleState& state, std::chrono::steady_clock::time_point backward_end);
 
   Topology topology_;

@@ -67,6 +67,16 @@ void expect_same_adam_state(torch::optim::Adam& a, torch::optim::Adam& b) {
   }
 }
 
+// MlpImpl in Python: same layers, same parameter names.
+const std::string kPythonMlp =
+    "class Mlp(torch.nn.Module):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        self.fc1 = torch.nn.Linear(5, 8)\n"
+    "        self.fc2 = torch.nn.Linear(8, 3)\n"
+    "    def forward(self, x):\n"
+    "        return self.fc2(torch.relu(self.fc1(x)))\n";
+
 std::string run_python(const std::string& name, const std::string& script) {
   const std::string path = dir() + "/" + name + ".py";
   std::ofstream(path) << script;
@@ -201,13 +211,7 @@ TEST(Checkpoint, PythonLoadsOurFileAndGetsTheSameTensorsAndOutputs) {
       "import torch\n"
       "ckpt = torch.load('" + path + "')  # weights_only=True: plain containers only\n"
       "assert ckpt['epoch'] == 3 and ckpt['tag'] == 'cpp', ckpt.keys()\n"
-      "class Mlp(torch.nn.Module):\n"
-      "    def __init__(self):\n"
-      "        super().__init__()\n"
-      "        self.fc1 = torch.nn.Linear(5, 8)\n"
-      "        self.fc2 = torch.nn.Linear(8, 3)\n"
-      "    def forward(self, x):\n"
-      "        return self.fc2(torch.relu(self.fc1(x)))\n"
+      + kPythonMlp +
       "m = Mlp()\n"
       "m.load_state_dict(ckpt['model'])\n"
       "opt = torch.optim.Adam(m.parameters(), lr=0.5)\n"
@@ -235,13 +239,7 @@ TEST(Checkpoint, AdamStateSavedByPythonLoadsAndTheNextStepMatches) {
   const std::string script =
       "import torch\n"
       "torch.manual_seed(0)\n"
-      "class Mlp(torch.nn.Module):\n"
-      "    def __init__(self):\n"
-      "        super().__init__()\n"
-      "        self.fc1 = torch.nn.Linear(5, 8)\n"
-      "        self.fc2 = torch.nn.Linear(8, 3)\n"
-      "    def forward(self, x):\n"
-      "        return self.fc2(torch.relu(self.fc1(x)))\n"
+      + kPythonMlp +
       "m = Mlp()\n"
       "opt = torch.optim.Adam(m.parameters(), lr=0.01, betas=(0.8, 0.99), eps=1e-7)\n"
       "x, y = torch.randn(6, 5), torch.randn(6, 3)\n"
@@ -401,13 +399,7 @@ TEST(Checkpoint, PythonContinuesEveryOptimizerFromOurCheckpoint) {
   }
   const std::string script =
       "import torch\n"
-      "class Mlp(torch.nn.Module):\n"
-      "    def __init__(self):\n"
-      "        super().__init__()\n"
-      "        self.fc1 = torch.nn.Linear(5, 8)\n"
-      "        self.fc2 = torch.nn.Linear(8, 3)\n"
-      "    def forward(self, x):\n"
-      "        return self.fc2(torch.relu(self.fc1(x)))\n"
+      + kPythonMlp +
       "def check(name, make):\n"
       "    c = torch.load('" + dir() + "/opt_' + name + '.pt')\n"
       "    nxt = torch.load('" + dir() + "/opt_' + name + '_next.pt')['model']\n"

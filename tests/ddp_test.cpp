@@ -9,6 +9,7 @@
 #include <chrono>
 #include <climits>
 #include <csignal>
+#include <dirent.h>
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
@@ -65,6 +66,26 @@ std::vector<torch::Tensor> reference_params(bool with_unused) {
   return out;
 }
 
+// Runs `ddp_worker MODE DIR` under `mpirun -np 2` in a fresh directory; returns it.
+std::string run_mode_under_mpirun(const std::string& mode) {
+  const auto dir = fresh_dir(mode);
+  auto result = testutil::run_command(mpirun() + " " + g_worker + " " + mode + " " + dir);
+  EXPECT_EQ(result.status, 0) << result.output;
+  return dir;
+}
+
+// Files in `dir` whose name starts with `prefix`.
+std::vector<std::string> files_starting_with(const std::string& dir, const std::string& prefix) {
+  std::vector<std::string> out;
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (const dirent* entry = ::readdir(d)) {
+      if (std::string(entry->d_name).rfind(prefix, 0) == 0) out.push_back(entry->d_name);
+    }
+    ::closedir(d);
+  }
+  return out;
+}
+
 void expect_matches_reference(const std::string& dir, bool with_unused = false) {
   const auto reference = reference_params(with_unused);
   for (int rank = 0; rank < 2; ++rank) {
@@ -82,39 +103,26 @@ void expect_matches_reference(const std::string& dir, bool with_unused = false) 
 }  // namespace
 
 TEST(Ddp, TwoRanksEqualOneProcessOnTheConcatenatedBatch) {
-  const auto dir = fresh_dir("train");
-  auto result = testutil::run_command(mpirun() + " " + g_worker + " train " + dir);
-  ASSERT_EQ(result.status, 0) << result.output;
-  expect_matches_reference(dir);
+  expect_matches_reference(run_mode_under_mpirun("train"));
 }
 
 TEST(Ddp, GradientAsBucketViewMatchesToo) {
-  const auto dir = fresh_dir("train_view");
-  auto result = testutil::run_command(mpirun() + " " + g_worker + " train_view " + dir);
-  ASSERT_EQ(result.status, 0) << result.output;
-  expect_matches_reference(dir);
+  expect_matches_reference(run_mode_under_mpirun("train_view"));
 }
 
 TEST(Ddp, CheckpointSavedOnceLoadedByBothContinuesIdentically) {
-  const auto dir = fresh_dir("checkpoint");
-  auto result = testutil::run_command(mpirun() + " " + g_worker + " checkpoint " + dir);
-  ASSERT_EQ(result.status, 0) << result.output;
+  const auto dir = run_mode_under_mpirun("checkpoint");
   expect_matches_reference(dir);
-  EXPECT_FALSE(fabric::fs::exists(dir + "/ddp_checkpoint.pt.tmp")) << "stray temporary file";
+  EXPECT_TRUE(fabric::fs::exists(dir + "/ddp_checkpoint.pt"));
+  EXPECT_TRUE(files_starting_with(dir, "ddp_checkpoint.pt.tmp").empty()) << "stray temporary file";
 }
 
 TEST(Ddp, NoBackwardSyncAccumulationMatches) {
-  const auto dir = fresh_dir("accumulate");
-  auto result = testutil::run_command(mpirun() + " " + g_worker + " accumulate " + dir);
-  ASSERT_EQ(result.status, 0) << result.output;
-  expect_matches_reference(dir);
+  expect_matches_reference(run_mode_under_mpirun("accumulate"));
 }
 
 TEST(Ddp, FindUnusedParametersTreatsThemAsZero) {
-  const auto dir = fresh_dir("unused");
-  auto result = testutil::run_command(mpirun() + " " + g_worker + " unused " + dir);
-  ASSERT_EQ(result.status, 0) << result.output;
-  expect_matches_reference(dir, /*with_unused=*/true);
+  expect_matches_reference(run_mode_under_mpirun("unused"), /*with_unused=*/true);
 }
 
 TEST(Ddp, CollectivesGiveTheRightValues) {
