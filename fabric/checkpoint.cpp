@@ -211,11 +211,15 @@ c10::IValue read_checkpoint(const std::string& path) {
     }
   }
   try {
-    // Records are read straight from the file into their tensors' storage.
+    // Records are read straight from the file into their tensors' storage, on
+    // the CPU whatever device a storage was saved from (Lightning loads with
+    // map_location="cpu"): a file from a GPU machine reads on a CPU machine, and
+    // ranks do not all materialise it on cuda:0. load() then copies each tensor
+    // to where its parameter lives.
     caffe2::serialize::PyTorchStreamReader reader(path);
     return torch::jit::readArchiveAndTensors("data", /*pickle_prefix=*/"",
                                              /*tensor_prefix=*/"", std::nullopt, std::nullopt,
-                                             std::nullopt, reader);
+                                             c10::Device(c10::DeviceType::CPU), reader);
   } catch (const c10::Error& e) {
     throw std::runtime_error("checkpoint " + path + " is truncated or corrupt (" +
                              std::to_string(info.st_size) +

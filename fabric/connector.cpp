@@ -66,36 +66,37 @@ Connection connect(const FabricOptions& raw) {
       env.world_size > env.local_world_size) {
     options.num_nodes = static_cast<int>(env.world_size / env.local_world_size);
   }
-  c.devices = c.accelerator->parse_devices(options.devices);
-  c.num_nodes = options.num_nodes;
-  c.world_size = static_cast<int64_t>(c.devices.size()) * c.num_nodes;
+  auto& t = c.topology;
+  t.parallel_devices = c.accelerator->parse_devices(options.devices);
+  t.num_nodes = options.num_nodes;
+  t.world_size = static_cast<int64_t>(t.parallel_devices.size()) * t.num_nodes;
   if (external) {
-    if (env.world_size != c.world_size) {
+    if (env.world_size != t.world_size) {
       throw std::invalid_argument(
           "the " + env.kind + " environment says the world has " +
           std::to_string(env.world_size) + " processes, but devices=" + options.devices.str() +
-          " x num_nodes=" + std::to_string(c.num_nodes) + " gives " +
-          std::to_string(c.world_size));
+          " x num_nodes=" + std::to_string(t.num_nodes) + " gives " +
+          std::to_string(t.world_size));
     }
-    if (env.local_rank >= static_cast<int64_t>(c.devices.size())) {
+    if (env.local_rank >= static_cast<int64_t>(t.parallel_devices.size())) {
       throw std::invalid_argument("the " + env.kind + " environment gives local rank " +
                                   std::to_string(env.local_rank) + ", but devices=" +
                                   options.devices.str() + " has only " +
-                                  std::to_string(c.devices.size()) + " device(s) per node");
+                                  std::to_string(t.parallel_devices.size()) + " device(s) per node");
     }
-    c.global_rank = env.global_rank;
-    c.local_rank = env.local_rank;
-    c.node_rank = env.node_rank;
-  } else if (c.world_size > 1) {
-    if (c.num_nodes > 1) {
+    t.global_rank = env.global_rank;
+    t.local_rank = env.local_rank;
+    t.node_rank = env.node_rank;
+  } else if (t.world_size > 1) {
+    if (t.num_nodes > 1) {
       throw std::invalid_argument(
-          "num_nodes=" + std::to_string(c.num_nodes) +
+          "num_nodes=" + std::to_string(t.num_nodes) +
           " needs every node's ranks started by a launcher: run the program with fabric-run "
           "(--num-nodes --node-rank --main-address) on each node, or with mpirun / srun");
     }
     c.needs_launch = true;
   }
-  c.strategy = strategies::resolve_strategy_name(options.strategy, c.world_size);
+  c.strategy = strategies::resolve_strategy_name(options.strategy, t.world_size);
   if (options.precision_plugin) {
     c.precision = "plugin";
   } else {

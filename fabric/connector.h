@@ -13,20 +13,17 @@
 #include "fabric/accelerator.h"
 #include "fabric/options.h"
 #include "launchers/cluster_environment.h"
+#include "strategies/topology.h"
 
 namespace fabric {
 
 struct Connection {
   std::shared_ptr<Accelerator> accelerator;
-  std::vector<c10::Device> devices;  // this node's devices, one per local rank
-  int num_nodes = 1;
+  // This node's devices (one per local rank), num_nodes, and this rank's place.
+  strategies::Topology topology;
   std::string strategy;   // resolved, e.g. "single_device"
   std::string precision;  // canonical, e.g. "bf16-mixed"
   launchers::ClusterEnvironment environment;
-  int64_t world_size = 1;
-  int64_t global_rank = 0;
-  int64_t local_rank = 0;
-  int64_t node_rank = 0;
   // True when nothing launched the other ranks: Fabric::launch() must start them.
   bool needs_launch = false;
 };

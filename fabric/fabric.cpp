@@ -17,7 +17,7 @@
 #include <torch/utils.h>
 
 #include "launchers/mpirun.h"
-#include "launchers/supervisor.h"
+#include "launchers/local_ranks.h"
 #include "precision/registry.h"
 #include "strategies/registry.h"
 
@@ -28,18 +28,12 @@ Fabric::Fabric(FabricOptions options) : options_(std::move(options)) {
   accelerator_name_ = connection.accelerator->name();
   needs_launch_ = connection.needs_launch;
   strategies::StrategyArgs args;
-  args.topology.parallel_devices = connection.devices;
-  args.topology.num_nodes = connection.num_nodes;
-  args.topology.global_rank = connection.global_rank;
-  args.topology.local_rank = connection.local_rank;
-  args.topology.node_rank = connection.node_rank;
-  args.topology.world_size = connection.world_size;
+  args.topology = connection.topology;
   args.process_group_backend = options_.process_group_backend;
   args.main_address = connection.environment.main_address;
   args.main_port = connection.environment.main_port;
   args.timeout = options_.timeout;
-  args.ddp.find_unused_parameters = options_.find_unused_parameters;
-  args.ddp.gradient_as_bucket_view = options_.gradient_as_bucket_view;
+  args.ddp = options_.ddp;
   strategy_ = strategies::make_strategy(connection.strategy, args);
   precision_ = options_.precision_plugin
                    ? options_.precision_plugin
@@ -55,37 +49,10 @@ Fabric::~Fabric() {
       // A destructor must not throw; the logger already flushed what it could.
     }
   }
+  // Rank 0 of a job it spawned waits for the other ranks (a failing one ends the
+  // job with its status from the watcher thread).
+  local_ranks_.reset();
 }
-
-namespace {
-
-// CUDA ranks 1..N-1 as children with torchrun-style variables; this process
-// becomes rank 0. A thread watches the children: if one fails, the others are
-// stopped and this process exits with its status.
-std::shared_ptr<void> spawn_local_ranks(int nprocs) {
-  auto supervisor = std::make_shared<launchers::Supervisor>();
-  const int port = launchers::free_port();
-  const auto command = launchers::own_command_line();
-  for (int rank = 1; rank < nprocs; ++rank) {
-    supervisor->start(rank, command,
-                      launchers::torchrun_environment(rank, rank, nprocs, nprocs, 0, "127.0.0.1",
-                                                      port));
-  }
-  for (const auto& [key, value] :
-       launchers::torchrun_environment(0, 0, nprocs, nprocs, 0, "127.0.0.1", port)) {
-    ::setenv(key.c_str(), value.c_str(), 1);
-  }
-  std::thread([supervisor] {
-    const int status = supervisor->wait_all();
-    if (status != 0) {
-      std::cerr << "torchfabric: a spawned rank failed; ending the job" << std::endl;
-      std::_Exit(status);
-    }
-  }).detach();
-  return supervisor;
-}
-
-}  // namespace
 
 void Fabric::launch() {
   if (launched_) {
@@ -96,7 +63,8 @@ void Fabric::launch() {
       // CPU ranks must form one MPI world: restart this program under mpirun.
       launchers::relaunch_under_mpirun(static_cast<int>(world_size()));
     }
-    supervisor_ = spawn_local_ranks(static_cast<int>(world_size()));
+    // Other devices (CUDA/NCCL): this process is rank 0 and starts the others.
+    local_ranks_ = std::make_unique<launchers::LocalRanks>(static_cast<int>(world_size()));
   }
   strategy_->setup_environment();
   launched_ = true;
@@ -113,17 +81,7 @@ void Fabric::place_module(torch::nn::Module& module) {
 
 FabricOptimizer Fabric::setup_optimizer(std::shared_ptr<torch::optim::Optimizer> optimizer) {
   if (!optimizer) throw std::invalid_argument("Fabric::setup: the optimizer is a null pointer");
-  const auto device = this->device();
-  for (const auto& group : optimizer->param_groups()) {
-    for (const auto& param : group.params()) {
-      if (param.device() != device) {
-        throw std::invalid_argument(
-            "Fabric::setup: the optimizer holds a parameter on " + param.device().str() +
-            " but this Fabric runs on " + device.str() +
-            "; set up the module first (fabric.setup(model, optimizer) does it in order)");
-      }
-    }
-  }
+  strategy_->setup_optimizer(*optimizer);
   return FabricOptimizer(std::move(optimizer), precision_, strategy_);
 }
 
@@ -132,23 +90,20 @@ void Fabric::backward(const at::Tensor& loss) {
   strategy_->backward(loss, *precision_);
 }
 
-std::optional<double> Fabric::clip_gradients(FabricOptimizer& optimizer,
+std::optional<double> Fabric::clip_gradients(torch::nn::Module* module,
+                                             FabricOptimizer& optimizer,
                                              const ClipGradientsOptions& options) {
   if (options.max_norm.has_value() == options.clip_val.has_value()) {
     throw std::invalid_argument(
         "Fabric::clip_gradients: set exactly one of max_norm and clip_val (got " +
         std::string(options.max_norm ? "both" : "neither") + ")");
   }
-  precision_->unscale_gradients(*optimizer.optimizer());
-  std::vector<at::Tensor> params;
-  for (const auto& group : optimizer->param_groups()) {
-    for (const auto& param : group.params()) params.push_back(param);
-  }
   if (options.max_norm) {
-    return strategy_->clip_gradients_norm(params, *options.max_norm, options.norm_type,
+    return strategy_->clip_gradients_norm(module, *optimizer.optimizer(), *precision_,
+                                          *options.max_norm, options.norm_type,
                                           options.error_if_nonfinite);
   }
-  strategy_->clip_gradients_value(params, *options.clip_val);
+  strategy_->clip_gradients_value(module, *optimizer.optimizer(), *precision_, *options.clip_val);
   return std::nullopt;
 }
 
@@ -187,34 +142,46 @@ uint64_t Fabric::seed_everything(std::optional<uint64_t> seed) {
   return *seed;
 }
 
+namespace {
+
+// The modules and optimizers anywhere in `state`, for the strategy's state scope.
+void collect_stateful(const State& state, std::vector<torch::nn::Module*>& modules,
+                      std::vector<torch::optim::Optimizer*>& optimizers) {
+  for (const auto& [key, value] : state) {
+    switch (value.kind()) {
+      case StateValue::Kind::kModule: modules.push_back(value.module().get()); break;
+      case StateValue::Kind::kOptimizer: optimizers.push_back(value.optimizer().get()); break;
+      case StateValue::Kind::kNested: collect_stateful(value.nested(), modules, optimizers); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace
+
 void Fabric::save(const std::string& path, const State& state) {
-  std::exception_ptr error;
-  if (is_global_zero()) {
-    try {
-      save_checkpoint(path, state);
-    } catch (...) {
-      error = std::current_exception();
-    }
-  }
-  // Everyone leaves together; a failed write on rank 0 fails every rank.
-  if (world_size() > 1) {
-    const double failed = all_reduce(error ? 1.0 : 0.0, "max");
-    if (failed != 0 && !error) {
-      throw std::runtime_error("Fabric::save: rank 0 failed to write " + path);
-    }
-  }
-  if (error) std::rethrow_exception(error);
+  std::vector<torch::nn::Module*> modules;
+  std::vector<torch::optim::Optimizer*> optimizers;
+  collect_stateful(state, modules, optimizers);
+  auto scope = strategy_->full_state_context(modules, optimizers, /*loading=*/false);
+  strategy_->save_checkpoint(path, [&](const std::string& p) { save_checkpoint(p, state); });
 }
 
 LoadResult Fabric::load(const std::string& path, State& state, bool strict) {
+  std::vector<torch::nn::Module*> modules;
+  std::vector<torch::optim::Optimizer*> optimizers;
+  collect_stateful(state, modules, optimizers);
+  auto scope = strategy_->full_state_context(modules, optimizers, /*loading=*/true);
   return load_checkpoint(path, state, strict);
 }
 
 void Fabric::load_raw(const std::string& path, torch::nn::Module& module, bool strict) {
+  auto scope = strategy_->full_state_context({&module}, {}, /*loading=*/true);
   fabric::load_raw(path, module, strict);
 }
 
 void Fabric::load_raw(const std::string& path, FabricOptimizer& optimizer) {
+  auto scope = strategy_->full_state_context({}, {optimizer.optimizer().get()}, /*loading=*/true);
   fabric::load_raw(path, *optimizer.optimizer());
 }
 

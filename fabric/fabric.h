@@ -44,6 +44,10 @@
 
 namespace fabric {
 
+namespace launchers {
+class LocalRanks;
+}
+
 struct ClipGradientsOptions {
   // Exactly one of the two: scale gradients so their total norm is at most
   // max_norm, or clamp each gradient element into [-clip_val, clip_val].
@@ -130,28 +134,33 @@ class Fabric {
   void backward(const at::Tensor& loss);
   // Unscales the optimizer's gradients first, then clips them by norm or value.
   // Returns the total norm before clipping (max_norm), or nullopt (clip_val).
+  // The strategy computes the norm over every rank's part of the gradients.
   template <typename M>
-  std::optional<double> clip_gradients(const FabricModule<M>& /*module*/,
-                                       FabricOptimizer& optimizer,
+  std::optional<double> clip_gradients(const FabricModule<M>& module, FabricOptimizer& optimizer,
                                        const ClipGradientsOptions& options) {
-    return clip_gradients(optimizer, options);
+    return clip_gradients(module.base().get(), optimizer, options);
   }
   std::optional<double> clip_gradients(FabricOptimizer& optimizer,
-                                       const ClipGradientsOptions& options);
+                                       const ClipGradientsOptions& options) {
+    return clip_gradients(nullptr, optimizer, options);
+  }
 
   // The precision's forward context (e.g. autocast) for code outside a set-up
   // module's forward; held until the returned object is destroyed.
   precision::ScopePtr autocast() const;
 
-  // Builds M(args...) with parameters in the precision's dtype, on device().
+  // Builds M(args...) with parameters in the precision's dtype, on device(). It
+  // is not set up yet: pass it to setup() as usual (which sets it up once).
   template <typename M, typename... Args>
   std::shared_ptr<M> init_module(Args&&... args) {
     std::shared_ptr<M> module;
     {
-      auto scope = precision_->module_init_context();
+      auto precision_scope = precision_->module_init_context();
+      auto strategy_scope = strategy_->module_init_context();
       module = std::make_shared<M>(std::forward<Args>(args)...);
     }
-    place_module(*module);
+    precision_->convert_module(*module);
+    strategy_->module_to_device(*module);
     return module;
   }
 
@@ -174,8 +183,9 @@ class Fabric {
   uint64_t seed_everything(std::optional<uint64_t> seed = std::nullopt);
 
   // Writes `state` (modules, optimizers, RNG state, tensors, numbers, strings,
-  // nested maps) to `path` atomically, in PyTorch's file format. Global rank 0
-  // writes; every rank returns once the file is complete.
+  // nested maps) to `path` atomically, in PyTorch's file format. Every rank must
+  // call it (a sharding strategy gathers); global rank 0 writes; every rank
+  // returns once the file is complete, and every rank throws if the write failed.
   void save(const std::string& path, const State& state);
   // Restores `state` from `path` in place (modules and optimizers loaded, plain
   // values replaced) on every rank; returns the entries not asked for. strict:
@@ -184,7 +194,7 @@ class Fabric {
   // A bare state dict (e.g. Python's torch.save(model.state_dict())).
   template <typename M>
   void load_raw(const std::string& path, const FabricModule<M>& module, bool strict = true) {
-    fabric::load_raw(path, *module.base(), strict);
+    load_raw(path, *module.base(), strict);
   }
   void load_raw(const std::string& path, torch::nn::Module& module, bool strict = true);
   void load_raw(const std::string& path, FabricOptimizer& optimizer);
@@ -259,6 +269,8 @@ class Fabric {
  private:
   void check_module(const torch::nn::Module* module) const;
   void place_module(torch::nn::Module& module);
+  std::optional<double> clip_gradients(torch::nn::Module* module, FabricOptimizer& optimizer,
+                                       const ClipGradientsOptions& options);
 
   FabricOptions options_;
   std::string accelerator_name_;
@@ -268,7 +280,8 @@ class Fabric {
   int64_t next_log_step_ = 0;
   bool launched_ = false;
   bool needs_launch_ = false;
-  std::shared_ptr<void> supervisor_;  // keeps spawned ranks' supervisor alive
+  // Ranks this process spawned (CUDA); waited for when the Fabric is destroyed.
+  std::unique_ptr<launchers::LocalRanks> local_ranks_;
 };
 
 }  // namespace fabric

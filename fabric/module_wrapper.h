@@ -33,7 +33,7 @@ class FabricModule {
 
   template <typename... Args>
   auto operator()(Args&&... args) {
-    strategy_->pre_forward(*module_);
+    auto strategy_scope = strategy_->forward_context(*module_);
     auto scope = precision_->forward_context();
     return convert_output(module_->forward(convert_input(std::forward<Args>(args))...));
   }

@@ -15,7 +15,7 @@ FabricOptimizer::FabricOptimizer(std::shared_ptr<torch::optim::Optimizer> optimi
       strategy_(std::move(strategy)) {}
 
 at::Tensor FabricOptimizer::step(std::function<at::Tensor()> closure) {
-  return precision_->optimizer_step(*optimizer_, closure);
+  return strategy_->optimizer_step(*optimizer_, *precision_, closure);
 }
 
 void FabricOptimizer::zero_grad(bool set_to_none) { optimizer_->zero_grad(set_to_none); }

@@ -1,6 +1,7 @@
 // FabricOptimizer: what Fabric::setup returns for an optimizer. step() goes through
-// the precision plugin (unscale, inf/nan check, skip, scale update under
-// "16-mixed"); everything else reaches the wrapped torch::optim::Optimizer.
+// the strategy and the precision plugin (unscale, inf/nan check, skip, scale
+// update under "16-mixed"); everything else reaches the wrapped
+// torch::optim::Optimizer.
 #pragma once
 
 #include <functional>

@@ -21,6 +21,27 @@ bool parse_int(const std::string& text, int& value) {
   return true;
 }
 
+// A list of device indices must name each device once: two ranks on one GPU is
+// something NCCL refuses at the first collective (Lightning rejects it too).
+void check_distinct(const std::vector<int>& indices) {
+  for (size_t i = 0; i < indices.size(); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      if (indices[i] == indices[j]) {
+        std::string list;
+        for (size_t k = 0; k < indices.size(); ++k) list += (k ? "," : "") + std::to_string(indices[k]);
+        throw std::invalid_argument("devices='" + list + "' names device " +
+                                    std::to_string(indices[i]) +
+                                    " more than once; each rank needs a device of its own: "
+                                    "list distinct indices (e.g. '0,1') or give a count");
+      }
+    }
+    if (indices[i] < 0) {
+      throw std::invalid_argument("devices: index " + std::to_string(indices[i]) +
+                                  " is not valid; device indices are >= 0");
+    }
+  }
+}
+
 std::string trim(const std::string& text) {
   size_t begin = text.find_first_not_of(" \t[]");
   size_t end = text.find_last_not_of(" \t[]");
@@ -62,11 +83,14 @@ Devices::Devices(const std::string& spec) {
         "' is not valid. Valid values: 'auto', a count (1, 2, ..., or -1 for all visible "
         "devices), or a list of device indices such as '0,1'");
   }
+  check_distinct(indices);
   kind_ = Kind::kList;
   indices_ = std::move(indices);
 }
 
-Devices::Devices(std::vector<int> indices) : kind_(Kind::kList), indices_(std::move(indices)) {}
+Devices::Devices(std::vector<int> indices) : kind_(Kind::kList), indices_(std::move(indices)) {
+  check_distinct(indices_);
+}
 
 Devices::Devices(std::initializer_list<int> indices)
     : Devices(std::vector<int>(indices)) {}

@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "strategies/options.h"
+
 namespace fabric {
 
 namespace precision {
@@ -75,13 +77,14 @@ struct FabricOptions {
   std::shared_ptr<precision::Precision> precision_plugin;
   std::vector<std::shared_ptr<Callback>> callbacks;
   std::vector<std::shared_ptr<Logger>> loggers;
-  // Multi-process options (strategy "ddp"). Backend: "nccl" (CUDA, the default
-  // there), "mpi" (CPU, the default there); "gloo" is named but not built.
+  // Multi-process options. Backend: "nccl" (CUDA, the default there), "mpi"
+  // (CPU, the default there); "gloo" is named but not built.
   std::string process_group_backend;
   // How long rendezvous and collectives may wait for the other ranks.
   std::chrono::seconds timeout = std::chrono::minutes(30);
-  bool find_unused_parameters = false;
-  bool gradient_as_bucket_view = false;
+  // Options of strategy "ddp" (find_unused_parameters, gradient_as_bucket_view,
+  // bucket sizes, broadcast_buffers); ignored by the other strategies.
+  strategies::DDPOptions ddp;
 };
 
 }  // namespace fabric

@@ -7,6 +7,12 @@
 #include <torch/cuda.h>
 
 namespace fabric {
+namespace {
+
+// Lightning's key for the CUDA generators (lightning/fabric/utilities/seed.py).
+constexpr const char* kCudaKey = "torch.cuda";
+
+}  // namespace
 
 RngState RngState::capture() {
   RngState state;
@@ -46,7 +52,7 @@ c10::IValue RngState::to_ivalue() const {
   dict.insert("torch", cpu);
   c10::impl::GenericList list(c10::AnyType::get());
   for (const auto& t : cuda) list.push_back(c10::IValue(t));
-  dict.insert("cuda", list);
+  dict.insert(kCudaKey, list);
   return dict;
 }
 
@@ -61,7 +67,8 @@ RngState RngState::from_ivalue(const c10::IValue& value) {
     throw std::runtime_error("RNG state entry has no 'torch' tensor");
   }
   state.cpu = it->value().toTensor();
-  auto cuda = dict.find("cuda");
+  auto cuda = dict.find(kCudaKey);
+  if (cuda == dict.end()) cuda = dict.find("cuda");  // files from torchfabric 0.1
   if (cuda != dict.end() && cuda->value().isList()) {
     for (const auto& t : cuda->value().toList()) state.cuda.push_back(t.get().toTensor());
   }

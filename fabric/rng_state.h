@@ -19,7 +19,8 @@ struct RngState {
   // Puts the generators back into this state.
   void restore() const;
 
-  // {"torch": tensor, "cuda": [tensor...]}, the layout of Lightning's RNG entry.
+  // {"torch": tensor, "torch.cuda": [tensor...]}, with the keys Lightning uses for
+  // these generators (files with the old key "cuda" still load).
   c10::IValue to_ivalue() const;
   static RngState from_ivalue(const c10::IValue& value);
 };

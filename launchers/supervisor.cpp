@@ -73,44 +73,53 @@ void Supervisor::forward_signals() {
   ::sigaction(SIGTERM, &action, nullptr);
 }
 
-int Supervisor::wait_all() {
-  size_t left = pids_.size();
-  int result = 0;
-  while (left > 0) {
+std::optional<std::pair<size_t, int>> Supervisor::reap_one() {
+  // Only our own pids, one at a time (waitpid(-1) would also reap the program's
+  // other children, making its system()/pclose() fail with ECHILD).
+  for (size_t i = 0; i < pids_.size(); ++i) {
+    if (!running_[i]) continue;
     int status = 0;
-    const pid_t pid = ::waitpid(-1, &status, 0);
-    if (pid < 0) {
-      if (errno == EINTR) continue;
-      break;
+    pid_t done = 0;
+    do {
+      done = ::waitpid(pids_[i], &status, WNOHANG);
+    } while (done < 0 && errno == EINTR);
+    if (done == pids_[i] || (done < 0 && errno == ECHILD)) {
+      running_[i] = false;
+      if (done < 0) status = 0;  // someone else reaped it; its status is lost
+      return std::make_pair(i, status);
     }
-    size_t i = 0;
-    while (i < pids_.size() && pids_[i] != pid) ++i;
-    if (i == pids_.size() || !running_[i]) continue;
-    running_[i] = false;
-    --left;
+  }
+  return std::nullopt;
+}
+
+size_t Supervisor::running() const {
+  size_t n = 0;
+  for (bool r : running_) n += r ? 1 : 0;
+  return n;
+}
+
+int Supervisor::wait_all() {
+  int result = 0;
+  while (running() > 0) {
+    auto done = reap_one();
+    if (!done) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      continue;
+    }
+    const auto [i, status] = *done;
     const bool failed = WIFSIGNALED(status) || WEXITSTATUS(status) != 0;
     if (!failed || result != 0) continue;
     result = WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
     // One write, so messages of several supervisors do not interleave.
     const std::string message = "torchfabric: rank " + std::to_string(ranks_[i]) + " (pid " +
-                                std::to_string(pid) + ") " + describe(status) +
+                                std::to_string(pids_[i]) + ") " + describe(status) +
                                 "; stopping the other ranks\n";
     (void)!::write(STDERR_FILENO, message.data(), message.size());
     signal_all(SIGTERM);
     // Give them the grace period, then SIGKILL whoever is left.
     const auto deadline = std::chrono::steady_clock::now() + grace_;
-    while (left > 0 && std::chrono::steady_clock::now() < deadline) {
-      const pid_t done = ::waitpid(-1, &status, WNOHANG);
-      if (done > 0) {
-        for (size_t j = 0; j < pids_.size(); ++j) {
-          if (pids_[j] == done && running_[j]) {
-            running_[j] = false;
-            --left;
-          }
-        }
-      } else {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      }
+    while (running() > 0 && std::chrono::steady_clock::now() < deadline) {
+      if (!reap_one()) std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     signal_all(SIGKILL);
   }

@@ -7,6 +7,8 @@
 
 #include <chrono>
 #include <map>
+#include <optional>
+#include <utility>
 #include <string>
 #include <sys/types.h>
 #include <vector>
@@ -20,7 +22,8 @@ class Supervisor {
   // Starts `argv` for `rank` with `env` added to this process's environment.
   void start(int rank, const std::vector<std::string>& argv,
              const std::map<std::string, std::string>& env);
-  // Waits for every child. Returns 0 when all exited 0; otherwise stops the rest
+  // Waits for every child (only the children it started: other children of this
+  // process are left alone). Returns 0 when all exited 0; otherwise stops the rest
   // and returns the failing rank's exit code (128 + signal for a killed rank),
   // after printing "rank R ... exited with status S" / "was killed by signal N".
   int wait_all();
@@ -30,8 +33,13 @@ class Supervisor {
   void forward_signals();
 
   const std::vector<pid_t>& pids() const { return pids_; }
+  // Children still running.
+  size_t running() const;
 
  private:
+  // Reaps one finished child of ours, if any: its index and wait status.
+  std::optional<std::pair<size_t, int>> reap_one();
+
   std::chrono::milliseconds grace_;
   std::vector<pid_t> pids_;
   std::vector<int> ranks_;

@@ -41,22 +41,7 @@ struct DDPStrategy::ModuleState {
 };
 
 DDPStrategy::DDPStrategy(Topology topology, ProcessGroupOptions process_group, DDPOptions options)
-    : topology_(std::move(topology)), pg_options_(std::move(process_group)), options_(options) {
-  if (topology_.parallel_devices.empty()) {
-    throw std::invalid_argument("strategy='ddp' needs at least one device");
-  }
-  if (topology_.local_rank < 0 ||
-      topology_.local_rank >= static_cast<int64_t>(topology_.parallel_devices.size())) {
-    throw std::invalid_argument(
-        "local rank " + std::to_string(topology_.local_rank) + " has no device: this node has " +
-        std::to_string(topology_.parallel_devices.size()) + " device(s) (devices=" +
-        std::to_string(topology_.parallel_devices.size()) + ")");
-  }
-  pg_options_.rank = topology_.global_rank;
-  pg_options_.world_size = topology_.world_size;
-  pg_options_.device = root_device();
-  if (pg_options_.backend.empty()) pg_options_.backend = default_backend(root_device().type());
-  check_backend(pg_options_.backend, root_device().type());
+    : ParallelStrategy("ddp", std::move(topology), std::move(process_group)), options_(options) {
   if (options_.bucket_cap_mb <= 0 || options_.first_bucket_cap_mb <= 0) {
     throw std::invalid_argument("DDP bucket sizes must be > 0 MB");
   }
@@ -64,46 +49,16 @@ DDPStrategy::DDPStrategy(Topology topology, ProcessGroupOptions process_group, D
 
 DDPStrategy::~DDPStrategy() = default;
 
-c10::Device DDPStrategy::root_device() const {
-  return topology_.parallel_devices[static_cast<size_t>(topology_.local_rank)];
-}
-
-c10d::Backend& DDPStrategy::backend() const {
-  if (!pg_.group) {
-    throw std::logic_error(
-        "the ddp process group does not exist yet: call fabric.launch() before setup and "
-        "collectives");
-  }
-  return *pg_.group->getBackend(root_device().type());
-}
-
-void DDPStrategy::setup_environment() {
-  if (root_device().is_cuda()) set_cuda_device(root_device().index());
-  pg_ = create_process_group(pg_options_);
-}
-
 void DDPStrategy::setup_module(torch::nn::Module& module) {
+  for (const auto& state : modules_) {
+    if (state->module == &module) return;  // already set up: hooks exist, state is synced
+  }
   module.to(root_device());
-  auto& be = backend();
   auto state = std::make_unique<ModuleState>();
   state->module = &module;
-
   // Every rank starts from rank 0's weights and buffers.
-  {
-    torch::NoGradGuard no_grad;
-    c10d::BroadcastOptions root;
-    root.rootRank = 0;
-    std::vector<at::Tensor> tensors;
-    for (auto& p : module.parameters()) tensors.push_back(p.detach());
-    for (auto& b : module.buffers()) {
-      tensors.push_back(b);
-      state->buffers.push_back(b);
-    }
-    for (auto& t : tensors) {
-      std::vector<at::Tensor> one = {t};
-      be.broadcast(one, root)->wait();
-    }
-  }
+  broadcast_module_state(module);
+  for (auto& b : module.buffers()) state->buffers.push_back(b);
 
   // Buckets over the trainable parameters in reverse order, split by dtype.
   std::vector<std::pair<std::string, at::Tensor>> params;
@@ -182,10 +137,10 @@ void DDPStrategy::launch_full_buckets(ModuleState& state) {
   }
 }
 
-void DDPStrategy::pre_forward(torch::nn::Module& module) {
+precision::ScopePtr DDPStrategy::forward_context(torch::nn::Module& module) {
   if (!options_.broadcast_buffers || topology_.world_size == 1 || !sync_ ||
       !module.is_training() || !torch::autograd::GradMode::is_enabled()) {
-    return;
+    return nullptr;
   }
   for (auto& state : modules_) {
     if (state->module != &module || state->buffers.empty()) continue;
@@ -197,6 +152,7 @@ void DDPStrategy::pre_forward(torch::nn::Module& module) {
       backend().broadcast(one, root)->wait();
     }
   }
+  return nullptr;
 }
 
 void DDPStrategy::backward(const at::Tensor& loss, precision::Precision& precision) {
@@ -277,50 +233,6 @@ void DDPStrategy::finish_sync(ModuleState& state,
         ". If the model does not use every parameter in every step, pass "
         "find_unused_parameters=true (their gradients then count as zero)");
   }
-}
-
-void DDPStrategy::all_reduce(at::Tensor& tensor, ReduceOp op) {
-  c10d::AllreduceOptions opts;
-  switch (op) {
-    case ReduceOp::kSum:
-    case ReduceOp::kMean: opts.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM); break;
-    case ReduceOp::kMax: opts.reduceOp = c10d::ReduceOp(c10d::ReduceOp::MAX); break;
-    case ReduceOp::kMin: opts.reduceOp = c10d::ReduceOp(c10d::ReduceOp::MIN); break;
-  }
-  if (op == ReduceOp::kMean && !tensor.is_floating_point()) {
-    throw std::invalid_argument(std::string("all_reduce 'mean' needs a floating-point tensor, got ") +
-                                c10::toString(tensor.scalar_type()));
-  }
-  std::vector<at::Tensor> one = {tensor};
-  backend().allreduce(one, opts)->wait();
-  if (op == ReduceOp::kMean) tensor.div_(static_cast<double>(topology_.world_size));
-}
-
-void DDPStrategy::broadcast(at::Tensor& tensor, int64_t src) {
-  if (src < 0 || src >= topology_.world_size) {
-    throw std::invalid_argument("broadcast: src=" + std::to_string(src) +
-                                " is not a rank of this world (0.." +
-                                std::to_string(topology_.world_size - 1) + ")");
-  }
-  c10d::BroadcastOptions opts;
-  opts.rootRank = src;
-  std::vector<at::Tensor> one = {tensor};
-  backend().broadcast(one, opts)->wait();
-}
-
-at::Tensor DDPStrategy::all_gather(const at::Tensor& tensor) {
-  auto input = tensor.contiguous();
-  std::vector<std::vector<at::Tensor>> outputs(1);
-  for (int64_t r = 0; r < topology_.world_size; ++r) outputs[0].push_back(at::empty_like(input));
-  std::vector<at::Tensor> inputs = {input};
-  backend().allgather(outputs, inputs, c10d::AllgatherOptions())->wait();
-  return at::stack(outputs[0]);
-}
-
-void DDPStrategy::barrier() {
-  auto token = at::zeros({1}, at::TensorOptions().device(root_device()));
-  std::vector<at::Tensor> one = {token};
-  backend().allreduce(one, c10d::AllreduceOptions())->wait();
 }
 
 std::vector<size_t> DDPStrategy::bucket_counts() const {

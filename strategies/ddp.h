@@ -20,31 +20,10 @@
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
-#include "strategies/process_group.h"
-#include "strategies/strategy.h"
+#include "strategies/options.h"
+#include "strategies/parallel.h"
 
 namespace fabric::strategies {
-
-struct DDPOptions {
-  bool find_unused_parameters = false;
-  // Leave each gradient as a view into its bucket after the sync instead of
-  // copying it back: saves one copy of the gradients' memory and time.
-  bool gradient_as_bucket_view = false;
-  double bucket_cap_mb = 25.0;
-  double first_bucket_cap_mb = 1.0;
-  // Re-broadcast rank 0's buffers (BatchNorm statistics) before every forward.
-  bool broadcast_buffers = true;
-};
-
-// Where this rank sits in the job.
-struct Topology {
-  std::vector<c10::Device> parallel_devices;  // this node's devices
-  int num_nodes = 1;
-  int64_t global_rank = 0;
-  int64_t local_rank = 0;
-  int64_t node_rank = 0;
-  int64_t world_size = 1;
-};
 
 // Time spent in gradient all-reduce and how much of it ran while backward was
 // still computing (measured with the MPI backend's per-collective timestamps).
@@ -54,29 +33,17 @@ struct DDPStats {
   int64_t buckets_reduced = 0;
 };
 
-class DDPStrategy : public Strategy {
+class DDPStrategy : public ParallelStrategy {
  public:
   DDPStrategy(Topology topology, ProcessGroupOptions process_group, DDPOptions options = {});
   ~DDPStrategy() override;
 
-  std::string name() const override { return "ddp"; }
-  c10::Device root_device() const override;
-  int64_t global_rank() const override { return topology_.global_rank; }
-  int64_t local_rank() const override { return topology_.local_rank; }
-  int64_t node_rank() const override { return topology_.node_rank; }
-  int64_t world_size() const override { return topology_.world_size; }
-
-  void setup_environment() override;
+  // Broadcasts rank 0's state and registers the gradient hooks; a module already
+  // set up is left as it is (init_module followed by setup, or setup twice).
   void setup_module(torch::nn::Module& module) override;
-  void pre_forward(torch::nn::Module& module) override;
+  // Re-broadcasts rank 0's buffers before a training forward (broadcast_buffers).
+  precision::ScopePtr forward_context(torch::nn::Module& module) override;
   void backward(const at::Tensor& loss, precision::Precision& precision) override;
-  void set_gradient_sync(bool enabled) override { sync_ = enabled; }
-  bool gradient_sync() const override { return sync_; }
-
-  void all_reduce(at::Tensor& tensor, ReduceOp op) override;
-  void broadcast(at::Tensor& tensor, int64_t src) override;
-  at::Tensor all_gather(const at::Tensor& tensor) override;
-  void barrier() override;
 
   const DDPOptions& options() const { return options_; }
   const DDPStats& stats() const { return stats_; }
@@ -86,16 +53,11 @@ class DDPStrategy : public Strategy {
 
  private:
   struct ModuleState;
-  c10d::Backend& backend() const;
   // Starts the all-reduce of full buckets in order; the caller holds state's mutex.
   void launch_full_buckets(ModuleState& state);
   void finish_sync(ModuleState& state, std::chrono::steady_clock::time_point backward_end);
 
-  Topology topology_;
-  ProcessGroupOptions pg_options_;
   DDPOptions options_;
-  ProcessGroupHandle pg_;
-  bool sync_ = true;
   std::vector<std::unique_ptr<ModuleState>> modules_;
   DDPStats stats_;
 };

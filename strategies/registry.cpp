@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "precision/quoted_list.h"
+#include "strategies/ddp.h"
 #include "strategies/single_device.h"
 
 namespace fabric::strategies {

@@ -9,8 +9,9 @@
 
 #include <c10/core/Device.h>
 
-#include "strategies/ddp.h"
+#include "strategies/options.h"
 #include "strategies/strategy.h"
+#include "strategies/topology.h"
 
 namespace fabric::strategies {
 

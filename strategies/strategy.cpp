@@ -1,22 +1,89 @@
 #include "strategies/strategy.h"
 
-#include <torch/nn/utils/clip_grad.h>
+#include <exception>
+#include <stdexcept>
 
-#include "precision/precision.h"
+#include <ATen/ops/full.h>
+#include <torch/nn/module.h>
+#include <torch/nn/utils/clip_grad.h>
+#include <torch/optim/optimizer.h>
 
 namespace fabric::strategies {
+
+const Topology& Strategy::topology() const {
+  static const Topology one_process{};
+  return one_process;
+}
+
+void Strategy::module_to_device(torch::nn::Module& module) { module.to(root_device()); }
+
+std::vector<at::Tensor> optimizer_parameters(const torch::optim::Optimizer& optimizer) {
+  std::vector<at::Tensor> params;
+  for (const auto& group : optimizer.param_groups()) {
+    for (const auto& param : group.params()) params.push_back(param);
+  }
+  return params;
+}
+
+void Strategy::setup_optimizer(torch::optim::Optimizer& optimizer) {
+  const auto device = root_device();
+  for (const auto& param : optimizer_parameters(optimizer)) {
+    if (param.device() != device) {
+      throw std::invalid_argument(
+          "Fabric::setup: the optimizer holds a parameter on " + param.device().str() +
+          " but this Fabric runs on " + device.str() +
+          "; set up the module first (fabric.setup(model, optimizer) does it in order)");
+    }
+  }
+}
+
+at::Tensor Strategy::optimizer_step(torch::optim::Optimizer& optimizer,
+                                    precision::Precision& precision,
+                                    const precision::LossClosure& closure) {
+  return precision.optimizer_step(optimizer, closure);
+}
 
 void Strategy::backward(const at::Tensor& loss, precision::Precision& precision) {
   precision.pre_backward(loss).backward();
 }
 
-double Strategy::clip_gradients_norm(const std::vector<at::Tensor>& parameters, double max_norm,
+double Strategy::clip_gradients_norm(torch::nn::Module* /*module*/,
+                                     torch::optim::Optimizer& optimizer,
+                                     precision::Precision& precision, double max_norm,
                                      double norm_type, bool error_if_nonfinite) {
-  return torch::nn::utils::clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite);
+  precision.unscale_gradients(optimizer);
+  return torch::nn::utils::clip_grad_norm_(optimizer_parameters(optimizer), max_norm, norm_type,
+                                           error_if_nonfinite);
 }
 
-void Strategy::clip_gradients_value(const std::vector<at::Tensor>& parameters, double clip_val) {
-  torch::nn::utils::clip_grad_value_(parameters, clip_val);
+void Strategy::clip_gradients_value(torch::nn::Module* /*module*/,
+                                    torch::optim::Optimizer& optimizer,
+                                    precision::Precision& precision, double clip_val) {
+  precision.unscale_gradients(optimizer);
+  torch::nn::utils::clip_grad_value_(optimizer_parameters(optimizer), clip_val);
+}
+
+void Strategy::save_checkpoint(const std::string& path,
+                               const std::function<void(const std::string&)>& write) {
+  std::exception_ptr error;
+  if (is_global_zero()) {
+    try {
+      write(path);
+    } catch (...) {
+      error = std::current_exception();
+    }
+  }
+  // Everyone leaves together; a failed write on rank 0 fails every rank.
+  if (world_size() > 1) {
+    auto flag = at::full({1}, error ? 1.0 : 0.0,
+                         at::TensorOptions().dtype(at::kDouble).device(root_device()));
+    all_reduce(flag, ReduceOp::kMax);
+    if (flag.item<double>() != 0 && !error) {
+      throw std::runtime_error("Fabric::save: rank 0 failed to write " + path +
+                               " (its error names the cause)");
+    }
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace fabric::strategies

@@ -1,22 +1,33 @@
 // The Strategy interface: how a module and its optimizer are placed on the ranks'
-// devices and how gradients are made consistent across ranks. Fabric owns one
-// strategy and routes setup, backward, clipping and collectives through it.
-// Strategies know nothing of Fabric; precision is passed in where it matters.
+// devices, how gradients are made consistent across ranks, and what a checkpoint
+// holds per rank. Fabric owns one strategy and routes module set-up, forward,
+// backward, the optimizer step, gradient clipping, checkpoints and collectives
+// through it.
+//
+// What a strategy does not know: Fabric itself, option strings, how ranks were
+// started (launchers/), and numeric precision beyond the plugin handed in where
+// it matters (precision/). Every hook has a default that is right for one process
+// on one device; a new strategy is one file plus one line in registry.cpp.
+//
+// Scopes (precision::ScopePtr) are RAII: the state they set up (gathered
+// parameters, re-broadcast buffers) lasts while the returned object lives.
 #pragma once
 
-#include <optional>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
+#include "precision/precision.h"
+#include "strategies/topology.h"
+
 namespace torch::nn {
 class Module;
 }
-
-namespace fabric::precision {
-class Precision;
+namespace torch::optim {
+class Optimizer;
 }
 
 namespace fabric::strategies {
@@ -28,31 +39,72 @@ class Strategy {
   virtual std::string name() const = 0;
   // The device this rank computes on.
   virtual c10::Device root_device() const = 0;
-  virtual int64_t global_rank() const { return 0; }
-  virtual int64_t local_rank() const { return 0; }
-  virtual int64_t node_rank() const { return 0; }
-  virtual int64_t world_size() const { return 1; }
+  // Where this rank sits in the job (one process, rank 0, by default).
+  virtual const Topology& topology() const;
+  int64_t global_rank() const { return topology().global_rank; }
+  int64_t local_rank() const { return topology().local_rank; }
+  int64_t node_rank() const { return topology().node_rank; }
+  int64_t world_size() const { return topology().world_size; }
   bool is_global_zero() const { return global_rank() == 0; }
 
   // Called by Fabric::launch() once the ranks exist (creates process groups).
   virtual void setup_environment() {}
-  // Moves the (already dtype-converted) module to root_device() and prepares it.
+
+  // --- modules
+  // Held while Fabric::init_module constructs a module (after precision's scope).
+  virtual precision::ScopePtr module_init_context() { return nullptr; }
+  // Puts a freshly built module on root_device() without preparing it for
+  // training (Fabric::init_module; setup comes later).
+  virtual void module_to_device(torch::nn::Module& module);
+  // Moves the (already dtype-converted) module to root_device() and prepares it
+  // for training. Setting up the same module again is a no-op.
   virtual void setup_module(torch::nn::Module& module) = 0;
-  // Runs backward from the loss the precision plugin hands back.
+  // Held around every forward of a set-up module (DDP re-broadcasts buffers here).
+  virtual precision::ScopePtr forward_context(torch::nn::Module& /*module*/) { return nullptr; }
+
+  // --- optimizers
+  // Checks an optimizer before training: by default every parameter must already
+  // be on root_device(). Throws std::invalid_argument with what to do.
+  virtual void setup_optimizer(torch::optim::Optimizer& optimizer);
+  // Takes one step through the precision plugin (unscale, inf/nan skip).
+  virtual at::Tensor optimizer_step(torch::optim::Optimizer& optimizer,
+                                    precision::Precision& precision,
+                                    const precision::LossClosure& closure);
+
+  // --- backward and gradients
+  // Runs backward from the loss the precision plugin hands back, then makes the
+  // gradients consistent across ranks.
   virtual void backward(const at::Tensor& loss, precision::Precision& precision);
-  // Clips the gradients of `parameters` to a total `norm_type` norm of `max_norm`;
-  // returns the total norm before clipping.
-  virtual double clip_gradients_norm(const std::vector<at::Tensor>& parameters, double max_norm,
-                                     double norm_type, bool error_if_nonfinite);
-  // Clamps every gradient element of `parameters` into [-clip_val, clip_val].
-  virtual void clip_gradients_value(const std::vector<at::Tensor>& parameters, double clip_val);
-  // Called by a set-up module before each forward (DDP re-broadcasts buffers).
-  virtual void pre_forward(torch::nn::Module& /*module*/) {}
   // Turns gradient synchronisation in backward off and on (no_backward_sync).
   virtual void set_gradient_sync(bool /*enabled*/) {}
   virtual bool gradient_sync() const { return true; }
+  // Unscales, then clips the gradients of the optimizer's parameters to a total
+  // `norm_type` norm of `max_norm`; returns the total norm before clipping.
+  // `module` (may be null) is the set-up module the optimizer belongs to.
+  virtual double clip_gradients_norm(torch::nn::Module* module, torch::optim::Optimizer& optimizer,
+                                     precision::Precision& precision, double max_norm,
+                                     double norm_type, bool error_if_nonfinite);
+  // Unscales, then clamps every gradient element into [-clip_val, clip_val].
+  virtual void clip_gradients_value(torch::nn::Module* module, torch::optim::Optimizer& optimizer,
+                                    precision::Precision& precision, double clip_val);
 
-  // Collectives. With one process they leave the data as it is.
+  // --- checkpoints
+  // Held while Fabric takes (loading=false) or restores (loading=true) the state
+  // dicts of these modules and optimizers for a full checkpoint. Inside it they
+  // show full parameters and optimizer state; a sharding strategy gathers them on
+  // entry and, after a load, shards the restored values back on exit.
+  virtual precision::ScopePtr full_state_context(
+      const std::vector<torch::nn::Module*>& /*modules*/,
+      const std::vector<torch::optim::Optimizer*>& /*optimizers*/, bool /*loading*/) {
+    return nullptr;
+  }
+  // Runs `write(path)` on the rank(s) that write checkpoints (global rank 0 by
+  // default); every rank returns only when the write is over, and every rank
+  // throws if it failed anywhere, so no rank is left waiting.
+  virtual void save_checkpoint(const std::string& path,
+                               const std::function<void(const std::string&)>& write);
+
+  // --- collectives. With one process they leave the data as it is.
   enum class ReduceOp { kSum, kMean, kMax, kMin };
   // Reduces `tensor` across ranks in place.
   virtual void all_reduce(at::Tensor& /*tensor*/, ReduceOp /*op*/) {}
@@ -60,8 +112,11 @@ class Strategy {
   virtual void broadcast(at::Tensor& /*tensor*/, int64_t /*src*/) {}
   // Every rank's `tensor`, stacked along a new leading world dimension.
   virtual at::Tensor all_gather(const at::Tensor& tensor) { return tensor.unsqueeze(0); }
-  // Waits for every rank (nothing to wait for on one process).
+  // Waits on the host until every rank gets here (nothing to wait for on one process).
   virtual void barrier() {}
 };
+
+// The trainable parameters an optimizer updates, in group order.
+std::vector<at::Tensor> optimizer_parameters(const torch::optim::Optimizer& optimizer);
 
 }  // namespace fabric::strategies

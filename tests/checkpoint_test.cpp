@@ -414,3 +414,62 @@ TEST(Checkpoint, PythonContinuesEveryOptimizerFromOurCheckpoint) {
     EXPECT_NE(output.find(name + " ok"), std::string::npos) << output;
   }
 }
+
+// A checkpoint from a GPU machine: every storage carries the location tag
+// "cuda:0". It must load on a machine without a GPU (onto the CPU, then into the
+// module's and optimizer's own tensors), as Lightning's map_location="cpu" does.
+TEST(Checkpoint, FileWrittenOnAGpuMachineLoadsOnTheCpu) {
+  const std::string tagged = dir() + "/from_gpu.pt", plain = dir() + "/from_cpu.pt";
+  const std::string script =
+      "import torch, torch.serialization as ser\n"
+      "torch.manual_seed(0)\n"
+      + kPythonMlp +
+      "m = Mlp()\n"
+      "opt = torch.optim.Adam(m.parameters(), lr=0.01)\n"
+      "x = torch.randn(4, 5)\n"
+      "opt.zero_grad(); m(x).sum().backward(); opt.step()\n"
+      "ckpt = {'model': dict(m.state_dict()), 'optimizer': opt.state_dict(), 'epoch': 3,\n"
+      "        'rng': {'torch': torch.get_rng_state(), 'torch.cuda': []}}\n"
+      "torch.save(ckpt, '" + plain + "')\n"
+      "original = ser.location_tag\n"
+      "ser.location_tag = lambda storage: 'cuda:0'  # what a GPU machine writes\n"
+      "torch.save(ckpt, '" + tagged + "')\n"
+      "ser.location_tag = original\n"
+      "print('python ok')\n";
+  ASSERT_NE(run_python("save_cuda_tagged", script).find("python ok"), std::string::npos);
+  const auto bytes = read_bytes(tagged);
+  ASSERT_NE(std::string(bytes.begin(), bytes.end()).find("cuda:0"), std::string::npos)
+      << "the file does not carry CUDA location tags; the test would prove nothing";
+
+  auto load = [](const std::string& path) {
+    fabric::Fabric fabric({.accelerator = "cpu"});
+    auto model = std::make_shared<MlpImpl>();
+    auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-3);
+    auto [net, opt] = fabric.setup(model, adam);
+    fabric::State state{{"model", net}, {"optimizer", opt}, {"epoch", 0}, {"rng", fabric::RngState()}};
+    fabric.load(path, state);
+    EXPECT_EQ(state.at("epoch").to_int(), 3);
+    return std::make_pair(model, adam);
+  };
+  auto [from_gpu, adam_gpu] = load(tagged);
+  auto [from_cpu, adam_cpu] = load(plain);
+  for (const auto& p : from_gpu->parameters()) EXPECT_TRUE(p.device().is_cpu());
+  expect_same_params(*from_gpu, *from_cpu);
+  expect_same_adam_state(*adam_gpu, *adam_cpu);
+}
+
+// RNG state uses Lightning's keys: "torch" for the CPU generator, "torch.cuda"
+// for the CUDA generators (ours were ignored by Lightning under "cuda").
+TEST(Checkpoint, RngStateUsesLightningKeys) {
+  auto dict = fabric::RngState::capture().to_ivalue().toGenericDict();
+  EXPECT_TRUE(dict.contains("torch"));
+  EXPECT_TRUE(dict.contains("torch.cuda"));
+  EXPECT_FALSE(dict.contains("cuda"));
+  // Both spellings read back.
+  for (const char* key : {"torch.cuda", "cuda"}) {
+    c10::impl::GenericDict file(c10::StringType::get(), c10::AnyType::get());
+    file.insert("torch", dict.at("torch"));
+    file.insert(key, c10::impl::GenericList(c10::AnyType::get()));
+    EXPECT_TRUE(torch::equal(fabric::RngState::from_ivalue(file).cpu, dict.at("torch").toTensor()));
+  }
+}

@@ -8,6 +8,9 @@
 
 #include "fabric/data/fashion_mnist.h"
 #include "fabric/data/idx.h"
+#include "fabric/data/tensor_dataset.h"
+#include "fabric/fabric.h"
+#include <ATen/CPUGeneratorImpl.h>
 #include "test_util.h"
 
 namespace {
@@ -102,5 +105,28 @@ TEST(FashionMnist, RealDataHasTheDocumentedShapeAndBalance) {
     auto counts = torch::bincount(data.target());
     EXPECT_EQ(counts.size(0), 10);
     EXPECT_TRUE(torch::equal(counts, torch::full({10}, n / 10, torch::kLong)));
+  }
+}
+
+// Batches for a CUDA device come through pinned memory with non-blocking copies
+// by default, and are the same values as on the CPU; pin_memory=false turns it off.
+TEST(DataLoader, PinnedNonBlockingCopiesToCudaKeepTheValues) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  fabric::data::TensorDataset data(torch::randn({12, 4}, gen), torch::arange(12));
+  fabric::Fabric cpu({.accelerator = "cpu"});
+  EXPECT_FALSE(cpu.setup_dataloader(data, {.batch_size = 4}).pins_memory())
+      << "pinning only makes sense for CUDA";
+  if (fabric::cuda_device_count() == 0) GTEST_SKIP() << "no GPU visible";
+  fabric::Fabric gpu({.accelerator = "cuda", .devices = 1});
+  auto pinned = gpu.setup_dataloader(data, {.batch_size = 4});
+  EXPECT_TRUE(pinned.pins_memory());
+  EXPECT_FALSE(gpu.setup_dataloader(data, {.batch_size = 4, .pin_memory = false}).pins_memory());
+  auto reference = cpu.setup_dataloader(data, {.batch_size = 4});
+  auto it = reference.begin();
+  for (auto& batch : pinned) {
+    ASSERT_TRUE(batch.data.is_cuda());
+    EXPECT_TRUE(torch::equal(batch.data.cpu(), it->data));
+    EXPECT_TRUE(torch::equal(batch.target.cpu(), it->target));
+    ++it;
   }
 }

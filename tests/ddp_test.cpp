@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "ddp_model.h"
+#include "fabric/accelerator.h"
 #include "fabric/filesystem.h"
 #include "test_util.h"
 
@@ -104,6 +105,36 @@ void expect_matches_reference(const std::string& dir, bool with_unused = false) 
 
 TEST(Ddp, TwoRanksEqualOneProcessOnTheConcatenatedBatch) {
   expect_matches_reference(run_mode_under_mpirun("train"));
+}
+
+// The README's pattern: init_module builds the model, setup sets it up. The
+// module must be set up once: one set of hooks, one all-reduce per bucket per
+// backward (the worker checks the counts after every backward).
+TEST(Ddp, InitModuleThenSetupReducesEachBucketOncePerBackward) {
+  expect_matches_reference(run_mode_under_mpirun("init_module"));
+}
+
+// DDP over NCCL: world size 1 on one GPU, and 2 ranks (spawned by Fabric) where
+// two GPUs exist. NCCL cannot put two ranks on one GPU.
+TEST(DdpCuda, NcclMatchesOneProcessOnTheConcatenatedBatch) {
+  const int gpus = static_cast<int>(fabric::cuda_device_count());
+  if (gpus == 0) GTEST_SKIP() << "no GPU visible";
+  for (int world : {1, 2}) {
+    if (world > gpus) continue;
+    SCOPED_TRACE("world " + std::to_string(world));
+    const auto dir = fresh_dir("nccl" + std::to_string(world));
+    auto result = testutil::run_command(g_worker + " train " + dir + " --accelerator cuda" +
+                                        " --strategy ddp --devices " + std::to_string(world));
+    ASSERT_EQ(result.status, 0) << result.output;
+    const auto reference = reference_params(false);
+    for (int rank = 0; rank < world; ++rank) {
+      auto params = read_params(dir + "/params_rank" + std::to_string(rank) + ".pt");
+      ASSERT_EQ(params.size(), reference.size());
+      for (size_t i = 0; i < params.size(); ++i) {
+        EXPECT_TRUE(torch::allclose(params[i], reference[i], 1e-4, 1e-4)) << "parameter " << i;
+      }
+    }
+  }
 }
 
 TEST(Ddp, GradientAsBucketViewMatchesToo) {

@@ -1,10 +1,13 @@
 // A program the distributed tests start in several ways (Fabric spawn, fabric-run,
 // mpirun, torchrun-style variables). Usage:
-//   ddp_worker MODE OUTDIR [--devices N] [--timeout SECONDS]
+//   ddp_worker MODE OUTDIR [--devices N] [--timeout SECONDS] [--accelerator cpu|cuda]
+//              [--strategy ddp]
 // MODE:
 //   train_view   the same with gradient_as_bucket_view
 //   train        10 Adam steps of DDP on this rank's half of a global batch; rank r
 //                writes its final parameters to OUTDIR/params_rank<r>.pt
+//   init_module  train, with the model built by fabric.init_module before setup;
+//                exits 3 unless every backward all-reduces each bucket exactly once
 //   accumulate   the same with 4 micro-batches per step, the first 3 under
 //                no_backward_sync
 //   checkpoint   5 steps, save, fresh model and optimizer on every rank load the
@@ -25,6 +28,7 @@
 
 #include "ddp_model.h"
 #include "fabric/fabric.h"
+#include "strategies/ddp.h"
 
 namespace {
 
@@ -54,9 +58,11 @@ int main(int argc, char** argv) {
     const std::string flag = argv[i];
     if (flag == "--devices") options.devices = fabric::Devices(std::string(argv[i + 1]));
     if (flag == "--timeout") options.timeout = std::chrono::seconds(std::stoi(argv[i + 1]));
+    if (flag == "--accelerator") options.accelerator = argv[i + 1];
+    if (flag == "--strategy") options.strategy = argv[i + 1];
   }
-  options.find_unused_parameters = mode == "unused";
-  options.gradient_as_bucket_view = mode == "train_view";
+  options.ddp.find_unused_parameters = mode == "unused";
+  options.ddp.gradient_as_bucket_view = mode == "train_view";
   try {
     fabric::Fabric fabric(options);
     if (mode == "nojoin") {
@@ -119,7 +125,8 @@ int main(int argc, char** argv) {
     }
 
     torch::manual_seed(0);
-    auto model = std::make_shared<DdpMlpImpl>(mode == "unused");
+    auto model = mode == "init_module" ? fabric.init_module<DdpMlpImpl>(false)
+                                       : std::make_shared<DdpMlpImpl>(mode == "unused");
     if (rank != 0) {  // different initial weights: setup must broadcast rank 0's
       torch::NoGradGuard no_grad;
       for (auto& p : model->parameters()) p.add_(1.0);
@@ -132,6 +139,8 @@ int main(int argc, char** argv) {
       std::ofstream(out + "/pid_rank" + std::to_string(rank)) << ::getpid();
       for (int step = 0;; ++step) {
         auto [x, y] = ddp_global_batch(step % 10);
+        x = fabric.to_device(x);
+        y = fabric.to_device(y);
         opt.zero_grad();
         fabric.backward(torch::mse_loss(net(x.narrow(0, rank * per_rank, per_rank)),
                                         y.narrow(0, rank * per_rank, per_rank)));
@@ -144,6 +153,8 @@ int main(int argc, char** argv) {
     if (mode == "checkpoint") {
       for (int step = 0; step < 5; ++step) {
         auto [x, y] = ddp_global_batch(step);
+        x = fabric.to_device(x);
+        y = fabric.to_device(y);
         opt.zero_grad();
         fabric.backward(torch::mse_loss(net(x.narrow(0, rank * per_rank, per_rank)),
                                         y.narrow(0, rank * per_rank, per_rank)));
@@ -163,6 +174,8 @@ int main(int argc, char** argv) {
     }
     for (int step = first_step; step < 10; ++step) {
       auto [x, y] = ddp_global_batch(step);
+      x = fabric.to_device(x);
+      y = fabric.to_device(y);
       auto xs = x.narrow(0, rank * per_rank, per_rank), ys = y.narrow(0, rank * per_rank, per_rank);
       opt.zero_grad();
       if (mode == "accumulate") {
@@ -174,12 +187,28 @@ int main(int argc, char** argv) {
           fabric.backward(loss);
         }
       } else {
+        auto* ddp = dynamic_cast<fabric::strategies::DDPStrategy*>(&fabric.strategy());
+        if (ddp) ddp->reset_stats();
         fabric.backward(torch::mse_loss(net(xs), ys));
+        if (mode == "init_module") {
+          if (!ddp) return fail("init_module: the strategy is not ddp");
+          const auto buckets = ddp->bucket_counts();
+          if (buckets.size() != 1) {
+            return fail("init_module + setup registered the module " +
+                        std::to_string(buckets.size()) + " times");
+          }
+          if (ddp->stats().buckets_reduced != static_cast<int64_t>(buckets[0])) {
+            return fail("one backward all-reduced " +
+                        std::to_string(ddp->stats().buckets_reduced) + " buckets, the module has " +
+                        std::to_string(buckets[0]));
+          }
+        }
       }
       opt.step();
     }
     save_params(*model, out + "/params_rank" + std::to_string(rank) + ".pt");
-    fabric.print("final loss ", torch::mse_loss(net(ddp_global_batch(0).first), ddp_global_batch(0).second).item<double>());
+    auto [x0, y0] = ddp_global_batch(0);
+    fabric.print("final loss ", torch::mse_loss(net(fabric.to_device(x0)), fabric.to_device(y0)).item<double>());
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << std::endl;

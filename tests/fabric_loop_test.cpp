@@ -212,7 +212,7 @@ TEST(FabricLoop, SetupAcceptsModuleHoldersAndChecksArguments) {
 
 TEST(FabricLoop, OptimizerOnAnotherDeviceIsRejected) {
   if (fabric::cuda_device_count() == 0) GTEST_SKIP() << "needs a GPU to put the module elsewhere";
-  fabric::Fabric fabric({.accelerator = "cuda"});
+  fabric::Fabric fabric({.accelerator = "cuda", .devices = 1});
   auto model = make_mlp(0);
   auto optimizer = std::make_shared<torch::optim::SGD>(model->parameters(), 0.1);
   EXPECT_THROW_WITH(fabric.setup_optimizer(optimizer), "parameter on cpu", "set up the module");

@@ -48,6 +48,7 @@ std::vector<torch::Tensor> snapshot(const torch::nn::Module& m) {
 void run_skip_and_growth(const std::string& accelerator, c10::DeviceType device_type) {
   const int64_t interval = 5;
   fabric::Fabric fabric({.accelerator = accelerator,
+                         .devices = 1,
                          .precision_plugin = fp16_plugin(device_type, interval)});
   auto model = make_net(0);
   auto optimizer = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-2);

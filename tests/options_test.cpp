@@ -27,10 +27,12 @@ class WarningCollector : public c10::WarningHandler {
 
 TEST(Options, DefaultsResolveToOneDeviceFp32) {
   Fabric fabric;
+  // devices="auto" means every visible GPU, as in Lightning: DDP on a multi-GPU machine.
+  const int64_t gpus = fabric::cuda_device_count();
   EXPECT_EQ(fabric.accelerator(), has_cuda() ? "cuda" : "cpu");
-  EXPECT_EQ(fabric.strategy().name(), "single_device");
+  EXPECT_EQ(fabric.strategy().name(), gpus > 1 ? "ddp" : "single_device");
   EXPECT_EQ(fabric.precision().name(), "32-true");
-  EXPECT_EQ(fabric.world_size(), 1);
+  EXPECT_EQ(fabric.world_size(), std::max<int64_t>(gpus, 1));
   EXPECT_EQ(fabric.global_rank(), 0);
   EXPECT_TRUE(fabric.is_global_zero());
   EXPECT_EQ(fabric.device().type(), has_cuda() ? c10::kCUDA : c10::kCPU);
@@ -130,6 +132,18 @@ TEST(Options, DevicesParse) {
   EXPECT_EQ(fabric::Devices("0,1").indices(), (std::vector<int>{0, 1}));
   EXPECT_EQ(fabric::Devices("[1, 3]").indices(), (std::vector<int>{1, 3}));
   EXPECT_EQ(fabric::Devices({2, 0}).str(), "[2, 0]");
+}
+
+// Two ranks on one GPU is what NCCL refuses at the first collective: a repeated
+// index fails when the option is written, however it is spelled.
+TEST(Options, RepeatedDeviceIndexIsRejected) {
+  EXPECT_THROW_WITH(fabric::Devices("0,0"), "devices='0,0'", "device 0 more than once",
+                    "distinct");
+  EXPECT_THROW_WITH(fabric::Devices("[1, 0, 1]"), "device 1 more than once");
+  EXPECT_THROW_WITH(fabric::Devices({0, 0}), "device 0 more than once");
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .devices = "2,2"}), "more than once");
+  testutil::EnvGuard env("LT_DEVICES", "0,0");
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu"}), "more than once");
 }
 
 TEST(Options, EnvironmentOverridesDefaults) {

@@ -39,14 +39,16 @@ struct Expected {
 
 void check_mode(const Expected& e, const std::string& accelerator) {
   SCOPED_TRACE(std::string(e.precision) + " on " + accelerator);
-  fabric::Fabric fabric({.accelerator = accelerator, .precision = e.precision});
+  // One device: on a machine with several GPUs, "auto" would mean DDP over all.
+  fabric::Fabric fabric({.accelerator = accelerator, .devices = 1, .precision = e.precision});
   auto probe = std::make_shared<ProbeImpl>();
   auto net = fabric.setup(probe);
   for (const auto& p : probe->parameters()) EXPECT_EQ(p.scalar_type(), e.param);
   EXPECT_EQ(probe->norm->running_mean.scalar_type(), e.param);
   // Integer buffers keep their type whatever the precision.
   EXPECT_EQ(probe->norm->num_batches_tracked.scalar_type(), torch::kLong);
-  auto out = net(torch::randn({5, 8}));  // float32 input, as a data loader gives
+  // A float32 input on the device, as a data loader gives.
+  auto out = net(fabric.to_device(torch::randn({5, 8})));
   EXPECT_EQ(probe->hidden_dtype, e.hidden);
   EXPECT_EQ(probe->default_dtype, e.default_in_forward);
   EXPECT_EQ(probe->created_dtype, e.default_in_forward);
@@ -81,7 +83,7 @@ TEST(Precision, EveryModeOnCuda) {
   if (fabric::cuda_device_count() == 0) GTEST_SKIP() << "no GPU visible";
   for (const auto& mode : kCpuModes) check_mode(mode, "cuda");
   check_mode({"16-mixed", torch::kFloat, torch::kHalf, torch::kFloat, torch::kFloat}, "cuda");
-  fabric::Fabric fabric({.accelerator = "cuda", .precision = "16-mixed"});
+  fabric::Fabric fabric({.accelerator = "cuda", .devices = 1, .precision = "16-mixed"});
   ASSERT_NE(fabric.precision().scaler(), nullptr);
   EXPECT_EQ(fabric.precision().scaler()->get_scale(), 65536.0);
 }

@@ -1,0 +1,42 @@
+#include "launchers/local_ranks.h"
+
+#include <cstdlib>
+#include <iostream>
+
+#include "launchers/mpirun.h"
+#include "launchers/supervisor.h"
+
+namespace fabric::launchers {
+
+LocalRanks::LocalRanks(int nprocs, std::vector<std::string> command, FailureHandler on_failure)
+    : supervisor_(std::make_unique<Supervisor>()) {
+  if (command.empty()) command = own_command_line();
+  if (!on_failure) {
+    on_failure = [](int status) {
+      std::cerr << "torchfabric: a spawned rank failed; ending the job" << std::endl;
+      std::_Exit(status);
+    };
+  }
+  const int port = free_port();
+  for (int rank = 1; rank < nprocs; ++rank) {
+    supervisor_->start(rank, command,
+                       torchrun_environment(rank, rank, nprocs, nprocs, 0, "127.0.0.1", port));
+  }
+  for (const auto& [key, value] :
+       torchrun_environment(0, 0, nprocs, nprocs, 0, "127.0.0.1", port)) {
+    ::setenv(key.c_str(), value.c_str(), 1);
+  }
+  watcher_ = std::thread([this, on_failure] {
+    status_ = supervisor_->wait_all();
+    if (status_ != 0) on_failure(status_);
+  });
+}
+
+LocalRanks::~LocalRanks() { join(); }
+
+int LocalRanks::join() {
+  if (watcher_.joinable()) watcher_.join();
+  return status_;
+}
+
+}  // namespace fabric::launchers

@@ -1,0 +1,47 @@
+// Starting the other local ranks of a single-node job that nothing launched, for
+// devices whose collectives do not need an MPI world (CUDA with NCCL): this
+// process becomes rank 0 and re-executes its own command line for ranks
+// 1..N-1 with torchrun-style variables (no fork after CUDA initialisation).
+//
+// Supervision: a watcher thread waits for exactly the spawned pids. When one
+// fails, the others are stopped and this process exits at once with a message
+// naming the rank and its status. When rank 0 finishes its own work (join(), or
+// the destructor), it waits for the others, so the job's exit status reflects
+// every rank and no rank is killed half-way through its work.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace fabric::launchers {
+
+class Supervisor;
+
+class LocalRanks {
+ public:
+  // What happens when a spawned rank fails (default: std::_Exit(status)); the
+  // argument is the failing rank's status (128 + signal for a killed rank).
+  using FailureHandler = std::function<void(int status)>;
+
+  // Starts `command` (default: this program's own command line) for local ranks
+  // 1..nprocs-1 and sets this process's own torchrun-style variables as rank 0.
+  LocalRanks(int nprocs, std::vector<std::string> command = {}, FailureHandler on_failure = {});
+  // join()s.
+  ~LocalRanks();
+  LocalRanks(const LocalRanks&) = delete;
+  LocalRanks& operator=(const LocalRanks&) = delete;
+
+  // Waits until every spawned rank has exited; returns 0 when all succeeded,
+  // else the first failing rank's status (after on_failure ran).
+  int join();
+
+ private:
+  std::unique_ptr<Supervisor> supervisor_;
+  std::thread watcher_;
+  int status_ = 0;
+};
+
+}  // namespace fabric::launchers

@@ -1,0 +1,72 @@
+// The rank supervision behind Fabric's own spawning of local ranks (CUDA jobs):
+// it waits for exactly the ranks it started, reports every rank's failure in the
+// job's status, and lets rank 0 wait for the others instead of killing them when
+// its own work ends. Ranks here are shell commands, so it runs without a GPU.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "launchers/local_ranks.h"
+#include "launchers/supervisor.h"
+#include "test_util.h"
+
+namespace {
+
+// The variables LocalRanks sets for rank 0, restored after each test.
+struct RankEnvironmentGuard {
+  testutil::EnvGuard a{"RANK", std::nullopt}, b{"LOCAL_RANK", std::nullopt},
+      c{"WORLD_SIZE", std::nullopt}, d{"LOCAL_WORLD_SIZE", std::nullopt},
+      e{"NODE_RANK", std::nullopt}, f{"GROUP_RANK", std::nullopt},
+      g{"MASTER_ADDR", std::nullopt}, h{"MASTER_PORT", std::nullopt};
+};
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+// waitpid(-1) used to reap the program's own children too; system()/pclose()
+// then failed with ECHILD.
+TEST(Launcher, SupervisorLeavesOtherChildrenAlone) {
+  const pid_t own = ::fork();
+  ASSERT_GE(own, 0);
+  if (own == 0) {
+    ::usleep(100 * 1000);
+    ::_exit(7);
+  }
+  fabric::launchers::Supervisor supervisor;
+  supervisor.start(1, {"sh", "-c", "sleep 0.4"}, {});
+  EXPECT_EQ(supervisor.wait_all(), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(own, &status, 0), own) << "the supervisor reaped a child it did not start";
+  EXPECT_EQ(WEXITSTATUS(status), 7);
+}
+
+TEST(Launcher, RankZeroWaitsForTheOtherRanks) {
+  RankEnvironmentGuard env;
+  const auto start = std::chrono::steady_clock::now();
+  int failures = 0;
+  {
+    fabric::launchers::LocalRanks ranks(3, {"sh", "-c", "sleep 0.5; test \"$WORLD_SIZE\" = 3"},
+                                        [&](int) { ++failures; });
+    EXPECT_STREQ(std::getenv("RANK"), "0");
+    EXPECT_STREQ(std::getenv("WORLD_SIZE"), "3");
+  }  // the destructor waits
+  EXPECT_GE(seconds_since(start), 0.45) << "rank 0 did not wait for ranks 1 and 2";
+  EXPECT_EQ(failures, 0);
+}
+
+TEST(Launcher, AFailingRankStopsTheOthersAndGivesItsStatus) {
+  RankEnvironmentGuard env;
+  int reported = -1;
+  const auto start = std::chrono::steady_clock::now();
+  fabric::launchers::LocalRanks ranks(
+      3, {"sh", "-c", "if [ \"$RANK\" = 1 ]; then exit 5; fi; sleep 30"},
+      [&](int status) { reported = status; });
+  EXPECT_EQ(ranks.join(), 5);
+  EXPECT_EQ(reported, 5);
+  EXPECT_LT(seconds_since(start), 20) << "rank 2 was not stopped";
+}
