@@ -34,6 +34,7 @@ Fabric::Fabric(FabricOptions options) : options_(std::move(options)) {
   args.main_port = connection.environment.main_port;
   args.timeout = options_.timeout;
   args.ddp = options_.ddp;
+  args.fsdp = options_.fsdp;
   strategy_ = strategies::make_strategy(connection.strategy, args);
   precision_ = options_.precision_plugin
                    ? options_.precision_plugin

@@ -65,7 +65,8 @@ class PrecisionArg {
 struct FabricOptions {
   // "auto" (cuda when a GPU is visible, else cpu), "cpu", "cuda", "gpu" (= cuda).
   std::string accelerator = "auto";
-  // "auto" (single_device for a world of one, else ddp), "single_device", "ddp".
+  // "auto" (single_device for a world of one, else ddp), "single_device", "ddp",
+  // "fsdp" (fully sharded: see strategies/fsdp.h).
   std::string strategy = "auto";
   Devices devices = "auto";
   int num_nodes = 1;
@@ -85,6 +86,8 @@ struct FabricOptions {
   // Options of strategy "ddp" (find_unused_parameters, gradient_as_bucket_view,
   // bucket sizes, broadcast_buffers); ignored by the other strategies.
   strategies::DDPOptions ddp;
+  // Options of strategy "fsdp" (sharding_strategy, state_dict_type).
+  strategies::FSDPOptions fsdp;
 };
 
 }  // namespace fabric

@@ -246,6 +246,54 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::allgather(
   });
 }
 
+c10::intrusive_ptr<c10d::Work> MPIBackend::_allgather_base(at::Tensor& output, at::Tensor& input,
+                                                           const c10d::AllgatherOptions& /*opts*/) {
+  check_tensor(input, "_allgather_base");
+  check_tensor(output, "_allgather_base");
+  if (output.numel() != input.numel() * getSize() ||
+      output.scalar_type() != input.scalar_type() || !output.is_contiguous()) {
+    throw std::invalid_argument(
+        "mpi backend: _allgather_base needs a contiguous output of world_size x the input's "
+        "elements, same dtype (got " + std::to_string(output.numel()) + " vs " +
+        std::to_string(input.numel()) + " x " + std::to_string(getSize()) + ")");
+  }
+  auto in = input, out = output;
+  return enqueue(c10d::OpType::_ALLGATHER_BASE, {out}, [in, out]() mutable {
+    at::Tensor send = in.contiguous();
+    const int bytes = static_cast<int>(send.nbytes());
+    MPI_Allgather(send.data_ptr(), bytes, MPI_BYTE, out.data_ptr(), bytes, MPI_BYTE,
+                  MPI_COMM_WORLD);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> MPIBackend::_reduce_scatter_base(
+    at::Tensor& output, at::Tensor& input, const c10d::ReduceScatterOptions& opts) {
+  check_tensor(input, "_reduce_scatter_base");
+  check_tensor(output, "_reduce_scatter_base");
+  if (input.numel() != output.numel() * getSize() ||
+      output.scalar_type() != input.scalar_type()) {
+    throw std::invalid_argument(
+        "mpi backend: _reduce_scatter_base needs an input of world_size x the output's "
+        "elements, same dtype (got " + std::to_string(input.numel()) + " vs " +
+        std::to_string(output.numel()) + " x " + std::to_string(getSize()) + ")");
+  }
+  const MPI_Op op = mpi_op(opts.reduceOp);
+  const bool average = opts.reduceOp.op_ == c10d::ReduceOp::AVG;
+  const int size = getSize();
+  auto in = input, out = output;
+  return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, {out}, [in, out, op, average, size]() mutable {
+    // bf16/fp16 are reduced in fp32 (MPI has no such types), then cast back.
+    const bool half = in.scalar_type() == c10::ScalarType::Half ||
+                      in.scalar_type() == c10::ScalarType::BFloat16;
+    at::Tensor send = half ? in.to(c10::ScalarType::Float).contiguous() : in.contiguous();
+    at::Tensor recv = at::empty({out.numel()}, send.options());
+    MPI_Reduce_scatter_block(send.data_ptr(), recv.data_ptr(), static_cast<int>(recv.numel()),
+                             mpi_type(send.scalar_type()), op, MPI_COMM_WORLD);
+    if (average) recv.div_(size);
+    out.view({-1}).copy_(recv);
+  });
+}
+
 c10::intrusive_ptr<c10d::Work> MPIBackend::barrier(const c10d::BarrierOptions& /*opts*/) {
   return enqueue(c10d::OpType::BARRIER, {}, [] { MPI_Barrier(MPI_COMM_WORLD); });
 }

@@ -1,6 +1,7 @@
 // A c10d::Backend on Open MPI, for CPU tensors. Pip's LibTorch ships no
 // ProcessGroupMPI, so this is ours: it implements the collectives Fabric and the
-// DDP strategy use (broadcast, allreduce, allgather, barrier) behind c10d's
+// DDP and FSDP strategies use (broadcast, allreduce, allgather, the flat
+// all-gather and reduce-scatter, barrier) behind c10d's
 // Backend interface, so the rest of the code sees one c10d::ProcessGroup.
 //
 // Every MPI call runs on one worker thread, in the order the collectives were
@@ -47,6 +48,12 @@ class MPIBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
                                            std::vector<at::Tensor>& inputs,
                                            const c10d::AllgatherOptions& opts) override;
+  // Flat forms, for sharded training: the output holds every rank's input in rank
+  // order; the input holds world_size equal chunks and rank r gets chunk r reduced.
+  c10::intrusive_ptr<c10d::Work> _allgather_base(at::Tensor& output, at::Tensor& input,
+                                                 const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> _reduce_scatter_base(
+      at::Tensor& output, at::Tensor& input, const c10d::ReduceScatterOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override;
 
   class Work;  // completed on the worker thread; records its timing

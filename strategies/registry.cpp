@@ -4,11 +4,12 @@
 
 #include "precision/quoted_list.h"
 #include "strategies/ddp.h"
+#include "strategies/fsdp.h"
 #include "strategies/single_device.h"
 
 namespace fabric::strategies {
 
-std::vector<std::string> valid_strategies() { return {"auto", "single_device", "ddp"}; }
+std::vector<std::string> valid_strategies() { return {"auto", "single_device", "ddp", "fsdp"}; }
 
 std::string resolve_strategy_name(const std::string& name, int64_t world_size) {
   bool known = false;
@@ -43,6 +44,14 @@ std::shared_ptr<Strategy> make_strategy(const std::string& name, const StrategyA
     pg.master_port = args.main_port;
     pg.timeout = args.timeout;
     return std::make_shared<DDPStrategy>(args.topology, pg, args.ddp);
+  }
+  if (name == "fsdp") {
+    ProcessGroupOptions pg;
+    pg.backend = args.process_group_backend;
+    pg.master_addr = args.main_address;
+    pg.master_port = args.main_port;
+    pg.timeout = args.timeout;
+    return std::make_shared<FSDPStrategy>(args.topology, pg, args.fsdp);
   }
   throw std::invalid_argument("strategy='" + name + "' is not supported. Valid values: " +
                               quoted_list(valid_strategies()));

@@ -23,6 +23,7 @@ struct StrategyArgs {
   int main_port = 0;
   std::chrono::milliseconds timeout = std::chrono::minutes(30);
   DDPOptions ddp;
+  FSDPOptions fsdp;
 };
 
 // Names accepted by `strategy=`, "auto" first.

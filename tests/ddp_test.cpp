@@ -12,6 +12,8 @@
 #include <dirent.h>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
+#include <map>
 #include <iterator>
 #include <thread>
 #include <unistd.h>
@@ -51,8 +53,9 @@ std::vector<torch::Tensor> read_params(const std::string& path) {
   return out;
 }
 
-// One process, the whole 16-row batch, 10 Adam steps.
-std::vector<torch::Tensor> reference_params(bool with_unused) {
+// One process, the whole 16-row batch, 10 Adam steps (clipping to a total norm
+// of `clip` when > 0).
+std::vector<torch::Tensor> reference_params(bool with_unused, double clip = 0) {
   torch::manual_seed(0);
   auto model = std::make_shared<DdpMlpImpl>(with_unused);
   torch::optim::Adam opt(model->parameters(), 1e-2);
@@ -60,6 +63,7 @@ std::vector<torch::Tensor> reference_params(bool with_unused) {
     auto [x, y] = ddp_global_batch(step);
     opt.zero_grad();
     torch::mse_loss(model->forward(x), y).backward();
+    if (clip > 0) torch::nn::utils::clip_grad_norm_(model->parameters(), clip);
     opt.step();
   }
   std::vector<torch::Tensor> out;
@@ -67,10 +71,13 @@ std::vector<torch::Tensor> reference_params(bool with_unused) {
   return out;
 }
 
-// Runs `ddp_worker MODE DIR` under `mpirun -np 2` in a fresh directory; returns it.
-std::string run_mode_under_mpirun(const std::string& mode) {
-  const auto dir = fresh_dir(mode);
-  auto result = testutil::run_command(mpirun() + " " + g_worker + " " + mode + " " + dir);
+// Runs `ddp_worker MODE DIR FLAGS` under `mpirun -np 2` in a fresh directory
+// (named after the mode, or `name`); returns it.
+std::string run_mode_under_mpirun(const std::string& mode, const std::string& flags = "",
+                                  const std::string& name = "") {
+  const auto dir = fresh_dir(name.empty() ? mode : name);
+  auto result =
+      testutil::run_command(mpirun() + " " + g_worker + " " + mode + " " + dir + " " + flags);
   EXPECT_EQ(result.status, 0) << result.output;
   return dir;
 }
@@ -87,8 +94,9 @@ std::vector<std::string> files_starting_with(const std::string& dir, const std::
   return out;
 }
 
-void expect_matches_reference(const std::string& dir, bool with_unused = false) {
-  const auto reference = reference_params(with_unused);
+void expect_matches_reference(const std::string& dir, bool with_unused = false,
+                              double clip = 0) {
+  const auto reference = reference_params(with_unused, clip);
   for (int rank = 0; rank < 2; ++rank) {
     SCOPED_TRACE("rank " + std::to_string(rank));
     auto params = read_params(dir + "/params_rank" + std::to_string(rank) + ".pt");
@@ -324,4 +332,70 @@ int main(int argc, char** argv) {
   // The workers must not inherit a launcher environment from whoever runs the tests.
   for (const char* var : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"}) ::unsetenv(var);
   return RUN_ALL_TESTS();
+}
+
+// FSDP (2 ranks, Open MPI): fc1.weight straddles the two shards and fc2.bias has
+// no elements on rank 0. Every run equals one process on the concatenated batch,
+// and the worker checks that parameters, gradients and Adam state at rest hold
+// only this rank's shard.
+TEST(Fsdp, TwoRanksEqualOneProcessForEveryShardingStrategy) {
+  for (const char* sharding : {"FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"}) {
+    SCOPED_TRACE(sharding);
+    expect_matches_reference(run_mode_under_mpirun(
+        "train", std::string("--strategy fsdp --sharding ") + sharding, std::string("fsdp_") + sharding));
+  }
+}
+
+TEST(Fsdp, NoBackwardSyncAccumulationMatches) {
+  expect_matches_reference(run_mode_under_mpirun("accumulate", "--strategy fsdp", "fsdp_accumulate"));
+}
+
+TEST(Fsdp, ClipGradientsUsesTheNormOverAllShards) {
+  expect_matches_reference(run_mode_under_mpirun("clip", "--strategy fsdp", "fsdp_clip"),
+                           false, 0.05);
+  expect_matches_reference(run_mode_under_mpirun("clip", "", "ddp_clip"), false, 0.05);
+}
+
+// The full checkpoint rank 0 writes under fsdp is DDP's file (same keys, same
+// values after the same steps), and resuming from it continues exactly.
+TEST(Fsdp, FullCheckpointIsDdpsFileAndResumes) {
+  const auto fsdp_dir = run_mode_under_mpirun("checkpoint", "--strategy fsdp", "fsdp_checkpoint");
+  expect_matches_reference(fsdp_dir);
+  const auto ddp_dir = run_mode_under_mpirun("checkpoint", "", "ddp_checkpoint_ref");
+  const auto read = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    return torch::pickle_load(bytes).toGenericDict();
+  };
+  auto ours = read(fsdp_dir + "/ddp_checkpoint.pt"), theirs = read(ddp_dir + "/ddp_checkpoint.pt");
+  ASSERT_EQ(ours.size(), theirs.size());
+  for (const char* entry : {"model", "optimizer"}) {
+    SCOPED_TRACE(entry);
+    // Flatten nested dicts/lists of tensors into path -> tensor and compare.
+    std::map<std::string, torch::Tensor> a, b;
+    std::function<void(const c10::IValue&, const std::string&, std::map<std::string, torch::Tensor>&)> walk =
+        [&](const c10::IValue& v, const std::string& path, std::map<std::string, torch::Tensor>& out) {
+          if (v.isTensor()) {
+            out[path] = v.toTensor();
+          } else if (v.isGenericDict()) {
+            for (const auto& item : v.toGenericDict()) {
+              walk(item.value(), path + "/" + (item.key().isString() ? item.key().toStringRef()
+                                                                     : std::to_string(item.key().toInt())),
+                   out);
+            }
+          } else if (v.isList()) {
+            auto list = v.toList();
+            for (size_t i = 0; i < list.size(); ++i) walk(list.get(i), path + "/" + std::to_string(i), out);
+          }
+        };
+    walk(ours.at(entry), "", a);
+    walk(theirs.at(entry), "", b);
+    ASSERT_EQ(a.size(), b.size());
+    ASSERT_FALSE(a.empty());
+    for (const auto& [path, tensor] : a) {
+      ASSERT_TRUE(b.count(path)) << path;
+      EXPECT_EQ(tensor.sizes(), b.at(path).sizes()) << path;
+      EXPECT_TRUE(torch::allclose(tensor, b.at(path), 1e-5, 1e-6)) << path;
+    }
+  }
 }

@@ -1,13 +1,16 @@
 // A program the distributed tests start in several ways (Fabric spawn, fabric-run,
 // mpirun, torchrun-style variables). Usage:
 //   ddp_worker MODE OUTDIR [--devices N] [--timeout SECONDS] [--accelerator cpu|cuda]
-//              [--strategy ddp]
+//              [--strategy ddp|fsdp] [--sharding FULL_SHARD|SHARD_GRAD_OP|NO_SHARD]
+//   (under fsdp every mode also checks that parameters and Adam state at rest
+//   hold only this rank's shard; exit 3 otherwise)
 // MODE:
 //   train_view   the same with gradient_as_bucket_view
 //   train        10 Adam steps of DDP on this rank's half of a global batch; rank r
 //                writes its final parameters to OUTDIR/params_rank<r>.pt
 //   init_module  train, with the model built by fabric.init_module before setup;
 //                exits 3 unless every backward all-reduces each bucket exactly once
+//   clip         train, clipping gradients to a total norm of 0.05 every step
 //   accumulate   the same with 4 micro-batches per step, the first 3 under
 //                no_backward_sync
 //   checkpoint   5 steps, save, fresh model and optimizer on every rank load the
@@ -32,7 +35,9 @@
 
 namespace {
 
-void save_params(const torch::nn::Module& model, const std::string& path) {
+void save_params(fabric::Fabric& fabric, torch::nn::Module& model, const std::string& path) {
+  // Full parameters whatever the strategy (fsdp keeps only shards between steps).
+  auto full = fabric.strategy().full_state_context({&model}, {}, /*loading=*/false);
   c10::List<torch::Tensor> list;
   for (const auto& p : model.parameters()) list.push_back(p.detach().cpu());
   auto bytes = torch::pickle_save(c10::IValue(list));
@@ -60,6 +65,7 @@ int main(int argc, char** argv) {
     if (flag == "--timeout") options.timeout = std::chrono::seconds(std::stoi(argv[i + 1]));
     if (flag == "--accelerator") options.accelerator = argv[i + 1];
     if (flag == "--strategy") options.strategy = argv[i + 1];
+    if (flag == "--sharding") options.fsdp.sharding_strategy = argv[i + 1];
   }
   options.ddp.find_unused_parameters = mode == "unused";
   options.ddp.gradient_as_bucket_view = mode == "train_view";
@@ -186,6 +192,9 @@ int main(int argc, char** argv) {
                                       ys.narrow(0, m * micro, micro)) / 4;
           fabric.backward(loss);
         }
+      } else if (mode == "clip") {
+        fabric.backward(torch::mse_loss(net(xs), ys));
+        fabric.clip_gradients(net, opt, {.max_norm = 0.05});
       } else {
         auto* ddp = dynamic_cast<fabric::strategies::DDPStrategy*>(&fabric.strategy());
         if (ddp) ddp->reset_stats();
@@ -206,7 +215,31 @@ int main(int argc, char** argv) {
       }
       opt.step();
     }
-    save_params(*model, out + "/params_rank" + std::to_string(rank) + ".pt");
+    if (fabric.strategy().name() == "fsdp" && options.fsdp.sharding_strategy != "NO_SHARD") {
+      // Parameters, gradients and Adam state at rest: this rank's shard only.
+      int64_t params = 0, grads = 0, state = 0, full = 0;
+      for (const auto& p : model->parameters()) {
+        params += p.numel();
+        if (p.grad().defined()) grads += p.grad().numel();
+        auto it = optimizer->state().find(p.unsafeGetTensorImpl());
+        if (it != optimizer->state().end()) {
+          auto& s = static_cast<torch::optim::AdamParamState&>(*it->second);
+          state += s.exp_avg().numel() + s.exp_avg_sq().numel();
+        }
+      }
+      {
+        auto whole = fabric.strategy().full_state_context({model.get()}, {}, false);
+        for (const auto& p : model->parameters()) full += p.numel();
+      }
+      const int64_t shard = (full + world - 1) / world;
+      if (params != shard || grads != shard || state != 2 * shard) {
+        return fail("fsdp at rest holds " + std::to_string(params) + " parameter, " +
+                    std::to_string(grads) + " gradient and " + std::to_string(state) +
+                    " Adam state elements; the shard has " + std::to_string(shard) + " of " +
+                    std::to_string(full));
+      }
+    }
+    save_params(fabric, *model, out + "/params_rank" + std::to_string(rank) + ".pt");
     auto [x0, y0] = ddp_global_batch(0);
     fabric.print("final loss ", torch::mse_loss(net(fabric.to_device(x0)), fabric.to_device(y0)).item<double>());
     return 0;

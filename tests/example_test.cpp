@@ -65,6 +65,23 @@ TEST(Examples, AutoencoderTrainsWithTwoDdpRanksPrintingFromRankZero) {
       << "each rank should see half of the 55000 images: " << result.output;
 }
 
+// The same program under fsdp: from the same seed, the losses DDP prints.
+TEST(Examples, AutoencoderUnderFsdpMatchesDdp) {
+  std::vector<std::string> losses;
+  for (const char* strategy : {"ddp", "fsdp"}) {
+    auto result = testutil::run_command(g_autoencoder +
+                                        " --accelerator cpu --devices 2 --max-steps 20 --strategy " +
+                                        strategy + " --checkpoint ''");
+    ASSERT_EQ(result.status, 0) << result.output;
+    std::smatch match;
+    ASSERT_TRUE(std::regex_search(result.output, match,
+                                  std::regex("epoch 0: train_loss ([0-9.]+) val_loss ([0-9.]+)")))
+        << result.output;
+    losses.push_back(match[1].str() + " " + match[2].str());
+  }
+  EXPECT_EQ(losses[0], losses[1]) << "ddp vs fsdp";
+}
+
 TEST(Examples, AutoencoderResumesToIdenticalWeights) {
   const std::string dir = ::testing::TempDir();
   const std::string straight = dir + "/ae_straight.pt", half = dir + "/ae_half.pt",

@@ -19,7 +19,10 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
       ("devices", po::value(&devices)->default_value(devices),
        "number of devices (processes on cpu), a list such as 0,1, or auto")
       ("strategy", po::value(&args.fabric.strategy)->default_value(args.fabric.strategy),
-       "auto, single_device or ddp")
+       "auto, single_device, ddp or fsdp")
+      ("sharding-strategy",
+       po::value(&args.fabric.fsdp.sharding_strategy)->default_value(args.fabric.fsdp.sharding_strategy),
+       "with --strategy fsdp: FULL_SHARD, SHARD_GRAD_OP or NO_SHARD")
       ("num-nodes", po::value(&args.fabric.num_nodes)->default_value(args.fabric.num_nodes),
        "number of nodes")
       ("precision", po::value(&precision)->default_value(precision),

@@ -1,0 +1,486 @@
+#include "strategies/fsdp.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <map>
+#include <stdexcept>
+#include <unordered_map>
+
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/strides.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/nn/module.h>
+#include <torch/optim/adagrad.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
+#include <torch/optim/optimizer.h>
+#include <torch/optim/rmsprop.h>
+#include <torch/optim/sgd.h>
+
+#include "precision/quoted_list.h"
+
+namespace fabric::strategies {
+
+struct FSDPStrategy::FlatUnit {
+  std::vector<at::Tensor> params;  // the module's own parameter objects
+  std::vector<std::string> names;
+  std::vector<std::vector<int64_t>> shapes;
+  std::vector<int64_t> offsets, numels;
+  int64_t numel = 0, padded = 0, shard_begin = 0, shard_numel = 0;
+  bool sharded = true;
+  at::Tensor shard;                 // this rank's slice, persistent
+  at::Tensor full;                  // the gathered buffer while unsharded
+  std::vector<at::Tensor> stashed;  // gradient pieces present when gathering
+
+  // Parameter i's part of this rank's shard, in flat coordinates [lo, hi).
+  std::pair<int64_t, int64_t> piece_range(size_t i) const {
+    const int64_t end = shard_begin + shard_numel;
+    const int64_t lo = std::clamp(offsets[i], shard_begin, end);
+    const int64_t hi = std::clamp(offsets[i] + numels[i], lo, end);
+    return {lo, hi};
+  }
+  // Parameter i at rest: its piece of the shard (NO_SHARD: its whole, shaped view).
+  at::Tensor piece(size_t i) const {
+    if (!sharded) return shard.narrow(0, offsets[i], numels[i]).view(shapes[i]);
+    const auto [lo, hi] = piece_range(i);
+    return shard.narrow(0, lo - shard_begin, hi - lo);
+  }
+  bool gathered() const { return !sharded || full.defined(); }
+};
+
+struct FSDPStrategy::ModuleState {
+  const torch::nn::Module* module = nullptr;
+  std::vector<std::unique_ptr<FlatUnit>> units;  // one per parameter dtype
+};
+
+namespace {
+
+// Makes `param` (a leaf that keeps its identity) show `data`.
+void point(at::Tensor& param, const at::Tensor& data) {
+  torch::NoGradGuard no_grad;
+  const bool reshaped = param.sizes() != data.sizes();
+  param.set_data(data);
+  // AccumulateGrad keeps the shape it was made with: drop a stale one.
+  if (reshaped) torch::autograd::impl::set_grad_accumulator(param, {});
+}
+
+// A tensor over `storage` that autograd does not see as a view, so optimizers may
+// detach_() or reset it (zero_grad) as they do with any gradient.
+at::Tensor alias(const at::Tensor& base, int64_t offset, c10::IntArrayRef sizes) {
+  torch::NoGradGuard no_grad;
+  at::Tensor out = at::empty({0}, base.options());
+  out.set_(base.storage(), base.storage_offset() + offset, sizes, c10::contiguous_strides(sizes));
+  return out;
+}
+
+// The per-element state tensors of a LibTorch optimizer's parameter state (those
+// shaped like the parameter), which sharding splits like the parameter itself.
+std::vector<at::Tensor*> state_slots(torch::optim::OptimizerParamState& state) {
+  if (auto* s = dynamic_cast<torch::optim::AdamParamState*>(&state)) {
+    return {&s->exp_avg(), &s->exp_avg_sq(), &s->max_exp_avg_sq()};
+  }
+  if (auto* s = dynamic_cast<torch::optim::AdamWParamState*>(&state)) {
+    return {&s->exp_avg(), &s->exp_avg_sq(), &s->max_exp_avg_sq()};
+  }
+  if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(&state)) return {&s->momentum_buffer()};
+  if (auto* s = dynamic_cast<torch::optim::RMSpropParamState*>(&state)) {
+    return {&s->square_avg(), &s->momentum_buffer(), &s->grad_avg()};
+  }
+  if (auto* s = dynamic_cast<torch::optim::AdagradParamState*>(&state)) return {&s->sum()};
+  throw std::invalid_argument(
+      "fsdp: this optimizer's state cannot be sharded; supported optimizers: Adam, AdamW, SGD, "
+      "RMSprop, Adagrad");
+}
+
+}  // namespace
+
+FSDPStrategy::FSDPStrategy(Topology topology, ProcessGroupOptions process_group,
+                           FSDPOptions options)
+    : ParallelStrategy("fsdp", std::move(topology), std::move(process_group)),
+      options_(std::move(options)) {
+  const std::vector<std::string> strategies = {"FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"};
+  if (std::find(strategies.begin(), strategies.end(), options_.sharding_strategy) ==
+      strategies.end()) {
+    throw std::invalid_argument("fsdp: sharding_strategy='" + options_.sharding_strategy +
+                                "' is not supported. Valid values: " + quoted_list(strategies));
+  }
+  if (options_.state_dict_type == "sharded") {
+    throw std::invalid_argument(
+        "fsdp: state_dict_type='sharded' is not available yet in torchfabric; use 'full' "
+        "(rank 0 writes one file that every strategy, and Python, can load)");
+  }
+  if (options_.state_dict_type != "full") {
+    throw std::invalid_argument("fsdp: state_dict_type='" + options_.state_dict_type +
+                                "' is not supported. Valid values: 'full', 'sharded'");
+  }
+}
+
+FSDPStrategy::~FSDPStrategy() = default;
+
+FSDPStrategy::ModuleState* FSDPStrategy::find(const torch::nn::Module* module) {
+  for (auto& state : modules_) {
+    if (state->module == module) return state.get();
+  }
+  return nullptr;
+}
+
+void FSDPStrategy::setup_module(torch::nn::Module& module) {
+  if (find(&module)) return;  // already set up (init_module + setup, or setup twice)
+  module.to(root_device());
+  broadcast_module_state(module);
+  auto state = std::make_unique<ModuleState>();
+  state->module = &module;
+
+  // Distinct parameters (tied weights once), grouped by dtype in registration order.
+  std::map<c10::ScalarType, FlatUnit*> by_dtype;
+  std::unordered_map<const void*, std::string> seen;
+  const int64_t world = sharded() ? topology_.world_size : 1;
+  const int64_t rank = sharded() ? topology_.global_rank : 0;
+  for (auto& item : module.named_parameters()) {
+    at::Tensor param = item.value();
+    if (!seen.emplace(param.unsafeGetTensorImpl(), item.key()).second) continue;
+    auto& unit = by_dtype[param.scalar_type()];
+    if (!unit) {
+      state->units.push_back(std::make_unique<FlatUnit>());
+      unit = state->units.back().get();
+      unit->sharded = sharded();
+    }
+    unit->params.push_back(param);
+    unit->names.push_back(item.key());
+    unit->shapes.push_back(param.sizes().vec());
+    unit->offsets.push_back(unit->numel);
+    unit->numels.push_back(param.numel());
+    unit->numel += param.numel();
+  }
+  torch::NoGradGuard no_grad;
+  for (auto& unit : state->units) {
+    unit->padded = (unit->numel + world - 1) / world * world;
+    unit->shard_numel = unit->padded / world;
+    unit->shard_begin = rank * unit->shard_numel;
+    std::vector<at::Tensor> pieces;
+    for (auto& p : unit->params) pieces.push_back(p.detach().reshape({-1}));
+    if (unit->padded > unit->numel) {
+      pieces.push_back(at::zeros({unit->padded - unit->numel}, unit->params.front().options()));
+    }
+    auto flat = at::cat(pieces);
+    unit->shard = flat.narrow(0, unit->shard_begin, unit->shard_numel).clone();
+    unit->stashed.resize(unit->params.size());
+    for (size_t i = 0; i < unit->params.size(); ++i) {
+      unit->params[i].mutable_grad() = at::Tensor();
+      point(unit->params[i], unit->piece(i));
+    }
+  }
+  modules_.push_back(std::move(state));
+}
+
+void FSDPStrategy::unshard(FlatUnit& unit) {
+  if (unit.gathered()) return;
+  unit.full = at::empty({unit.padded}, unit.shard.options());
+  backend()._allgather_base(unit.full, unit.shard)->wait();
+  gathered_bytes_ += static_cast<int64_t>(unit.full.nbytes());
+  peak_gathered_bytes_ = std::max(peak_gathered_bytes_, gathered_bytes_);
+  for (size_t i = 0; i < unit.params.size(); ++i) {
+    auto& p = unit.params[i];
+    if (p.grad().defined()) {  // a gradient piece not yet zeroed: added back later
+      unit.stashed[i] = p.grad();
+      p.mutable_grad() = at::Tensor();
+    }
+    point(p, unit.full.narrow(0, unit.offsets[i], unit.numels[i]).view(unit.shapes[i]));
+  }
+}
+
+void FSDPStrategy::reshard(FlatUnit& unit, bool copy_back) {
+  if (!unit.sharded) return;
+  if (!unit.full.defined()) return;
+  torch::NoGradGuard no_grad;
+  if (copy_back) unit.shard.copy_(unit.full.narrow(0, unit.shard_begin, unit.shard_numel));
+  for (size_t i = 0; i < unit.params.size(); ++i) point(unit.params[i], unit.piece(i));
+  gathered_bytes_ -= static_cast<int64_t>(unit.full.nbytes());
+  unit.full = at::Tensor();
+}
+
+void FSDPStrategy::reduce_gradients(FlatUnit& unit) {
+  torch::NoGradGuard no_grad;
+  auto flat = at::zeros({unit.padded}, unit.shard.options());
+  bool any = false;
+  for (size_t i = 0; i < unit.params.size(); ++i) {
+    const auto& grad = unit.params[i].grad();
+    if (!grad.defined()) continue;
+    flat.narrow(0, unit.offsets[i], unit.numels[i]).copy_(grad.reshape({-1}));
+    any = true;
+  }
+  (void)any;  // every rank reduces every unit, so the collectives stay in step
+  flat.div_(static_cast<double>(topology_.world_size));
+  at::Tensor grad_shard;
+  if (unit.sharded) {
+    grad_shard = at::empty({unit.shard_numel}, flat.options());
+    c10d::ReduceScatterOptions opts;
+    opts.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+    backend()._reduce_scatter_base(grad_shard, flat, opts)->wait();
+    reshard(unit, /*copy_back=*/false);
+  } else {
+    std::vector<at::Tensor> one = {flat};
+    backend().allreduce(one, c10d::AllreduceOptions())->wait();
+    grad_shard = flat;
+  }
+  for (size_t i = 0; i < unit.params.size(); ++i) {
+    auto& p = unit.params[i];
+    if (!p.requires_grad()) continue;
+    at::Tensor g;
+    if (unit.sharded) {
+      const auto [lo, hi] = unit.piece_range(i);
+      g = alias(grad_shard, lo - unit.shard_begin, {hi - lo});
+    } else {
+      g = alias(grad_shard, unit.offsets[i], unit.shapes[i]);
+    }
+    if (unit.stashed[i].defined()) {
+      g.add_(unit.stashed[i]);
+      unit.stashed[i] = at::Tensor();
+    }
+    p.mutable_grad() = g;
+  }
+}
+
+class FSDPStrategy::ForwardScope : public precision::Scope {
+ public:
+  ForwardScope(FSDPStrategy& strategy, std::vector<FlatUnit*> units)
+      : strategy_(strategy), units_(std::move(units)) {}
+  ~ForwardScope() override {
+    for (auto* unit : units_) strategy_.reshard(*unit, /*copy_back=*/false);
+  }
+
+ private:
+  FSDPStrategy& strategy_;
+  std::vector<FlatUnit*> units_;
+};
+
+precision::ScopePtr FSDPStrategy::forward_context(torch::nn::Module& module) {
+  auto* state = find(&module);
+  if (!state) return nullptr;
+  const bool for_backward = module.is_training() && torch::autograd::GradMode::is_enabled();
+  std::vector<FlatUnit*> free_after;
+  for (auto& unit : state->units) {
+    if (unit->gathered()) continue;
+    unshard(*unit);
+    free_after.push_back(unit.get());
+  }
+  // A training forward keeps the parameters for its backward, which reshards.
+  if (for_backward || free_after.empty()) return nullptr;
+  return std::make_unique<ForwardScope>(*this, std::move(free_after));
+}
+
+void FSDPStrategy::setup_optimizer(torch::optim::Optimizer& optimizer) {
+  Strategy::setup_optimizer(optimizer);
+  if (!optimizer.state().empty()) {
+    throw std::invalid_argument(
+        "fsdp: the optimizer already has state (it has taken a step); its state would be "
+        "full-sized on every rank. Create the optimizer fresh and call fabric.setup(model, "
+        "optimizer) before the first step (load a checkpoint after setup to resume)");
+  }
+}
+
+at::Tensor FSDPStrategy::optimizer_step(torch::optim::Optimizer& optimizer,
+                                        precision::Precision& precision,
+                                        const precision::LossClosure& closure) {
+  if (precision.scaler() && sharded()) {
+    throw std::invalid_argument(
+        "fsdp: loss scaling (precision '16-mixed' or a GradScaler plugin) is not available "
+        "with sharded parameters yet; use 'bf16-mixed', or sharding_strategy='NO_SHARD'");
+  }
+  return precision.optimizer_step(optimizer, closure);
+}
+
+void FSDPStrategy::backward(const at::Tensor& loss, precision::Precision& precision) {
+  precision.pre_backward(loss).backward();
+  if (!sync_) return;  // no_backward_sync: keep full parameters and gradients
+  for (auto& state : modules_) {
+    for (auto& unit : state->units) {
+      if (unit->gathered()) reduce_gradients(*unit);
+    }
+  }
+}
+
+double FSDPStrategy::clip_gradients_norm(torch::nn::Module* module,
+                                         torch::optim::Optimizer& optimizer,
+                                         precision::Precision& precision, double max_norm,
+                                         double norm_type, bool error_if_nonfinite) {
+  if (!sharded()) {
+    return Strategy::clip_gradients_norm(module, optimizer, precision, max_norm, norm_type,
+                                         error_if_nonfinite);
+  }
+  precision.unscale_gradients(optimizer);
+  std::vector<at::Tensor> grads;
+  for (const auto& p : optimizer_parameters(optimizer)) {
+    if (p.grad().defined()) grads.push_back(p.grad());
+  }
+  const bool inf_norm = std::isinf(norm_type);
+  double local = 0;
+  for (const auto& g : grads) {
+    if (g.numel() == 0) continue;
+    auto a = g.detach().to(at::kDouble).abs();
+    local = inf_norm ? std::max(local, a.max().item<double>())
+                     : local + a.pow(norm_type).sum().item<double>();
+  }
+  auto total_t = at::full({1}, local, at::TensorOptions().dtype(at::kDouble).device(root_device()));
+  all_reduce(total_t, inf_norm ? ReduceOp::kMax : ReduceOp::kSum);
+  double total = total_t.item<double>();
+  if (!inf_norm) total = std::pow(total, 1.0 / norm_type);
+  if (error_if_nonfinite && !std::isfinite(total)) {
+    throw std::runtime_error("fsdp: the total norm of order " + std::to_string(norm_type) +
+                             " of the gradients is non-finite, so it cannot be clipped; "
+                             "pass error_if_nonfinite=false to clip anyway");
+  }
+  const double coef = max_norm / (total + 1e-6);
+  if (coef < 1.0) {
+    torch::NoGradGuard no_grad;
+    for (auto& g : grads) g.mul_(coef);
+  }
+  return total;
+}
+
+// Full parameters and full optimizer state for a checkpoint; see full_state_context.
+class FSDPStrategy::StateScope : public precision::Scope {
+ public:
+  StateScope(FSDPStrategy& strategy, bool loading) : strategy_(strategy), loading_(loading) {}
+  ~StateScope() override {
+    try {
+      leave();
+    } catch (const std::exception& e) {
+      // A scope's exit cannot throw; a failure here leaves ranks out of step.
+      std::fprintf(stderr, "torchfabric: fsdp: re-sharding after a checkpoint failed: %s\n",
+                   e.what());
+    }
+  }
+  void enter(const std::vector<torch::nn::Module*>& modules,
+             const std::vector<torch::optim::Optimizer*>& optimizers) {
+    optimizers_ = optimizers;
+    auto& owner = owner_;
+    for (auto& state : strategy_.modules_) {
+      for (auto& unit : state->units) {
+        for (size_t i = 0; i < unit->params.size(); ++i) {
+          owner[unit->params[i].unsafeGetTensorImpl()] = {unit.get(), i};
+        }
+      }
+    }
+    for (auto* module : modules) {
+      auto* state = strategy_.find(module);
+      if (!state) continue;
+      for (auto& unit : state->units) {
+        units_.push_back(unit.get());
+        if (!unit->gathered()) {
+          strategy_.unshard(*unit);
+          gathered_.push_back(unit.get());
+        }
+      }
+    }
+    // Optimizer state: per unit and per slot, gather the pieces into full tensors.
+    for (auto* optimizer : optimizers) {
+      struct Entry {
+        size_t index;
+        std::vector<at::Tensor*> slots;
+      };
+      std::map<FlatUnit*, std::vector<Entry>> per_unit;
+      std::vector<FlatUnit*> order;
+      for (const auto& p : optimizer_parameters(*optimizer)) {
+        auto it = owner.find(p.unsafeGetTensorImpl());
+        if (it == owner.end()) continue;
+        auto* unit = it->second.first;
+        if (!unit->sharded) continue;  // NO_SHARD: state is whole already
+        auto st = optimizer->state().find(p.unsafeGetTensorImpl());
+        if (per_unit.find(unit) == per_unit.end()) order.push_back(unit);
+        auto& entries = per_unit[unit];
+        if (st == optimizer->state().end()) continue;
+        entries.push_back({it->second.second, state_slots(*st->second)});
+      }
+      if (loading_) continue;  // loading overwrites it; leave() shards what was loaded
+      for (auto* unit : order) {
+        auto& entries = per_unit[unit];
+        if (entries.empty()) continue;
+        for (size_t k = 0; k < entries.front().slots.size(); ++k) {
+          if (!entries.front().slots[k]->defined()) continue;
+          const auto options = entries.front().slots[k]->options();
+          auto local = at::zeros({unit->shard_numel}, options);
+          for (auto& e : entries) {
+            const auto [lo, hi] = unit->piece_range(e.index);
+            if (hi > lo) local.narrow(0, lo - unit->shard_begin, hi - lo).copy_(e.slots[k]->reshape({-1}));
+          }
+          auto full = at::empty({unit->padded}, options);
+          strategy_.backend()._allgather_base(full, local)->wait();
+          for (auto& e : entries) {
+            saved_.push_back({e.slots[k], *e.slots[k]});
+            *e.slots[k] = full.narrow(0, unit->offsets[e.index], unit->numels[e.index])
+                              .view(unit->shapes[e.index])
+                              .clone();
+          }
+        }
+      }
+    }
+  }
+
+ private:
+  void leave() {
+    if (!loading_) {
+      for (auto& [slot, piece] : saved_) *slot = piece;
+      for (auto* unit : gathered_) restore(*unit, /*copy_back=*/false);
+      return;
+    }
+    // After a load: the full values become this rank's pieces again.
+    for (auto* unit : units_) {
+      if (std::find(gathered_.begin(), gathered_.end(), unit) != gathered_.end()) {
+        restore(*unit, /*copy_back=*/true);
+      } else if (unit->sharded && unit->full.defined()) {
+        unit->shard.copy_(unit->full.narrow(0, unit->shard_begin, unit->shard_numel));
+      }
+    }
+    // Loaded optimizer state is full-sized: keep this rank's pieces. (State the
+    // load did not touch is already piece-sized and is left alone.)
+    for (auto* optimizer : optimizers_) {
+      for (const auto& p : optimizer_parameters(*optimizer)) {
+        auto it = owner_.find(p.unsafeGetTensorImpl());
+        auto st = optimizer->state().find(p.unsafeGetTensorImpl());
+        if (it == owner_.end() || st == optimizer->state().end()) continue;
+        auto* unit = it->second.first;
+        const size_t index = it->second.second;
+        if (!unit->sharded) continue;
+        for (auto* slot : state_slots(*st->second)) {
+          if (!slot->defined() || slot->numel() != unit->numels[index]) continue;
+          const auto [lo, hi] = unit->piece_range(index);
+          const int64_t start = hi > lo ? lo - unit->offsets[index] : 0;
+          *slot = slot->reshape({-1}).narrow(0, start, hi - lo).clone();
+        }
+      }
+    }
+  }
+  void restore(FlatUnit& unit, bool copy_back) {
+    strategy_.reshard(unit, copy_back);
+    for (size_t i = 0; i < unit.params.size(); ++i) {
+      if (unit.stashed[i].defined()) {
+        unit.params[i].mutable_grad() = unit.stashed[i];
+        unit.stashed[i] = at::Tensor();
+      }
+    }
+  }
+
+  FSDPStrategy& strategy_;
+  bool loading_;
+  std::vector<FlatUnit*> units_, gathered_;
+  std::vector<std::pair<at::Tensor*, at::Tensor>> saved_;
+  std::vector<torch::optim::Optimizer*> optimizers_;
+  std::unordered_map<const void*, std::pair<FlatUnit*, size_t>> owner_;
+};
+
+precision::ScopePtr FSDPStrategy::full_state_context(
+    const std::vector<torch::nn::Module*>& modules,
+    const std::vector<torch::optim::Optimizer*>& optimizers, bool loading) {
+  auto scope = std::make_unique<StateScope>(*this, loading);
+  scope->enter(modules, optimizers);
+  return scope;
+}
+
+}  // namespace fabric::strategies
