@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
       ("accelerator", po::value(&accelerator)->default_value(accelerator),
        "auto (cuda if a GPU is visible, else cpu), cpu, cuda or gpu")
       ("strategy", po::value(&strategy)->default_value(strategy),
-       "auto, single_device or ddp (passed to the program as LT_STRATEGY)")
+       "auto, single_device, ddp or fsdp (passed to the program as LT_STRATEGY when given)")
       ("devices", po::value(&devices)->default_value(devices),
        "ranks on this node: a number of CPU processes or GPUs, a GPU list such as 0,1, or auto")
       ("num-nodes", po::value(&num_nodes)->default_value(num_nodes), "number of nodes in the job")
@@ -48,7 +48,7 @@ int main(int argc, char** argv) {
        "address of node 0, where rank 0 hosts the rendezvous store")
       ("main-port", po::value(&main_port)->default_value(main_port), "port of the rendezvous store")
       ("precision", po::value(&precision)->default_value(precision),
-       "32-true, 64-true, 16-mixed, bf16-mixed, 16-true, bf16-true (passed as LT_PRECISION)")
+       "32-true, 64-true, 16-mixed, bf16-mixed, 16-true, bf16-true (passed as LT_PRECISION when given)")
       ("launcher", po::value(&launcher)->default_value(launcher),
        "auto (mpirun for cpu, subprocess for cuda), mpirun, or subprocess")
       ("program", po::value(&program), "the program and its arguments");
@@ -86,10 +86,14 @@ int main(int argc, char** argv) {
       throw std::invalid_argument("--launcher " + launcher +
                                   " is not supported; valid: auto, mpirun, subprocess");
     }
-    const std::map<std::string, std::string> common = {
-        {"LT_ACCELERATOR", accelerator}, {"LT_STRATEGY", strategy},
-        {"LT_DEVICES", devices},         {"LT_NUM_NODES", std::to_string(num_nodes)},
-        {"LT_PRECISION", precision},     {"LT_CLI_USED", "1"}};
+    // As Lightning's `fabric run`: devices and num_nodes always, accelerator,
+    // strategy and precision only when given, so the program's own choice in
+    // code stands unless the command line names another one.
+    std::map<std::string, std::string> common = {
+        {"LT_DEVICES", devices}, {"LT_NUM_NODES", std::to_string(num_nodes)}, {"LT_CLI_USED", "1"}};
+    if (!vm["accelerator"].defaulted()) common["LT_ACCELERATOR"] = accelerator;
+    if (!vm["strategy"].defaulted()) common["LT_STRATEGY"] = strategy;
+    if (!vm["precision"].defaulted()) common["LT_PRECISION"] = precision;
     for (const auto& [key, value] : common) ::setenv(key.c_str(), value.c_str(), 1);
 
     if (launcher == "mpirun") {

@@ -334,6 +334,24 @@ int main(int argc, char** argv) {
   return RUN_ALL_TESTS();
 }
 
+// fabric-run passes on only the flags given (as Lightning's `fabric run`): a
+// program that chooses its strategy in code runs under a plain fabric-run, and
+// a flag that contradicts the code is still an error naming both.
+TEST(Ddp, FabricRunExportsOnlyTheFlagsGiven) {
+  const auto dir = fresh_dir("fabric_run_flags");
+  auto result = testutil::run_command(g_fabric_run + " --devices 2 -- " + g_worker + " train " +
+                                      dir + " --strategy fsdp");
+  ASSERT_EQ(result.status, 0) << result.output;
+  expect_matches_reference(dir);
+  result = testutil::run_command(g_fabric_run + " --devices 2 --strategy ddp -- " + g_worker +
+                                 " train " + dir + " --strategy fsdp");
+  EXPECT_NE(result.status, 0);
+  EXPECT_NE(result.output.find("the code sets strategy=fsdp but the command line sets "
+                               "--strategy=ddp"),
+            std::string::npos)
+      << result.output;
+}
+
 // FSDP (2 ranks, Open MPI): fc1.weight straddles the two shards and fc2.bias has
 // no elements on rank 0. Every run equals one process on the concatenated batch,
 // and the worker checks that parameters, gradients and Adam state at rest hold
