@@ -208,14 +208,13 @@ void FSDPStrategy::reshard(FlatUnit& unit, bool copy_back) {
 void FSDPStrategy::reduce_gradients(FlatUnit& unit) {
   torch::NoGradGuard no_grad;
   auto flat = at::zeros({unit.padded}, unit.shard.options());
-  bool any = false;
   for (size_t i = 0; i < unit.params.size(); ++i) {
     const auto& grad = unit.params[i].grad();
     if (!grad.defined()) continue;
     flat.narrow(0, unit.offsets[i], unit.numels[i]).copy_(grad.reshape({-1}));
-    any = true;
   }
-  (void)any;  // every rank reduces every unit, so the collectives stay in step
+  // Every gathered unit is reduced on every rank (zeros where no gradient came),
+  // so the collectives stay in step.
   flat.div_(static_cast<double>(topology_.world_size));
   at::Tensor grad_shard;
   if (unit.sharded) {

@@ -28,6 +28,20 @@ std::string resolve_strategy_name(const std::string& name, int64_t world_size) {
   return name;
 }
 
+namespace {
+
+// The process-group part of the args, shared by the multi-process strategies.
+ProcessGroupOptions process_group_options(const StrategyArgs& args) {
+  ProcessGroupOptions pg;
+  pg.backend = args.process_group_backend;
+  pg.master_addr = args.main_address;
+  pg.master_port = args.main_port;
+  pg.timeout = args.timeout;
+  return pg;
+}
+
+}  // namespace
+
 std::shared_ptr<Strategy> make_strategy(const std::string& name, const StrategyArgs& args) {
   const auto& devices = args.topology.parallel_devices;
   if (name == "single_device") {
@@ -38,20 +52,10 @@ std::shared_ptr<Strategy> make_strategy(const std::string& name, const StrategyA
     return std::make_shared<SingleDeviceStrategy>(devices.front());
   }
   if (name == "ddp") {
-    ProcessGroupOptions pg;
-    pg.backend = args.process_group_backend;
-    pg.master_addr = args.main_address;
-    pg.master_port = args.main_port;
-    pg.timeout = args.timeout;
-    return std::make_shared<DDPStrategy>(args.topology, pg, args.ddp);
+    return std::make_shared<DDPStrategy>(args.topology, process_group_options(args), args.ddp);
   }
   if (name == "fsdp") {
-    ProcessGroupOptions pg;
-    pg.backend = args.process_group_backend;
-    pg.master_addr = args.main_address;
-    pg.master_port = args.main_port;
-    pg.timeout = args.timeout;
-    return std::make_shared<FSDPStrategy>(args.topology, pg, args.fsdp);
+    return std::make_shared<FSDPStrategy>(args.topology, process_group_options(args), args.fsdp);
   }
   throw std::invalid_argument("strategy='" + name + "' is not supported. Valid values: " +
                               quoted_list(valid_strategies()));
