@@ -7,12 +7,16 @@
 #include <map>
 #include <stdexcept>
 #include <unordered_map>
+#include <unordered_set>
 
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/StorageImpl.h>
 #include <c10/util/strides.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/nn/module.h>
@@ -24,6 +28,7 @@
 #include <torch/optim/sgd.h>
 
 #include "precision/quoted_list.h"
+#include "strategies/auto_wrap.h"
 
 namespace fabric::strategies {
 
@@ -34,8 +39,9 @@ struct FSDPStrategy::FlatUnit {
   std::vector<int64_t> offsets, numels;
   int64_t numel = 0, padded = 0, shard_begin = 0, shard_numel = 0;
   bool sharded = true;
+  bool allocated = false;           // `full` holds the gathered parameters
   at::Tensor shard;                 // this rank's slice, persistent
-  at::Tensor full;                  // the gathered buffer while unsharded
+  at::Tensor full;                  // the gathered buffer; its storage is released when resharded
   std::vector<at::Tensor> stashed;  // gradient pieces present when gathering
 
   // Parameter i's part of this rank's shard, in flat coordinates [lo, hi).
@@ -51,12 +57,50 @@ struct FSDPStrategy::FlatUnit {
     const auto [lo, hi] = piece_range(i);
     return shard.narrow(0, lo - shard_begin, hi - lo);
   }
-  bool gathered() const { return !sharded || full.defined(); }
+  bool gathered() const { return !sharded || allocated; }
+  int64_t full_bytes() const { return padded * static_cast<int64_t>(shard.element_size()); }
+};
+
+struct FSDPStrategy::Unit {
+  std::string name;  // dotted path in the set-up module; "" for the root
+  torch::nn::Module* module = nullptr;
+  bool root = false;
+  std::vector<std::unique_ptr<FlatUnit>> flats;  // one per parameter dtype
+  int64_t numel = 0;
+  // Backward bookkeeping: the gradient accumulators this step's forwards created
+  // (weak: one that dies with its graph will never fire), how many fired, and
+  // whether gradients wait to be reduced.
+  std::vector<std::weak_ptr<torch::autograd::Node>> accumulators;
+  int64_t fired = 0;
+  bool needs_reduce = false;
+  bool holding = false;  // full gradients kept by a backward under no_backward_sync
+  struct Call {
+    bool for_backward, gathered_now, holding;
+  };
+  std::vector<Call> calls;  // forwards of this unit in progress
+
+  std::string display() const { return root ? "<root>" : name; }
+  int64_t live_accumulators() const {
+    int64_t n = 0;
+    for (const auto& a : accumulators) n += a.expired() ? 0 : 1;
+    return n;
+  }
 };
 
 struct FSDPStrategy::ModuleState {
   const torch::nn::Module* module = nullptr;
-  std::vector<std::unique_ptr<FlatUnit>> units;  // one per parameter dtype
+  std::vector<std::unique_ptr<Unit>> units;  // the root first, then blocks in module order
+};
+
+// Runs after every gradient accumulation into one of a unit's parameters.
+class FSDPStrategy::GradReadyHook : public torch::autograd::PostAccumulateGradHook {
+ public:
+  GradReadyHook(FSDPStrategy& strategy, Unit& unit) : strategy_(strategy), unit_(unit) {}
+  void operator()(const torch::autograd::Variable&) override { strategy_.on_gradient_ready(unit_); }
+
+ private:
+  FSDPStrategy& strategy_;
+  Unit& unit_;
 };
 
 namespace {
@@ -66,7 +110,8 @@ void point(at::Tensor& param, const at::Tensor& data) {
   torch::NoGradGuard no_grad;
   const bool reshaped = param.sizes() != data.sizes();
   param.set_data(data);
-  // AccumulateGrad keeps the shape it was made with: drop a stale one.
+  // AccumulateGrad keeps the shape it was made with: drop a stale one (a graph
+  // in flight keeps its own).
   if (reshaped) torch::autograd::impl::set_grad_accumulator(param, {});
 }
 
@@ -77,6 +122,20 @@ at::Tensor alias(const at::Tensor& base, int64_t offset, c10::IntArrayRef sizes)
   at::Tensor out = at::empty({0}, base.options());
   out.set_(base.storage(), base.storage_offset() + offset, sizes, c10::contiguous_strides(sizes));
   return out;
+}
+
+// Frees / re-allocates a buffer's memory while keeping its storage object, so
+// tensors that autograd saved (views of gathered parameters) see the data again
+// after the next gather.
+void release_storage(const at::Tensor& t) {
+  auto* storage = t.storage().unsafeGetStorageImpl();
+  storage->set_data_ptr_noswap(at::DataPtr(nullptr, storage->device()));
+  storage->set_nbytes(0);
+}
+void allocate_storage(const at::Tensor& t, int64_t nbytes) {
+  auto* storage = t.storage().unsafeGetStorageImpl();
+  storage->set_data_ptr_noswap(storage->allocator()->allocate(static_cast<size_t>(nbytes)));
+  storage->set_nbytes(static_cast<size_t>(nbytes));
 }
 
 // The per-element state tensors of a LibTorch optimizer's parameter state (those
@@ -121,7 +180,16 @@ FSDPStrategy::FSDPStrategy(Topology topology, ProcessGroupOptions process_group,
   }
 }
 
-FSDPStrategy::~FSDPStrategy() = default;
+FSDPStrategy::~FSDPStrategy() {
+  for (auto& state : modules_) {
+    for (auto& unit : state->units) {
+      if (!unit->root) set_unit_runner(*unit->module, nullptr);
+      for (auto& flat : unit->flats) {
+        for (auto& p : flat->params) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+      }
+    }
+  }
+}
 
 FSDPStrategy::ModuleState* FSDPStrategy::find(const torch::nn::Module* module) {
   for (auto& state : modules_) {
@@ -130,60 +198,138 @@ FSDPStrategy::ModuleState* FSDPStrategy::find(const torch::nn::Module* module) {
   return nullptr;
 }
 
+FSDPStrategy::Unit* FSDPStrategy::unit_of(const torch::nn::Module& module) {
+  for (auto& state : modules_) {
+    for (auto& unit : state->units) {
+      if (unit->module == &module) return unit.get();
+    }
+  }
+  return nullptr;
+}
+
+std::vector<std::pair<std::string, int64_t>> FSDPStrategy::units() const {
+  std::vector<std::pair<std::string, int64_t>> out;
+  for (const auto& state : modules_) {
+    for (const auto& unit : state->units) out.emplace_back(unit->name, unit->numel);
+  }
+  return out;
+}
+
 void FSDPStrategy::setup_module(torch::nn::Module& module) {
   if (find(&module)) return;  // already set up (init_module + setup, or setup twice)
   module.to(root_device());
   broadcast_module_state(module);
+  for (auto& adapter : apply_auto_wrap(module, options_.auto_wrap_policy)) {
+    adapters_.push_back(adapter);
+  }
   auto state = std::make_unique<ModuleState>();
   state->module = &module;
 
-  // Distinct parameters (tied weights once), grouped by dtype in registration order.
-  std::map<c10::ScalarType, FlatUnit*> by_dtype;
-  std::unordered_map<const void*, std::string> seen;
+  // The root, then every marked module (or auto-wrap adapter) in module order.
+  state->units.push_back(std::make_unique<Unit>());
+  state->units[0]->root = true;
+  state->units[0]->module = &module;
+  std::unordered_set<const torch::nn::Module*> seen_modules;
+  for (const auto& item : module.named_modules("", /*include_self=*/false)) {
+    auto* m = item.value().get();
+    const bool adapter = std::any_of(adapters_.begin(), adapters_.end(),
+                                     [m](const auto& a) { return a.get() == m; });
+    if (!(adapter || is_marked_sharding_unit(*m)) || !seen_modules.insert(m).second) continue;
+    auto unit = std::make_unique<Unit>();
+    unit->name = item.key();
+    unit->module = m;
+    state->units.push_back(std::move(unit));
+  }
+  // Each parameter belongs to the innermost unit whose path contains it.
+  const auto owner_of = [&](const std::string& param_name) {
+    Unit* best = state->units[0].get();
+    for (auto& unit : state->units) {
+      const auto& n = unit->name;
+      if (unit->root || param_name.size() <= n.size() || param_name.compare(0, n.size(), n) != 0 ||
+          param_name[n.size()] != '.') {
+        continue;
+      }
+      if (best->root || n.size() > best->name.size()) best = unit.get();
+    }
+    return best;
+  };
   const int64_t world = sharded() ? topology_.world_size : 1;
   const int64_t rank = sharded() ? topology_.global_rank : 0;
+  std::unordered_map<const void*, std::pair<Unit*, std::string>> seen;
+  std::map<std::pair<Unit*, c10::ScalarType>, FlatUnit*> flat_of;
   for (auto& item : module.named_parameters()) {
     at::Tensor param = item.value();
-    if (!seen.emplace(param.unsafeGetTensorImpl(), item.key()).second) continue;
-    auto& unit = by_dtype[param.scalar_type()];
-    if (!unit) {
-      state->units.push_back(std::make_unique<FlatUnit>());
-      unit = state->units.back().get();
-      unit->sharded = sharded();
+    Unit* unit = owner_of(item.key());
+    auto [it, fresh] = seen.emplace(param.unsafeGetTensorImpl(), std::make_pair(unit, item.key()));
+    if (!fresh) {
+      if (it->second.first != unit) {
+        throw std::invalid_argument(
+            "fsdp: parameters '" + it->second.second + "' and '" + item.key() +
+            "' are the same tensor (tied weights) but belong to different sharding units ('" +
+            it->second.first->display() + "' and '" + unit->display() +
+            "'); tie weights only within one unit, or leave both modules out of units (in the "
+            "root)");
+      }
+      continue;
     }
-    unit->params.push_back(param);
-    unit->names.push_back(item.key());
-    unit->shapes.push_back(param.sizes().vec());
-    unit->offsets.push_back(unit->numel);
-    unit->numels.push_back(param.numel());
+    auto& flat = flat_of[{unit, param.scalar_type()}];
+    if (!flat) {
+      unit->flats.push_back(std::make_unique<FlatUnit>());
+      flat = unit->flats.back().get();
+      flat->sharded = sharded();
+    }
+    flat->params.push_back(param);
+    flat->names.push_back(item.key());
+    flat->shapes.push_back(param.sizes().vec());
+    flat->offsets.push_back(flat->numel);
+    flat->numels.push_back(param.numel());
+    flat->numel += param.numel();
     unit->numel += param.numel();
   }
+  // Units without parameters are plain modules.
+  state->units.erase(std::remove_if(state->units.begin() + 1, state->units.end(),
+                                    [](const auto& u) { return u->flats.empty(); }),
+                     state->units.end());
+
   torch::NoGradGuard no_grad;
   for (auto& unit : state->units) {
-    unit->padded = (unit->numel + world - 1) / world * world;
-    unit->shard_numel = unit->padded / world;
-    unit->shard_begin = rank * unit->shard_numel;
-    std::vector<at::Tensor> pieces;
-    for (auto& p : unit->params) pieces.push_back(p.detach().reshape({-1}));
-    if (unit->padded > unit->numel) {
-      pieces.push_back(at::zeros({unit->padded - unit->numel}, unit->params.front().options()));
+    for (auto& flat : unit->flats) {
+      flat->padded = (flat->numel + world - 1) / world * world;
+      flat->shard_numel = flat->padded / world;
+      flat->shard_begin = rank * flat->shard_numel;
+      std::vector<at::Tensor> pieces;
+      for (auto& p : flat->params) pieces.push_back(p.detach().reshape({-1}));
+      if (flat->padded > flat->numel) {
+        pieces.push_back(at::zeros({flat->padded - flat->numel}, flat->params.front().options()));
+      }
+      auto all = at::cat(pieces);
+      flat->shard = all.narrow(0, flat->shard_begin, flat->shard_numel).clone();
+      flat->stashed.resize(flat->params.size());
+      for (size_t i = 0; i < flat->params.size(); ++i) {
+        auto& p = flat->params[i];
+        p.mutable_grad() = at::Tensor();
+        point(p, flat->piece(i));
+        if (p.requires_grad()) {
+          torch::autograd::impl::set_post_acc_grad_hooks(
+              p, std::make_unique<GradReadyHook>(*this, *unit));
+        }
+      }
     }
-    auto flat = at::cat(pieces);
-    unit->shard = flat.narrow(0, unit->shard_begin, unit->shard_numel).clone();
-    unit->stashed.resize(unit->params.size());
-    for (size_t i = 0; i < unit->params.size(); ++i) {
-      unit->params[i].mutable_grad() = at::Tensor();
-      point(unit->params[i], unit->piece(i));
-    }
+    if (!unit->root) set_unit_runner(*unit->module, this);
   }
   modules_.push_back(std::move(state));
 }
 
 void FSDPStrategy::unshard(FlatUnit& unit) {
   if (unit.gathered()) return;
-  unit.full = at::empty({unit.padded}, unit.shard.options());
+  if (!unit.full.defined()) {
+    unit.full = at::empty({unit.padded}, unit.shard.options());
+  } else {
+    allocate_storage(unit.full, unit.full_bytes());
+  }
   backend()._allgather_base(unit.full, unit.shard)->wait();
-  gathered_bytes_ += static_cast<int64_t>(unit.full.nbytes());
+  unit.allocated = true;
+  gathered_bytes_ += unit.full_bytes();
   peak_gathered_bytes_ = std::max(peak_gathered_bytes_, gathered_bytes_);
   for (size_t i = 0; i < unit.params.size(); ++i) {
     auto& p = unit.params[i];
@@ -196,13 +342,17 @@ void FSDPStrategy::unshard(FlatUnit& unit) {
 }
 
 void FSDPStrategy::reshard(FlatUnit& unit, bool copy_back) {
-  if (!unit.sharded) return;
-  if (!unit.full.defined()) return;
+  if (!unit.sharded || !unit.allocated) return;
   torch::NoGradGuard no_grad;
   if (copy_back) unit.shard.copy_(unit.full.narrow(0, unit.shard_begin, unit.shard_numel));
   for (size_t i = 0; i < unit.params.size(); ++i) point(unit.params[i], unit.piece(i));
-  gathered_bytes_ -= static_cast<int64_t>(unit.full.nbytes());
-  unit.full = at::Tensor();
+  gathered_bytes_ -= unit.full_bytes();
+  release_storage(unit.full);
+  unit.allocated = false;
+}
+
+void FSDPStrategy::reshard_unit(Unit& unit) {
+  for (auto& flat : unit.flats) reshard(*flat, /*copy_back=*/false);
 }
 
 void FSDPStrategy::reduce_gradients(FlatUnit& unit) {
@@ -210,11 +360,11 @@ void FSDPStrategy::reduce_gradients(FlatUnit& unit) {
   auto flat = at::zeros({unit.padded}, unit.shard.options());
   for (size_t i = 0; i < unit.params.size(); ++i) {
     const auto& grad = unit.params[i].grad();
-    if (!grad.defined()) continue;
+    if (!grad.defined() || grad.numel() != unit.numels[i]) continue;
     flat.narrow(0, unit.offsets[i], unit.numels[i]).copy_(grad.reshape({-1}));
   }
-  // Every gathered unit is reduced on every rank (zeros where no gradient came),
-  // so the collectives stay in step.
+  // Every unit that ran a forward for backward is reduced on every rank (zeros
+  // where no gradient came), so the collectives stay in step.
   flat.div_(static_cast<double>(topology_.world_size));
   at::Tensor grad_shard;
   if (unit.sharded) {
@@ -246,32 +396,113 @@ void FSDPStrategy::reduce_gradients(FlatUnit& unit) {
   }
 }
 
-class FSDPStrategy::ForwardScope : public precision::Scope {
+void FSDPStrategy::reduce_unit(Unit& unit) {
+  for (auto& flat : unit.flats) reduce_gradients(*flat);
+  unit.needs_reduce = false;
+  unit.holding = false;
+  unit.fired = 0;
+  unit.accumulators.clear();
+}
+
+void FSDPStrategy::begin_forward(Unit& unit, bool for_backward) {
+  bool gathered_now = false;
+  for (auto& flat : unit.flats) {
+    if (flat->gathered()) continue;
+    unshard(*flat);
+    gathered_now = true;
+  }
+  unit.calls.push_back({for_backward, gathered_now, unit.holding});
+}
+
+void FSDPStrategy::count_gradients_expected(Unit& unit) {
+  auto& accs = unit.accumulators;
+  accs.erase(std::remove_if(accs.begin(), accs.end(), [](const auto& a) { return a.expired(); }),
+             accs.end());
+  for (auto& flat : unit.flats) {
+    for (const auto& p : flat->params) {
+      if (!p.requires_grad()) continue;
+      auto acc = torch::autograd::impl::try_get_grad_accumulator(p);
+      if (!acc) continue;  // not used by this forward
+      const bool known = std::any_of(accs.begin(), accs.end(),
+                                     [&](const auto& a) { return a.lock() == acc; });
+      if (!known) accs.push_back(acc);
+    }
+  }
+  if (!accs.empty()) unit.needs_reduce = true;
+}
+
+void FSDPStrategy::on_gradient_ready(Unit& unit) {
+  ++unit.fired;
+  if (unit.fired < unit.live_accumulators()) return;
+  if (!sync_ || !unit.needs_reduce) return;  // no_backward_sync: keep full gradients
+  reduce_unit(unit);
+}
+
+void FSDPStrategy::pre_forward(torch::nn::Module& module) {
+  Unit* unit = unit_of(module);
+  if (!unit) return;
+  begin_forward(*unit, torch::autograd::GradMode::is_enabled());
+}
+
+void FSDPStrategy::post_forward(torch::nn::Module& module, const std::vector<at::Tensor>& outputs) {
+  Unit* unit = unit_of(module);
+  if (!unit || unit->calls.empty()) return;
+  const auto call = unit->calls.back();
+  unit->calls.pop_back();
+  if (call.for_backward) count_gradients_expected(*unit);
+  if (!call.for_backward || !unit->needs_reduce) {
+    if (call.gathered_now) reshard_unit(*unit);
+    return;
+  }
+  // Pre-backward: gather the parameters again before the unit's backward runs.
+  bool hooked = false;
+  for (const auto& out : outputs) {
+    if (!out.defined() || !out.requires_grad()) continue;
+    out.register_hook([this, unit](const at::Tensor&) {
+      for (auto& flat : unit->flats) unshard(*flat);
+    });
+    hooked = true;
+  }
+  const bool free_now = hooked && call.gathered_now && !call.holding && sync_ &&
+                        options_.sharding_strategy == "FULL_SHARD" &&
+                        options_.reshard_after_forward;
+  if (free_now) reshard_unit(*unit);
+}
+
+void FSDPStrategy::forward_failed(torch::nn::Module& module) {
+  Unit* unit = unit_of(module);
+  if (!unit || unit->calls.empty()) return;
+  const auto call = unit->calls.back();
+  unit->calls.pop_back();
+  if (call.gathered_now && !unit->needs_reduce) reshard_unit(*unit);
+}
+
+// The set-up module's forward: the root unit.
+class FSDPStrategy::RootScope : public precision::Scope {
  public:
-  ForwardScope(FSDPStrategy& strategy, std::vector<FlatUnit*> units)
-      : strategy_(strategy), units_(std::move(units)) {}
-  ~ForwardScope() override {
-    for (auto* unit : units_) strategy_.reshard(*unit, /*copy_back=*/false);
+  RootScope(FSDPStrategy& strategy, Unit& root) : strategy_(strategy), root_(root) {}
+  ~RootScope() override {
+    if (root_.calls.empty()) return;
+    const auto call = root_.calls.back();
+    root_.calls.pop_back();
+    if (call.for_backward) strategy_.count_gradients_expected(root_);
+    // The root stays gathered until its gradients are reduced.
+    if ((!call.for_backward || !root_.needs_reduce) && call.gathered_now) {
+      strategy_.reshard_unit(root_);
+    }
   }
 
  private:
   FSDPStrategy& strategy_;
-  std::vector<FlatUnit*> units_;
+  Unit& root_;
 };
 
 precision::ScopePtr FSDPStrategy::forward_context(torch::nn::Module& module) {
   auto* state = find(&module);
   if (!state) return nullptr;
-  const bool for_backward = module.is_training() && torch::autograd::GradMode::is_enabled();
-  std::vector<FlatUnit*> free_after;
-  for (auto& unit : state->units) {
-    if (unit->gathered()) continue;
-    unshard(*unit);
-    free_after.push_back(unit.get());
-  }
-  // A training forward keeps the parameters for its backward, which reshards.
-  if (for_backward || free_after.empty()) return nullptr;
-  return std::make_unique<ForwardScope>(*this, std::move(free_after));
+  Unit& root = *state->units.front();
+  begin_forward(root, torch::autograd::GradMode::is_enabled());
+  return std::make_unique<RootScope>(*this, root);
 }
 
 void FSDPStrategy::setup_optimizer(torch::optim::Optimizer& optimizer) {
@@ -297,10 +528,20 @@ at::Tensor FSDPStrategy::optimizer_step(torch::optim::Optimizer& optimizer,
 
 void FSDPStrategy::backward(const at::Tensor& loss, precision::Precision& precision) {
   precision.pre_backward(loss).backward();
-  if (!sync_) return;  // no_backward_sync: keep full parameters and gradients
   for (auto& state : modules_) {
     for (auto& unit : state->units) {
-      if (unit->gathered()) reduce_gradients(*unit);
+      if (!sync_) {  // no_backward_sync: keep full parameters and gradients
+        unit->holding = unit->holding || unit->needs_reduce;
+        unit->fired = 0;
+        unit->accumulators.clear();
+        continue;
+      }
+      // Units whose gradients did not all arrive (parameters unused this step).
+      if (unit->needs_reduce) {
+        reduce_unit(*unit);
+      } else if (unit->calls.empty()) {
+        reshard_unit(*unit);
+      }
     }
   }
 }
@@ -343,7 +584,6 @@ double FSDPStrategy::clip_gradients_norm(torch::nn::Module* module,
   return total;
 }
 
-// Full parameters and full optimizer state for a checkpoint; see full_state_context.
 class FSDPStrategy::StateScope : public precision::Scope {
  public:
   StateScope(FSDPStrategy& strategy, bool loading) : strategy_(strategy), loading_(loading) {}
@@ -361,20 +601,24 @@ class FSDPStrategy::StateScope : public precision::Scope {
     optimizers_ = optimizers;
     auto& owner = owner_;
     for (auto& state : strategy_.modules_) {
-      for (auto& unit : state->units) {
-        for (size_t i = 0; i < unit->params.size(); ++i) {
-          owner[unit->params[i].unsafeGetTensorImpl()] = {unit.get(), i};
+      for (auto& block : state->units) {
+        for (auto& unit : block->flats) {
+          for (size_t i = 0; i < unit->params.size(); ++i) {
+            owner[unit->params[i].unsafeGetTensorImpl()] = {unit.get(), i};
+          }
         }
       }
     }
     for (auto* module : modules) {
       auto* state = strategy_.find(module);
       if (!state) continue;
-      for (auto& unit : state->units) {
-        units_.push_back(unit.get());
-        if (!unit->gathered()) {
-          strategy_.unshard(*unit);
-          gathered_.push_back(unit.get());
+      for (auto& block : state->units) {
+        for (auto& unit : block->flats) {
+          units_.push_back(unit.get());
+          if (!unit->gathered()) {
+            strategy_.unshard(*unit);
+            gathered_.push_back(unit.get());
+          }
         }
       }
     }
@@ -433,7 +677,7 @@ class FSDPStrategy::StateScope : public precision::Scope {
     for (auto* unit : units_) {
       if (std::find(gathered_.begin(), gathered_.end(), unit) != gathered_.end()) {
         restore(*unit, /*copy_back=*/true);
-      } else if (unit->sharded && unit->full.defined()) {
+      } else if (unit->sharded && unit->allocated) {
         unit->shard.copy_(unit->full.narrow(0, unit->shard_begin, unit->shard_numel));
       }
     }

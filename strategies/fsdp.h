@@ -2,39 +2,48 @@
 // tensors, NCCL for CUDA), after PyTorch's FSDP with use_orig_params, which is
 // what Lightning uses for fabric.setup(model, optimizer).
 //
-// At set-up, rank 0's state is broadcast; then each set-up module's parameters
-// (per dtype) are flattened into one buffer padded to a multiple of world_size,
-// and each rank keeps its 1/world_size slice (the shard). Every parameter keeps
-// its identity (module members, user pointers and optimizer state keys stay
-// valid) but, between steps, holds only its piece of this rank's shard: a 1-D
-// tensor, possibly empty. So an optimizer built over model->parameters() before
-// setup allocates state only for this rank's pieces, and a checkpoint of the
-// optimizer is gathered back to full shapes (full_state_context).
+// Units. At setup the model is split into sharding units: modules marked with
+// fabric::Sharded, Sequential children chosen by FSDPOptions::auto_wrap_policy,
+// and the root (every parameter in no unit). Per unit and dtype the parameters
+// are flattened into one buffer padded to a multiple of world_size; each rank
+// keeps its 1/world_size slice (the shard). Every parameter keeps its identity
+// (module members, user pointers and optimizer state keys stay valid) but,
+// between steps, holds only its piece of this rank's shard: a 1-D tensor,
+// possibly empty. So an optimizer built over model->parameters() before setup
+// allocates state only for this rank's pieces.
 //
-// A training forward all-gathers the full parameters (each parameter then views
-// its slice of the gathered buffer); backward's gradients are flattened,
-// reduce-scattered (averaged) and each parameter goes back to its piece with its
-// gradient piece. no_backward_sync keeps the full parameters and gradients
-// (accumulation), as FSDP does. A forward without gradients (eval, no_grad)
-// frees the gathered parameters as soon as it returns.
+// A step. The root is gathered when the set-up module's forward starts; a unit
+// is gathered when its own forward starts and, under FULL_SHARD, freed when it
+// returns (the storage is released, so tensors autograd saved see the data
+// again when a hook on the unit's outputs gathers it for the backward). When
+// the last gradient of a unit has been accumulated (a hook per parameter counts
+// them), its gradients are reduce-scattered (averaged) while the backward goes
+// on, the full parameters are freed and each parameter gets its gradient piece.
+// Units whose gradients did not all arrive are reduced, in unit order, when
+// fabric.backward returns. no_backward_sync keeps full parameters and
+// gradients (accumulation); a forward without gradients frees each unit as soon
+// as it returns.
 //
-// What breaks while parameters are sharded (between steps, outside forward):
-// reading a parameter's values or shape, calling a submodule directly, and
-// Module::to/clone. Inside fabric.save/load and a forward they are whole.
-// Not yet: wrapping blocks as separate units (so the peak is the whole model),
-// overlapping reduce-scatter with backward, "sharded" checkpoints, and fp16 loss
-// scaling ("16-mixed"): each is an error or documented, not silently wrong.
+// Every rank must run the same units in the same order, as under DDP. What
+// breaks while parameters are sharded (between steps, outside forward): reading
+// a parameter's values or shape, calling a unit's submodule directly (call the
+// unit), and Module::to/clone. Inside fabric.save/load and a forward they are
+// whole. Not yet: "sharded" checkpoints and fp16 loss scaling ("16-mixed") with
+// sharding: each is an error, not silently wrong.
 #pragma once
 
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "strategies/options.h"
 #include "strategies/parallel.h"
+#include "strategies/sharding_unit.h"
 
 namespace fabric::strategies {
 
-class FSDPStrategy : public ParallelStrategy {
+class FSDPStrategy : public ParallelStrategy, private UnitRunner {
  public:
   // Throws std::invalid_argument for an unknown sharding_strategy or state_dict_type.
   FSDPStrategy(Topology topology, ProcessGroupOptions process_group, FSDPOptions options = {});
@@ -62,13 +71,29 @@ class FSDPStrategy : public ParallelStrategy {
   int64_t peak_gathered_bytes() const { return peak_gathered_bytes_; }
   void reset_peak_gathered_bytes() { peak_gathered_bytes_ = gathered_bytes_; }
 
+  // The sharding units of the set-up modules: dotted path ("" for a root) and
+  // the parameter elements each holds (unpadded), in unit order.
+  std::vector<std::pair<std::string, int64_t>> units() const;
+
   struct FlatUnit;  // (fsdp.cpp) one flat, sharded buffer of parameters
+  struct Unit;      // (fsdp.cpp) a root or block: its flat buffers and backward state
 
  private:
   struct ModuleState;
   class StateScope;
-  class ForwardScope;
+  class RootScope;
+  class GradReadyHook;
   ModuleState* find(const torch::nn::Module* module);
+  Unit* unit_of(const torch::nn::Module& module);
+  // UnitRunner: a block unit's forward.
+  void pre_forward(torch::nn::Module& unit) override;
+  void post_forward(torch::nn::Module& unit, const std::vector<at::Tensor>& outputs) override;
+  void forward_failed(torch::nn::Module& unit) override;
+  void begin_forward(Unit& unit, bool for_backward);
+  void count_gradients_expected(Unit& unit);
+  void on_gradient_ready(Unit& unit);
+  void reduce_unit(Unit& unit);
+  void reshard_unit(Unit& unit);
   void unshard(FlatUnit& unit);
   // Points the parameters back at their pieces and frees the gathered buffer;
   // copy_back first copies this rank's slice of it into the shard (after a load).
@@ -78,6 +103,7 @@ class FSDPStrategy : public ParallelStrategy {
 
   FSDPOptions options_;
   std::vector<std::unique_ptr<ModuleState>> modules_;
+  std::vector<std::shared_ptr<torch::nn::Module>> adapters_;  // auto-wrap installed them
   int64_t gathered_bytes_ = 0;
   int64_t peak_gathered_bytes_ = 0;
 };

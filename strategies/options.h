@@ -3,6 +3,7 @@
 // fabric/options.h can include it cheaply.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <string>
 
@@ -25,16 +26,31 @@ struct DDPOptions {
   bool broadcast_buffers = true;
 };
 
+// Decides, at fsdp setup, whether a child of a torch::nn::Sequential becomes a
+// sharding unit: given the child, its dotted path in the model and its number
+// of parameter elements. Ready-made policies: strategies/auto_wrap.h.
+using AutoWrapPolicy =
+    std::function<bool(const torch::nn::Module& module, const std::string& path, int64_t num_params)>;
+
 // strategy="fsdp": fully sharded data parallel, after Lightning's FSDPStrategy.
-// Every set-up module is one sharding unit (per dtype): its parameters, their
-// gradients and the optimizer state live as 1/world_size shards between steps;
-// the full parameters exist from the start of a training forward until its
-// backward has reduce-scattered the gradients (see strategies/fsdp.h).
+// The model is split into sharding units: blocks marked with fabric::Sharded
+// (fabric/sharded.h) or chosen by auto_wrap_policy, and the root (everything
+// else). Between steps each rank holds 1/world_size of every unit's parameters,
+// gradients and optimizer state; a unit's full parameters exist only around its
+// forward and its backward (see strategies/fsdp.h).
 struct FSDPOptions {
-  // "FULL_SHARD" (ZeRO-3: parameters, gradients and optimizer state sharded),
-  // "SHARD_GRAD_OP" (ZeRO-2; with one unit per module it behaves as FULL_SHARD),
-  // "NO_SHARD" (DDP's semantics: everything replicated, gradients all-reduced).
+  // "FULL_SHARD" (ZeRO-3: parameters, gradients and optimizer state sharded;
+  // a unit's parameters are freed after its forward and gathered again for its
+  // backward), "SHARD_GRAD_OP" (ZeRO-2: parameters stay gathered from a unit's
+  // forward until its backward), "NO_SHARD" (DDP's semantics: everything
+  // replicated, gradients all-reduced).
   std::string sharding_strategy = "FULL_SHARD";
+  // Which Sequential children become units (none when empty).
+  AutoWrapPolicy auto_wrap_policy;
+  // FULL_SHARD only: free a unit's gathered parameters after its forward (and
+  // gather them again for its backward). false keeps them until the backward,
+  // trading memory for one all-gather per unit per step.
+  bool reshard_after_forward = true;
   // What fabric.save writes: "full" (rank 0 writes the same file DDP writes).
   // "sharded" (a file per rank) is named but not available yet: an error says so.
   std::string state_dict_type = "full";

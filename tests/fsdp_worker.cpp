@@ -1,0 +1,267 @@
+// The program the fsdp tests start under `mpirun -np 2` (tests/fsdp_test.cpp).
+//   fsdp_worker MODE OUTDIR [--strategy fsdp|ddp] [--sharding S] [--optimizer adam|adamw|sgd]
+//               [--precision P] [--no-reshard] [--sequential] [--auto-wrap] [--width N]
+// MODE:
+//   train       10 steps on this rank's half of each 16-row global batch
+//   accumulate  the same in 2 micro-batches per step, the first under no_backward_sync
+//   clip        train, clipping to a total norm of 0.05; OUTDIR/norms_rank<r>.pt
+//               holds the norm of every step
+//   errors      checks the errors fsdp gives (a weight tied across two units, an
+//               optimizer with state at setup); exits 3 when one is missing
+//   memory      train; OUTDIR/memory_rank<r>.txt holds the distinct storage bytes of
+//               parameters + gradients + optimizer state at rest, the bytes alive
+//               in the CPU allocator at rest, and the allocator's peak during the
+//               last step
+// Every mode writes OUTDIR/params_rank<r>.pt (full parameters after training).
+// Under fsdp it exits 3 when an invariant breaks: gathered buffers alive between
+// steps, parameters at rest not this rank's shard, or (FULL_SHARD, resharding after
+// forward) a gathered peak above the root plus the largest unit.
+#include <torch/torch.h>
+
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <functional>
+#include <fstream>
+#include <iostream>
+#include <unordered_set>
+
+#include "fabric/fabric.h"
+#include "fsdp_model.h"
+#include "strategies/auto_wrap.h"
+#include "strategies/fsdp.h"
+
+namespace {
+
+// A unit holding a given tensor, to tie one weight across two units.
+struct TiedUnitImpl : torch::nn::Module {
+  explicit TiedUnitImpl(torch::Tensor shared) : w(register_parameter("w", shared)) {}
+  torch::Tensor forward(torch::Tensor x) { return x.matmul(w); }
+  torch::Tensor w;
+};
+struct TiedNetImpl : torch::nn::Module {
+  TiedNetImpl() {
+    auto shared = torch::randn({4, 4});
+    a = register_module("a", fabric::Sharded<TiedUnitImpl>(shared));
+    b = register_module("b", fabric::Sharded<TiedUnitImpl>(shared));
+  }
+  torch::Tensor forward(torch::Tensor x) { return b(a(x)); }
+  fabric::Sharded<TiedUnitImpl> a{nullptr}, b{nullptr};
+};
+
+bool error_contains(const std::function<void()>& action, const std::vector<std::string>& needles) {
+  try {
+    action();
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    for (const auto& needle : needles) {
+      if (what.find(needle) == std::string::npos) {
+        std::cerr << "message lacks \"" << needle << "\": " << what << std::endl;
+        return false;
+      }
+    }
+    return true;
+  }
+  std::cerr << "no error" << std::endl;
+  return false;
+}
+
+// Counts the bytes alive in CPU tensors (the cross-check of the strategy's own
+// accounting): each block carries its size in a 64-byte header.
+class CountingAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    auto* base = static_cast<char*>(c10::alloc_cpu(n + kHeader));
+    *reinterpret_cast<size_t*>(base) = n;
+    add(static_cast<int64_t>(n));
+    return {base + kHeader, base, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    std::memcpy(dest, src, count);
+  }
+  static int64_t live() { return live_.load(); }
+  static int64_t peak() { return peak_.load(); }
+  static void reset_peak() { peak_.store(live_.load()); }
+
+ private:
+  static constexpr size_t kHeader = 64;
+  static void add(int64_t n) {
+    const int64_t now = live_.fetch_add(n) + n;
+    int64_t seen = peak_.load();
+    while (now > seen && !peak_.compare_exchange_weak(seen, now)) {
+    }
+  }
+  static void release(void* ctx) {
+    auto* base = static_cast<char*>(ctx);
+    add(-static_cast<int64_t>(*reinterpret_cast<size_t*>(base)));
+    c10::free_cpu(base);
+  }
+  static inline std::atomic<int64_t> live_{0}, peak_{0};
+};
+
+void write_tensors(const std::vector<torch::Tensor>& tensors, const std::string& path) {
+  c10::List<torch::Tensor> list;
+  for (const auto& t : tensors) list.push_back(t.detach().cpu().to(torch::kFloat));
+  auto bytes = torch::pickle_save(c10::IValue(list));
+  std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+int fail(const std::string& what) {
+  std::cerr << "fsdp check failed: " << what << std::endl;
+  return 3;
+}
+
+// Distinct storage bytes of parameters, gradients and optimizer state.
+int64_t state_bytes(torch::nn::Module& model, torch::optim::Optimizer& optimizer) {
+  std::unordered_set<const void*> seen;
+  int64_t bytes = 0;
+  auto add = [&](const torch::Tensor& t) {
+    if (!t.defined()) return;
+    if (seen.insert(t.storage().unsafeGetStorageImpl()).second) bytes += t.storage().nbytes();
+  };
+  for (const auto& p : model.parameters()) {
+    add(p);
+    add(p.grad());
+    auto it = optimizer.state().find(p.unsafeGetTensorImpl());
+    if (it == optimizer.state().end()) continue;
+    if (auto* s = dynamic_cast<torch::optim::AdamParamState*>(it->second.get())) {
+      add(s->exp_avg()), add(s->exp_avg_sq());
+    } else if (auto* s = dynamic_cast<torch::optim::AdamWParamState*>(it->second.get())) {
+      add(s->exp_avg()), add(s->exp_avg_sq());
+    } else if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(it->second.get())) {
+      add(s->momentum_buffer());
+    }
+  }
+  return bytes;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  static CountingAllocator counting;
+  c10::SetCPUAllocator(&counting, /*priority=*/100);
+  if (argc < 3) {
+    std::cerr << "usage: fsdp_worker MODE OUTDIR [flags]" << std::endl;
+    return 2;
+  }
+  const std::string mode = argv[1], out = argv[2];
+  fabric::FabricOptions options;
+  options.accelerator = "cpu";
+  options.strategy = "fsdp";
+  std::string optimizer_name = "adam";
+  bool sequential = false;
+  int64_t width = 7;
+  for (int i = 3; i < argc; ++i) {
+    const std::string flag = argv[i];
+    const std::string value = i + 1 < argc ? argv[i + 1] : "";
+    if (flag == "--strategy") options.strategy = value, ++i;
+    else if (flag == "--sharding") options.fsdp.sharding_strategy = value, ++i;
+    else if (flag == "--optimizer") optimizer_name = value, ++i;
+    else if (flag == "--precision") options.precision = value, ++i;
+    else if (flag == "--width") width = std::stoi(value), ++i;
+    else if (flag == "--no-reshard") options.fsdp.reshard_after_forward = false;
+    else if (flag == "--sequential") sequential = true;
+    else if (flag == "--auto-wrap") options.fsdp.auto_wrap_policy = fabric::strategies::wrap_module_types({"FsdpBlock"});
+    else return fail("unknown flag " + flag);
+  }
+  try {
+    fabric::Fabric fabric(options);
+    fabric.launch();
+    const int64_t rank = fabric.global_rank(), world = fabric.world_size();
+    if (mode == "errors") {
+      auto tied = std::make_shared<TiedNetImpl>();
+      if (!error_contains([&] { fabric.setup(tied); },
+                          {"'a.w' and 'b.w'", "tied", "different sharding units", "'a' and 'b'"})) {
+        return fail("a weight tied across units");
+      }
+      auto model = std::make_shared<FsdpNetImpl>();
+      auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-2);
+      torch::mse_loss(model->forward(torch::randn({2, 5})), torch::zeros({2, 3})).backward();
+      adam->step();
+      if (!error_contains([&] { fabric.setup(model, adam); }, {"already has state", "fresh"})) {
+        return fail("an optimizer with state at setup");
+      }
+      fabric.print("fsdp errors ok");
+      return 0;
+    }
+    torch::manual_seed(0);
+    auto model = std::make_shared<FsdpNetImpl>(sequential, width);
+    auto optimizer = fsdp_optimizer(optimizer_name, model->parameters());
+    auto [net, opt] = fabric.setup(model, optimizer);
+    auto* fsdp = dynamic_cast<fabric::strategies::FSDPStrategy*>(&fabric.strategy());
+    int64_t bound = 0;  // root + largest unit, in bytes
+    if (fsdp) {
+      const auto units = fsdp->units();
+      if (units.size() != 4) return fail("expected the root and 3 units, got " + std::to_string(units.size()));
+      int64_t largest = 0;
+      for (size_t i = 1; i < units.size(); ++i) largest = std::max(largest, units[i].second);
+      const auto padded = [world](int64_t n) { return (n + world - 1) / world * world; };
+      bound = (padded(units[0].second) + padded(largest)) * 4;
+    }
+    const int64_t per_rank = 16 / world;
+    std::vector<torch::Tensor> norms;
+    for (int step = 0; step < 10; ++step) {
+      auto [x, y] = fsdp_global_batch(step);
+      auto xs = x.narrow(0, rank * per_rank, per_rank), ys = y.narrow(0, rank * per_rank, per_rank);
+      if (fsdp) fsdp->reset_peak_gathered_bytes();
+      CountingAllocator::reset_peak();
+      opt.zero_grad();
+      if (mode == "accumulate") {
+        const int64_t micro = per_rank / 2;
+        for (int m = 0; m < 2; ++m) {
+          auto guard = fabric.no_backward_sync(net, /*enabled=*/m == 0);
+          fabric.backward(torch::mse_loss(net(xs.narrow(0, m * micro, micro)),
+                                          ys.narrow(0, m * micro, micro)) / 2);
+        }
+      } else {
+        fabric.backward(torch::mse_loss(net(xs), ys));
+      }
+      if (mode == "clip") {
+        norms.push_back(torch::tensor(*fabric.clip_gradients(net, opt, {.max_norm = 0.05})));
+      }
+      opt.step();
+      if (fsdp) {
+        if (fsdp->gathered_bytes() != 0) {
+          return fail("step " + std::to_string(step) + ": " + std::to_string(fsdp->gathered_bytes()) +
+                      " gathered bytes alive between steps");
+        }
+        const bool freed_after_forward = options.fsdp.sharding_strategy == "FULL_SHARD" &&
+                                         options.fsdp.reshard_after_forward && mode != "accumulate";
+        if (freed_after_forward && fsdp->peak_gathered_bytes() > bound) {
+          return fail("gathered peak " + std::to_string(fsdp->peak_gathered_bytes()) +
+                      " bytes is above root + largest unit (" + std::to_string(bound) + ")");
+        }
+      }
+    }
+    if (fsdp && options.fsdp.sharding_strategy != "NO_SHARD") {
+      int64_t at_rest = 0, full = 0;
+      for (const auto& p : model->parameters()) at_rest += p.numel();
+      {
+        auto whole = fabric.strategy().full_state_context({model.get()}, {}, false);
+        for (const auto& p : model->parameters()) full += p.numel();
+      }
+      if (at_rest * world > full + 4 * world) {
+        return fail("parameters at rest hold " + std::to_string(at_rest) + " of " + std::to_string(full) +
+                    " elements");
+      }
+    }
+    if (mode == "memory") {
+      std::ofstream(out + "/memory_rank" + std::to_string(rank) + ".txt")
+          << state_bytes(*model, *optimizer) << " " << CountingAllocator::live() << " "
+          << CountingAllocator::peak() << "\n";
+    }
+    if (mode == "clip") write_tensors(norms, out + "/norms_rank" + std::to_string(rank) + ".pt");
+    {
+      auto whole = fabric.strategy().full_state_context({model.get()}, {}, false);
+      write_tensors(model->parameters(), out + "/params_rank" + std::to_string(rank) + ".pt");
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << std::endl;
+    return 1;
+  }
+}
