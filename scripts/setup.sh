@@ -3,7 +3,7 @@
 # there. Idempotent. Called by `make run`, `make test` and `make bench`.
 #   Debian packages: Bazel (bazel-bootstrap + the mock rule repositories in
 #     bazel-bootstrap-source), CMake, g++, GoogleTest, Boost.Program_options, zlib,
-#     Open MPI, and the Fashion-MNIST data.
+#     Open MPI, the Fashion-MNIST data and the fortunes text (examples/gpt).
 #   pip: torch==2.11.0 (a CUDA 13.0 build that also runs without a GPU), numpy and
 #     lightning==2.6.6 (Python comparisons in tests and benchmarks), into $PYTHON
 #     (default python3).
@@ -15,7 +15,7 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=2.11.0
 PACKAGES=(bazel-bootstrap bazel-bootstrap-source cmake g++ make libgtest-dev googletest
           libboost-program-options-dev zlib1g-dev libopenmpi-dev openmpi-bin
-          dataset-fashion-mnist)
+          dataset-fashion-mnist fortunes)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

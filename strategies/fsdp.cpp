@@ -345,7 +345,15 @@ void FSDPStrategy::reshard(FlatUnit& unit, bool copy_back) {
   if (!unit.sharded || !unit.allocated) return;
   torch::NoGradGuard no_grad;
   if (copy_back) unit.shard.copy_(unit.full.narrow(0, unit.shard_begin, unit.shard_numel));
-  for (size_t i = 0; i < unit.params.size(); ++i) point(unit.params[i], unit.piece(i));
+  for (size_t i = 0; i < unit.params.size(); ++i) {
+    point(unit.params[i], unit.piece(i));
+    // Gradient pieces set aside while gathered (a forward without backward, a
+    // checkpoint) go back where they were.
+    if (unit.stashed[i].defined()) {
+      unit.params[i].mutable_grad() = unit.stashed[i];
+      unit.stashed[i] = at::Tensor();
+    }
+  }
   gathered_bytes_ -= unit.full_bytes();
   release_storage(unit.full);
   unit.allocated = false;
@@ -366,6 +374,10 @@ void FSDPStrategy::reduce_gradients(FlatUnit& unit) {
   // Every unit that ran a forward for backward is reduced on every rank (zeros
   // where no gradient came), so the collectives stay in step.
   flat.div_(static_cast<double>(topology_.world_size));
+  // Gradient pieces from before this backward (not zeroed) are added afterwards.
+  std::vector<at::Tensor> earlier(unit.params.size());
+  std::swap(earlier, unit.stashed);
+  unit.stashed.resize(unit.params.size());
   at::Tensor grad_shard;
   if (unit.sharded) {
     grad_shard = at::empty({unit.shard_numel}, flat.options());
@@ -388,10 +400,7 @@ void FSDPStrategy::reduce_gradients(FlatUnit& unit) {
     } else {
       g = alias(grad_shard, unit.offsets[i], unit.shapes[i]);
     }
-    if (unit.stashed[i].defined()) {
-      g.add_(unit.stashed[i]);
-      unit.stashed[i] = at::Tensor();
-    }
+    if (earlier[i].defined()) g.add_(earlier[i]);
     p.mutable_grad() = g;
   }
 }

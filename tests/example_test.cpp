@@ -1,6 +1,6 @@
 // Runs the example programs end to end: the autoencoder in every precision mode
 // for a few steps, and the classifier to its reported test accuracy.
-// argv[1], argv[2]: paths of the autoencoder and classifier binaries.
+// argv[1], argv[2], argv[3]: paths of the autoencoder, classifier and gpt binaries.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -8,12 +8,13 @@
 #include <cstdlib>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <map>
 #include <regex>
 
 #include "test_util.h"
 
 namespace {
-std::string g_autoencoder, g_classifier;
+std::string g_autoencoder, g_classifier, g_gpt;
 
 std::string absolute(const char* path) {
   char resolved[PATH_MAX];
@@ -139,13 +140,43 @@ TEST(Examples, ClassifierReachesEightyFivePercent) {
   EXPECT_GE(std::stod(match[1]), 0.85) << result.output;
 }
 
+// The GPT example on the fortunes text: a short run's loss falls from ln(256)
+// (uniform over bytes) under each strategy, and fsdp prints the very losses DDP
+// prints from the same seed (its blocks are sharding units).
+TEST(Examples, GptLossFallsUnderEveryStrategyAndFsdpMatchesDdp) {
+  const std::string small = " --accelerator cpu --max-steps 40 --eval-every 20 --n-layer 2 --n-embd 64"
+                            " --n-head 4 --block-size 32 --batch-size 8 --sample 20";
+  std::map<std::string, std::vector<std::string>> lines;
+  for (const std::string run : {"--strategy single_device", "--devices 2 --strategy ddp",
+                                "--devices 2 --strategy fsdp",
+                                "--devices 2 --strategy fsdp --precision bf16-mixed"}) {
+    SCOPED_TRACE(run);
+    auto result = testutil::run_command(g_gpt + small + " " + run);
+    ASSERT_EQ(result.status, 0) << result.output;
+    std::vector<double> losses;
+    auto& found = lines[run];
+    const std::regex line("step ([0-9]+): train_loss ([0-9.]+) val_loss ([0-9.]+)");
+    for (auto it = std::sregex_iterator(result.output.begin(), result.output.end(), line);
+         it != std::sregex_iterator(); ++it) {
+      found.push_back((*it)[0]);
+      losses.push_back(std::stod((*it)[3]));
+    }
+    ASSERT_EQ(losses.size(), 2u) << result.output;
+    EXPECT_LT(losses[0], std::log(256.0)) << result.output;
+    EXPECT_LT(losses[1], losses[0]) << result.output;
+    EXPECT_NE(result.output.find("sample:"), std::string::npos) << result.output;
+  }
+  EXPECT_EQ(lines["--devices 2 --strategy fsdp"], lines["--devices 2 --strategy ddp"]);
+}
+
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  if (argc < 3) {
-    std::fprintf(stderr, "usage: %s AUTOENCODER CLASSIFIER\n", argv[0]);
+  if (argc < 4) {
+    std::fprintf(stderr, "usage: %s AUTOENCODER CLASSIFIER GPT\n", argv[0]);
     return 2;
   }
   g_autoencoder = absolute(argv[1]);
   g_classifier = absolute(argv[2]);
+  g_gpt = absolute(argv[3]);
   return RUN_ALL_TESTS();
 }

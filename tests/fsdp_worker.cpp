@@ -12,7 +12,8 @@
 //               parameters + gradients + optimizer state at rest, the bytes alive
 //               in the CPU allocator at rest, and the allocator's peak during the
 //               last step
-// Every mode writes OUTDIR/params_rank<r>.pt (full parameters after training).
+// Every mode writes OUTDIR/params_rank<r>.pt (full parameters after training) and
+// runs a forward without gradients after each step (as an evaluation would).
 // Under fsdp it exits 3 when an invariant breaks: gathered buffers alive between
 // steps, parameters at rest not this rank's shard, or (FULL_SHARD, resharding after
 // forward) a gathered peak above the root plus the largest unit.
@@ -224,6 +225,10 @@ int main(int argc, char** argv) {
         norms.push_back(torch::tensor(*fabric.clip_gradients(net, opt, {.max_norm = 0.05})));
       }
       opt.step();
+      {  // a forward without gradients between steps (evaluation) changes nothing
+        torch::NoGradGuard no_grad;
+        net(xs);
+      }
       if (fsdp) {
         if (fsdp->gathered_bytes() != 0) {
           return fail("step " + std::to_string(step) + ": " + std::to_string(fsdp->gathered_bytes()) +

@@ -7,7 +7,8 @@
 
 namespace examples {
 
-TrainArgs parse_args(int argc, char** argv, const std::string& description, TrainArgs args) {
+TrainArgs parse_args(int argc, char** argv, const std::string& description, TrainArgs args,
+                     const std::vector<ExtraFlag>& extra) {
   namespace po = boost::program_options;
   std::string devices = args.fabric.devices.str();
   std::string precision = args.fabric.precision.str();
@@ -37,6 +38,17 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
        "where to write the final checkpoint (empty: do not write)")
       ("resume", po::value(&args.resume)->default_value(args.resume),
        "continue training from this checkpoint (model, optimizer, step, epoch, RNG)");
+  for (const auto& flag : extra) {
+    if (flag.integer) {
+      flags.add_options()(flag.name.c_str(), po::value(flag.integer)->default_value(*flag.integer),
+                          flag.help.c_str());
+    } else if (flag.on) {
+      flags.add_options()(flag.name.c_str(), po::bool_switch(flag.on), flag.help.c_str());
+    } else if (flag.text) {
+      flags.add_options()(flag.name.c_str(), po::value(flag.text)->default_value(*flag.text),
+                          flag.help.c_str());
+    }
+  }
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, flags), vm);
@@ -48,6 +60,13 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
   if (vm.count("help")) {
     std::cout << flags << std::endl;
     std::exit(0);
+  }
+  for (const auto& flag : extra) {
+    if (flag.integer && *flag.integer < flag.min) {
+      std::cerr << "error: --" << flag.name << " must be at least " << flag.min << ", got "
+                << *flag.integer << std::endl;
+      std::exit(2);
+    }
   }
   args.fabric.devices = fabric::Devices(devices);
   args.fabric.precision = precision;

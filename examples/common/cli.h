@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "fabric/options.h"
 
@@ -21,8 +22,21 @@ struct TrainArgs {
   std::string resume;  // checkpoint to continue from (empty: start fresh)
 };
 
-// Parses argv into `defaults` (whose values are shown by --help). Prints help and
-// exits 0 for --help; prints the error and exits 2 for a bad flag.
-TrainArgs parse_args(int argc, char** argv, const std::string& description, TrainArgs defaults);
+// A flag one example adds to the shared ones: exactly one of the targets is set;
+// an integer flag below `min` is an error naming the flag and the minimum.
+struct ExtraFlag {
+  std::string name;
+  std::string help;
+  int64_t* integer = nullptr;
+  int64_t min = 1;
+  bool* on = nullptr;  // a switch (no value)
+  std::string* text = nullptr;
+};
+
+// Parses argv into `defaults` (whose values are shown by --help), plus the
+// example's own flags (their targets hold the defaults). Prints help and exits 0
+// for --help; prints the error and exits 2 for a bad flag.
+TrainArgs parse_args(int argc, char** argv, const std::string& description, TrainArgs defaults,
+                     const std::vector<ExtraFlag>& extra = {});
 
 }  // namespace examples

@@ -1,0 +1,203 @@
+// A character-level GPT trained with AdamW on real English text: the fortune
+// cookies of Debian's `fortunes` package (/usr/share/games/fortunes, installed by
+// scripts/setup.sh), bytes as tokens, the last 10% held out for validation.
+// Each transformer block is a sharding unit under --strategy fsdp, the model
+// this strategy exists for; the same program runs single-device, DDP and under
+// mpirun:
+//   gpt --max-steps 200
+//   gpt --devices 2 --strategy fsdp --n-layer 6 --n-embd 192
+//   gpt --devices 2 --strategy ddp --precision bf16-mixed --sample 400
+//   mpirun -np 2 gpt --strategy fsdp
+// Prints `step N: train_loss X val_loss Y` every --eval-every steps, then a text
+// sample (every rank samples, since under fsdp each forward is collective; rank
+// 0 prints).
+#include <torch/torch.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <dirent.h>
+
+#include <algorithm>
+#include <exception>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <iterator>
+#include <sstream>
+
+#include "cli.h"
+#include "fabric/fabric.h"
+#include "model.h"
+
+namespace {
+
+// Every plain-text fortune file in `dir` (names without a dot; the .dat files
+// are indexes), in name order, as one byte tensor.
+torch::Tensor load_text(const std::string& dir) {
+  std::vector<std::string> names;
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (const dirent* entry = ::readdir(d)) {
+      const std::string name = entry->d_name;
+      if (!name.empty() && name.find('.') == std::string::npos) names.push_back(name);
+    }
+    ::closedir(d);
+  }
+  std::sort(names.begin(), names.end());
+  std::string text;
+  for (const auto& name : names) {
+    std::ifstream in(dir + "/" + name, std::ios::binary);
+    text.append(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  if (text.size() < 10000) {
+    throw std::runtime_error("gpt: no training text in " + dir +
+                             " (install Debian's `fortunes` package: scripts/setup.sh does, or "
+                             "`apt-get install fortunes`; or pass --data DIR)");
+  }
+  auto bytes = torch::empty({static_cast<int64_t>(text.size())}, torch::kUInt8);
+  std::memcpy(bytes.data_ptr(), text.data(), text.size());
+  return bytes.to(torch::kLong);
+}
+
+// `batch` random windows of block_size + 1 tokens: inputs and next-token targets.
+std::pair<torch::Tensor, torch::Tensor> get_batch(const torch::Tensor& data, int64_t batch,
+                                                  int64_t block, at::Generator& gen) {
+  auto starts = torch::randint(0, data.size(0) - block - 1, {batch}, gen);
+  std::vector<torch::Tensor> xs, ys;
+  for (int64_t i = 0; i < batch; ++i) {
+    const int64_t s = starts[i].item<int64_t>();
+    xs.push_back(data.slice(0, s, s + block));
+    ys.push_back(data.slice(0, s + 1, s + block + 1));
+  }
+  return {torch::stack(xs), torch::stack(ys)};
+}
+
+}  // namespace
+
+int run(int argc, char** argv) {
+  examples::TrainArgs defaults;
+  defaults.epochs = 3;
+  defaults.batch_size = 32;
+  defaults.lr = 2e-3;
+  GptConfig config;
+  int64_t eval_every = 100, eval_batches = 8, sample = 200;
+  bool untied = false;
+  std::string data_dir = "/usr/share/games/fortunes";
+  auto args = examples::parse_args(
+      argc, argv,
+      "Character-level GPT on Debian's fortunes, trained with torchfabric (an epoch is "
+      "--eval-every steps)",
+      defaults,
+      {{"n-layer", "transformer blocks (each a sharding unit under fsdp)", &config.n_layer},
+       {"n-head", "attention heads (must divide --n-embd)", &config.n_head},
+       {"n-embd", "embedding width", &config.n_embd},
+       {"block-size", "context length in characters", &config.block_size, 2},
+       {"eval-every", "steps between evaluations (one epoch)", &eval_every},
+       {"eval-batches", "validation batches per evaluation", &eval_batches},
+       {"sample", "characters of text to sample at the end (0: none)", &sample, 0},
+       {"untied-head", "give the output head its own weight (default: tied to the token embedding)",
+        nullptr, 1, &untied},
+       {"data", "directory of fortune files", nullptr, 1, nullptr, &data_dir}});
+  config.tied_head = !untied;
+  if (config.n_embd % config.n_head != 0) {
+    std::cerr << "error: --n-embd (" << config.n_embd << ") must be a multiple of --n-head ("
+              << config.n_head << ")" << std::endl;
+    return 2;
+  }
+
+  fabric::Fabric fabric(args.fabric);
+  fabric.launch();
+  fabric.seed_everything(args.seed);
+
+  auto text = load_text(data_dir);
+  const int64_t split = text.size(0) * 9 / 10;
+  auto train_data = text.slice(0, 0, split), val_data = text.slice(0, split);
+
+  auto model = fabric.init_module<GptImpl>(config);
+  const int64_t n_params = model->num_parameters();
+  auto optimizer = std::make_shared<torch::optim::AdamW>(
+      model->parameters(), torch::optim::AdamWOptions(args.lr).weight_decay(0.01));
+  auto [net, opt] = fabric.setup(model, optimizer);
+
+  int64_t step = 0;
+  if (!args.resume.empty()) {
+    fabric::State state{{"model", net}, {"optimizer", opt}, {"step", 0}};
+    fabric.load(args.resume, state);
+    step = state.at("step").to_int();
+    fabric.print("resumed from ", args.resume, " at step ", step);
+  }
+  const int64_t total = args.max_steps >= 0 ? args.max_steps : args.epochs * eval_every;
+  fabric.print("gpt: ", n_params, " parameters, ", config.n_layer, " blocks, ", text.size(0),
+               " characters; ", fabric.world_size(), " rank(s), strategy ", fabric.strategy().name(),
+               ", precision ", fabric.precision().name(), ", ", total, " steps");
+
+  // Each rank draws its own batches; the stream depends on the seed, rank and step only.
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(args.seed * 1000 + fabric.global_rank());
+  auto evaluate = [&](const torch::Tensor& data) {
+    torch::NoGradGuard no_grad;
+    net->eval();
+    auto eval_gen = at::make_generator<at::CPUGeneratorImpl>(7 + fabric.global_rank());
+    double sum = 0;
+    for (int64_t i = 0; i < eval_batches; ++i) {
+      auto [x, y] = get_batch(data, args.batch_size, config.block_size, eval_gen);
+      auto logits = net(fabric.to_device(x));
+      sum += torch::cross_entropy_loss(logits.view({-1, config.vocab_size}).to(torch::kFloat),
+                                       fabric.to_device(y).view({-1}))
+                 .item<double>();
+    }
+    net->train();
+    return fabric.all_reduce(sum / eval_batches, "mean");
+  };
+
+  net->train();
+  double running = 0;
+  int64_t counted = 0;
+  for (; step < total;) {
+    auto [x, y] = get_batch(train_data, args.batch_size, config.block_size, gen);
+    opt.zero_grad();
+    auto logits = net(fabric.to_device(x));
+    auto loss = torch::cross_entropy_loss(logits.view({-1, config.vocab_size}).to(torch::kFloat),
+                                          fabric.to_device(y).view({-1}));
+    fabric.backward(loss);
+    fabric.clip_gradients(net, opt, {.max_norm = 1.0});
+    opt.step();
+    ++step;
+    running += loss.item<double>();
+    ++counted;
+    if (step % eval_every == 0 || step == total) {
+      const double train_loss = fabric.all_reduce(running / counted, "mean");
+      fabric.print("step ", step, ": train_loss ", std::fixed, std::setprecision(4), train_loss,
+                   " val_loss ", evaluate(val_data));
+      running = 0;
+      counted = 0;
+    }
+  }
+  if (!args.checkpoint.empty()) {
+    fabric.save(args.checkpoint, {{"model", net}, {"optimizer", opt}, {"step", step}});
+  }
+
+  if (sample > 0) {
+    torch::NoGradGuard no_grad;
+    net->eval();
+    auto sample_gen = at::make_generator<at::CPUGeneratorImpl>(args.seed);
+    std::string prompt = "The ";
+    std::vector<int64_t> tokens(prompt.begin(), prompt.end());
+    for (int64_t i = 0; i < sample; ++i) {
+      const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(tokens.size()) - config.block_size);
+      auto context = torch::tensor(std::vector<int64_t>(tokens.begin() + start, tokens.end())).unsqueeze(0);
+      auto logits = net(fabric.to_device(context)).select(1, -1).to(torch::kFloat).cpu();
+      auto probs = torch::softmax(logits / 0.8, -1);
+      tokens.push_back(torch::multinomial(probs, 1, false, sample_gen).item<int64_t>());
+    }
+    std::string out(tokens.begin(), tokens.end());
+    fabric.print("sample:\n", out);
+  }
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << std::endl;
+    return 1;
+  }
+}
