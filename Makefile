@@ -27,6 +27,7 @@ test: setup
 bench: build
 	./bazel-bin/benchmarks/overhead/overhead
 	./bazel-bin/benchmarks/ddp/ddp
+	./bazel-bin/benchmarks/fsdp/fsdp
 	./bazel-bin/benchmarks/checkpoint/checkpoint --python $(PYTHON)
 
 clean:

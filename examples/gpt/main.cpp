@@ -14,7 +14,6 @@
 #include <torch/torch.h>
 
 #include <ATen/CPUGeneratorImpl.h>
-#include <dirent.h>
 
 #include <algorithm>
 #include <exception>
@@ -26,51 +25,9 @@
 
 #include "cli.h"
 #include "fabric/fabric.h"
+#include "data.h"
 #include "model.h"
 
-namespace {
-
-// Every plain-text fortune file in `dir` (names without a dot; the .dat files
-// are indexes), in name order, as one byte tensor.
-torch::Tensor load_text(const std::string& dir) {
-  std::vector<std::string> names;
-  if (DIR* d = ::opendir(dir.c_str())) {
-    while (const dirent* entry = ::readdir(d)) {
-      const std::string name = entry->d_name;
-      if (!name.empty() && name.find('.') == std::string::npos) names.push_back(name);
-    }
-    ::closedir(d);
-  }
-  std::sort(names.begin(), names.end());
-  std::string text;
-  for (const auto& name : names) {
-    std::ifstream in(dir + "/" + name, std::ios::binary);
-    text.append(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  }
-  if (text.size() < 10000) {
-    throw std::runtime_error("gpt: no training text in " + dir +
-                             " (install Debian's `fortunes` package: scripts/setup.sh does, or "
-                             "`apt-get install fortunes`; or pass --data DIR)");
-  }
-  auto bytes = torch::empty({static_cast<int64_t>(text.size())}, torch::kUInt8);
-  std::memcpy(bytes.data_ptr(), text.data(), text.size());
-  return bytes.to(torch::kLong);
-}
-
-// `batch` random windows of block_size + 1 tokens: inputs and next-token targets.
-std::pair<torch::Tensor, torch::Tensor> get_batch(const torch::Tensor& data, int64_t batch,
-                                                  int64_t block, at::Generator& gen) {
-  auto starts = torch::randint(0, data.size(0) - block - 1, {batch}, gen);
-  std::vector<torch::Tensor> xs, ys;
-  for (int64_t i = 0; i < batch; ++i) {
-    const int64_t s = starts[i].item<int64_t>();
-    xs.push_back(data.slice(0, s, s + block));
-    ys.push_back(data.slice(0, s + 1, s + block + 1));
-  }
-  return {torch::stack(xs), torch::stack(ys)};
-}
-
-}  // namespace
 
 int run(int argc, char** argv) {
   examples::TrainArgs defaults;
@@ -107,7 +64,7 @@ int run(int argc, char** argv) {
   fabric.launch();
   fabric.seed_everything(args.seed);
 
-  auto text = load_text(data_dir);
+  auto text = load_fortunes(data_dir);
   const int64_t split = text.size(0) * 9 / 10;
   auto train_data = text.slice(0, 0, split), val_data = text.slice(0, split);
 
