@@ -1,4 +1,5 @@
 #include "fabric/checkpoint.h"
+#include "fabric/sharded_checkpoint.h"
 
 #include "fabric/serialization.h"
 
@@ -197,6 +198,12 @@ c10::IValue read_checkpoint(const std::string& path) {
   struct stat info {};
   if (::stat(path.c_str(), &info) != 0) {
     throw std::runtime_error("checkpoint not found: " + path);
+  }
+  if (S_ISDIR(info.st_mode)) {
+    if (is_sharded_checkpoint(path)) return read_sharded_checkpoint(path);
+    throw std::runtime_error("checkpoint " + path +
+                             " is a directory without metadata.pt, not a sharded checkpoint "
+                             "(a save that was interrupted leaves <path>.partial, never <path>)");
   }
   {
     std::ifstream in(path, std::ios::binary);

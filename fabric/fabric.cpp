@@ -1,4 +1,5 @@
 #include "fabric/fabric.h"
+#include "fabric/sharded_checkpoint.h"
 
 #include <cstdlib>
 #include <cstring>
@@ -164,6 +165,10 @@ void Fabric::save(const std::string& path, const State& state) {
   std::vector<torch::nn::Module*> modules;
   std::vector<torch::optim::Optimizer*> optimizers;
   collect_stateful(state, modules, optimizers);
+  if (strategy_->sharded_checkpoints()) {  // what each rank holds, one file per rank
+    save_sharded_checkpoint(path, state, *strategy_);
+    return;
+  }
   auto scope = strategy_->full_state_context(modules, optimizers, /*loading=*/false);
   strategy_->save_checkpoint(path, [&](const std::string& p) { save_checkpoint(p, state); });
 }

@@ -40,6 +40,7 @@ if cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$prefix" -DPython3_EXECUTABLE=
     || grep -E "FAILED|Failure" -A3 build/cmake-example_tests.log | head -40
   [ -f "$results/cmake/example_tests.xml" ] || failures+=(--failure "cmake example_tests crashed (build/cmake-example_tests.log)")
   ./build/cmake/ddp_tests build/cmake/ddp_worker build/cmake/fabric-run build/cmake/fsdp_worker \
+    build/cmake/consolidate_checkpoint \
     --gtest_output="xml:$results/cmake/ddp_tests.xml" > build/cmake-ddp_tests.log 2>&1 \
     || grep -E "FAILED|Failure" -A3 build/cmake-ddp_tests.log | head -40
   [ -f "$results/cmake/ddp_tests.xml" ] || failures+=(--failure "cmake ddp_tests crashed (build/cmake-ddp_tests.log)")

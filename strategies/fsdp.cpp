@@ -169,12 +169,7 @@ FSDPStrategy::FSDPStrategy(Topology topology, ProcessGroupOptions process_group,
     throw std::invalid_argument("fsdp: sharding_strategy='" + options_.sharding_strategy +
                                 "' is not supported. Valid values: " + quoted_list(strategies));
   }
-  if (options_.state_dict_type == "sharded") {
-    throw std::invalid_argument(
-        "fsdp: state_dict_type='sharded' is not available yet in torchfabric; use 'full' "
-        "(rank 0 writes one file that every strategy, and Python, can load)");
-  }
-  if (options_.state_dict_type != "full") {
+  if (options_.state_dict_type != "full" && options_.state_dict_type != "sharded") {
     throw std::invalid_argument("fsdp: state_dict_type='" + options_.state_dict_type +
                                 "' is not supported. Valid values: 'full', 'sharded'");
   }
@@ -213,6 +208,27 @@ std::vector<std::pair<std::string, int64_t>> FSDPStrategy::units() const {
     for (const auto& unit : state->units) out.emplace_back(unit->name, unit->numel);
   }
   return out;
+}
+
+std::optional<std::vector<int64_t>> FSDPStrategy::full_shape(const at::Tensor& param) const {
+  if (!sharded()) return std::nullopt;
+  for (const auto& state : modules_) {
+    for (const auto& unit : state->units) {
+      for (const auto& flat : unit->flats) {
+        for (size_t i = 0; i < flat->params.size(); ++i) {
+          if (!flat->params[i].is_same(param)) continue;
+          if (flat->gathered()) {
+            throw std::runtime_error(
+                "fsdp: a sharded checkpoint is written between steps (after optimizer.step()), "
+                "not between a forward and its backward or during no_backward_sync "
+                "accumulation: unit '" + unit->display() + "' is gathered now");
+          }
+          return flat->shapes[i];
+        }
+      }
+    }
+  }
+  return std::nullopt;
 }
 
 void FSDPStrategy::setup_module(torch::nn::Module& module) {

@@ -28,8 +28,7 @@
 // breaks while parameters are sharded (between steps, outside forward): reading
 // a parameter's values or shape, calling a unit's submodule directly (call the
 // unit), and Module::to/clone. Inside fabric.save/load and a forward they are
-// whole. Not yet: "sharded" checkpoints and fp16 loss scaling ("16-mixed") with
-// sharding: each is an error, not silently wrong.
+// whole. Not yet: fp16 loss scaling ("16-mixed") with sharding is an error.
 #pragma once
 
 #include <memory>
@@ -63,6 +62,11 @@ class FSDPStrategy : public ParallelStrategy, private UnitRunner {
   precision::ScopePtr full_state_context(const std::vector<torch::nn::Module*>& modules,
                                          const std::vector<torch::optim::Optimizer*>& optimizers,
                                          bool loading) override;
+
+  bool sharded_checkpoints() const override { return options_.state_dict_type == "sharded"; }
+  // Throws while the parameter's unit is gathered (between a forward and its
+  // backward, or during no_backward_sync accumulation): save between steps.
+  std::optional<std::vector<int64_t>> full_shape(const at::Tensor& param) const override;
 
   const FSDPOptions& options() const { return options_; }
   // Bytes of gathered (full) parameter buffers alive now, and the most at once

@@ -51,8 +51,10 @@ struct FSDPOptions {
   // gather them again for its backward). false keeps them until the backward,
   // trading memory for one all-gather per unit per step.
   bool reshard_after_forward = true;
-  // What fabric.save writes: "full" (rank 0 writes the same file DDP writes).
-  // "sharded" (a file per rank) is named but not available yet: an error says so.
+  // What fabric.save writes: "full" (rank 0 writes the same file DDP writes) or
+  // "sharded" (a directory: one file per rank with what that rank holds, and a
+  // metadata file written last; fabric.load reads it at any world size, and
+  // tools/consolidate_checkpoint turns it into one full file).
   std::string state_dict_type = "full";
 };
 

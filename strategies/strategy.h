@@ -14,6 +14,7 @@
 #pragma once
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -97,6 +98,16 @@ class Strategy {
       const std::vector<torch::nn::Module*>& /*modules*/,
       const std::vector<torch::optim::Optimizer*>& /*optimizers*/, bool /*loading*/) {
     return nullptr;
+  }
+  // Sharded checkpoints (fsdp with state_dict_type="sharded"): whether
+  // fabric.save writes a directory with one file per rank holding what each rank
+  // holds at rest (fabric/sharded_checkpoint.h) instead of one full file.
+  virtual bool sharded_checkpoints() const { return false; }
+  // For a sharded checkpoint: the full shape of a parameter whose tensor between
+  // steps is only this rank's flat piece of it (in rank order, the pieces of all
+  // ranks concatenate to the flattened parameter); nullopt for one held whole.
+  virtual std::optional<std::vector<int64_t>> full_shape(const at::Tensor& /*param*/) const {
+    return std::nullopt;
   }
   // Runs `write(path)` on the rank(s) that write checkpoints (global rank 0 by
   // default); every rank returns only when the write is over, and every rank

@@ -4,7 +4,7 @@
 // rank that never joins, torchrun-style and multi-node launches that this build
 // cannot serve on the CPU).
 // argv[1]: the ddp_worker binary, argv[2]: the fabric-run binary, argv[3]: the
-// fsdp_worker binary (tests/fsdp_test.cpp).
+// fsdp_worker binary, argv[4]: tools/consolidate_checkpoint (tests/fsdp_test.cpp).
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -322,17 +322,18 @@ TEST(Ddp, FabricRunHelpDocumentsEveryFlag) {
   EXPECT_NE(result.output.find("--node-rank 3 is out of range"), std::string::npos) << result.output;
 }
 
-extern std::string g_fsdp_worker;  // fsdp_test.cpp
+extern std::string g_fsdp_worker, g_consolidate;  // fsdp_test.cpp
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  if (argc < 4) {
-    std::fprintf(stderr, "usage: %s DDP_WORKER FABRIC_RUN FSDP_WORKER\n", argv[0]);
+  if (argc < 5) {
+    std::fprintf(stderr, "usage: %s DDP_WORKER FABRIC_RUN FSDP_WORKER CONSOLIDATE_CHECKPOINT\n", argv[0]);
     return 2;
   }
   g_worker = absolute(argv[1]);
   g_fabric_run = absolute(argv[2]);
   g_fsdp_worker = absolute(argv[3]);
+  g_consolidate = absolute(argv[4]);
   // The workers must not inherit a launcher environment from whoever runs the tests.
   for (const char* var : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"}) ::unsetenv(var);
   return RUN_ALL_TESTS();

@@ -7,13 +7,15 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <map>
 #include <iterator>
 
+#include "fabric/checkpoint.h"
 #include "fabric/filesystem.h"
 #include "fsdp_model.h"
 #include "test_util.h"
 
-std::string g_fsdp_worker;  // set by main() in ddp_test.cpp
+std::string g_fsdp_worker, g_consolidate;  // set by main() in ddp_test.cpp
 
 namespace {
 
@@ -32,12 +34,15 @@ std::vector<torch::Tensor> read_tensors(const std::string& path) {
 }
 
 // Runs the worker under mpirun in a fresh directory; returns the directory.
-std::string run_worker(const std::string& name, const std::string& mode, const std::string& flags) {
+std::string run_worker(const std::string& name, const std::string& mode, const std::string& flags,
+                       int ranks = 2) {
   const std::string dir = ::testing::TempDir() + "/fsdp_units_" + name;
   fabric::fs::remove_all(dir);
   fabric::fs::make_directories(dir);
+  auto launcher = mpirun();
+  launcher.replace(launcher.find("-np 2"), 5, "-np " + std::to_string(ranks));
   auto result =
-      testutil::run_command(mpirun() + " " + g_fsdp_worker + " " + mode + " " + dir + " " + flags);
+      testutil::run_command(launcher + " " + g_fsdp_worker + " " + mode + " " + dir + " " + flags);
   EXPECT_EQ(result.status, 0) << result.output;
   return dir;
 }
@@ -65,8 +70,8 @@ Reference one_process(const std::string& optimizer_name, bool sequential = false
 }
 
 void expect_close(const std::vector<torch::Tensor>& expected, const std::string& dir,
-                  double tolerance = 1e-5, const std::string& file = "params") {
-  for (int rank = 0; rank < 2; ++rank) {
+                  double tolerance = 1e-5, const std::string& file = "params", int ranks = 2) {
+  for (int rank = 0; rank < ranks; ++rank) {
     SCOPED_TRACE(file + " of rank " + std::to_string(rank));
     const auto got = read_tensors(dir + "/" + file + "_rank" + std::to_string(rank) + ".pt");
     ASSERT_EQ(got.size(), expected.size());
@@ -164,4 +169,79 @@ TEST(FsdpUnits, MemoryAtRestIsAboutHalfOfDdp) {
     EXPECT_LE(live_ratio, 0.6);
     EXPECT_LT(fsdp_peak, ddp_peak);
   }
+}
+
+namespace {
+
+// Every tensor of a checkpoint dict, by key path.
+void flatten(const c10::IValue& v, const std::string& path, std::map<std::string, torch::Tensor>& out) {
+  if (v.isTensor()) {
+    out[path] = v.toTensor();
+  } else if (v.isGenericDict()) {
+    for (const auto& item : v.toGenericDict()) {
+      const auto& k = item.key();
+      flatten(item.value(), path + "/" + (k.isString() ? k.toStringRef() : std::to_string(k.toInt())), out);
+    }
+  } else if (v.isList()) {
+    auto list = v.toList();
+    for (size_t i = 0; i < list.size(); ++i) flatten(list.get(i), path + "/" + std::to_string(i), out);
+  }
+}
+
+}  // namespace
+
+// state_dict_type="sharded": a directory of one file per rank plus metadata,
+// reloaded at 2 ranks and at 1 rank (resuming exactly as the uninterrupted run),
+// and consolidated into the very file a full save writes (Python reads it).
+TEST(FsdpUnits, ShardedCheckpointReloadsAtTwoRanksAndOneRankAndConsolidates) {
+  const auto reference = one_process("adam").params;
+  const auto saved = run_worker("sharded_save", "save", "--state-dict sharded");
+  expect_close(reference, saved);  // the run that saved went on uninterrupted
+  const std::string ckpt = saved + "/ckpt";
+  for (const char* file : {"metadata.pt", "shard_0.pt", "shard_1.pt"}) {
+    EXPECT_TRUE(fabric::fs::exists(ckpt + "/" + file)) << file;
+  }
+  EXPECT_FALSE(fabric::fs::exists(ckpt + ".partial"));
+  // Each rank's file holds half of every sharded tensor.
+  std::map<std::string, torch::Tensor> rank0, rank1, full;
+  flatten(fabric::read_checkpoint(ckpt + "/shard_0.pt"), "", rank0);
+  flatten(fabric::read_checkpoint(ckpt + "/shard_1.pt"), "", rank1);
+  flatten(fabric::read_checkpoint(saved + "/full.pt"), "", full);
+  ASSERT_TRUE(rank0.count("/model/b0.fc.weight"));
+  EXPECT_EQ(rank0["/model/b0.fc.weight"].numel() + rank1["/model/b0.fc.weight"].numel(), 49);
+  EXPECT_EQ(rank0["/model/b0.fc.bias"].numel(), 0);  // wholly on rank 1
+  // A directory an interrupted save left behind does not matter.
+  fabric::fs::make_directories(ckpt + ".partial");
+  std::ofstream(ckpt + ".partial/shard_0.pt") << "garbage";
+
+  expect_close(reference, run_worker("sharded_resume2", "resume", "--state-dict sharded --from " + ckpt));
+  expect_close(reference, run_worker("sharded_resume1", "resume", "--from " + ckpt, /*ranks=*/1),
+               1e-5, "params", /*ranks=*/1);
+  expect_close(reference, run_worker("sharded_resume_ddp", "resume", "--strategy ddp --from " + ckpt));
+
+  // The converter writes what a full save writes.
+  const std::string consolidated = saved + "/consolidated.pt";
+  auto tool = testutil::run_command(g_consolidate + " " + ckpt + " " + consolidated);
+  ASSERT_EQ(tool.status, 0) << tool.output;
+  std::map<std::string, torch::Tensor> merged;
+  flatten(fabric::read_checkpoint(consolidated), "", merged);
+  ASSERT_EQ(merged.size(), full.size());
+  for (const auto& [path, tensor] : full) {
+    ASSERT_TRUE(merged.count(path)) << path;
+    EXPECT_TRUE(torch::equal(merged[path], tensor)) << path;
+  }
+  auto python = testutil::run_command(
+      testutil::python() + " -c \"import torch; c = torch.load('" + consolidated +
+      "', weights_only=True); print(tuple(c['model']['b0.fc.weight'].shape), c['step'])\"");
+  EXPECT_EQ(python.status, 0) << python.output;
+  EXPECT_NE(python.output.find("(7, 7) 5"), std::string::npos) << python.output;
+}
+
+// A full checkpoint written at 1 rank loads into a 2-rank fsdp run that writes
+// sharded checkpoints, which resumes exactly.
+TEST(FsdpUnits, OneRankFullCheckpointLoadsIntoTwoRankShardedRun) {
+  const auto reference = one_process("adam").params;
+  const auto saved = run_worker("full_save1", "save", "", /*ranks=*/1);
+  expect_close(reference, run_worker("full_to_sharded", "resume",
+                                     "--state-dict sharded --from " + saved + "/ckpt"));
 }

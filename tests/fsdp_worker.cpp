@@ -1,11 +1,17 @@
 // The program the fsdp tests start under `mpirun -np 2` (tests/fsdp_test.cpp).
 //   fsdp_worker MODE OUTDIR [--strategy fsdp|ddp] [--sharding S] [--optimizer adam|adamw|sgd]
 //               [--precision P] [--no-reshard] [--sequential] [--auto-wrap] [--width N]
+//               [--state-dict full|sharded] [--from CHECKPOINT]
 // MODE:
 //   train       10 steps on this rank's half of each 16-row global batch
 //   accumulate  the same in 2 micro-batches per step, the first under no_backward_sync
 //   clip        train, clipping to a total norm of 0.05; OUTDIR/norms_rank<r>.pt
 //               holds the norm of every step
+//   save        train, saving {model, optimizer, step} to OUTDIR/ckpt after 5 steps
+//               (a directory with --state-dict sharded; rank 0 then also writes
+//               the full file OUTDIR/full.pt)
+//   resume      load --from PATH into a fresh model and optimizer, train the
+//               remaining steps
 //   errors      checks the errors fsdp gives (a weight tied across two units, an
 //               optimizer with state at setup); exits 3 when one is missing
 //   memory      train; OUTDIR/memory_rank<r>.txt holds the distinct storage bytes of
@@ -156,6 +162,7 @@ int main(int argc, char** argv) {
   std::string optimizer_name = "adam";
   bool sequential = false;
   int64_t width = 7;
+  std::string from;
   for (int i = 3; i < argc; ++i) {
     const std::string flag = argv[i];
     const std::string value = i + 1 < argc ? argv[i + 1] : "";
@@ -164,6 +171,8 @@ int main(int argc, char** argv) {
     else if (flag == "--optimizer") optimizer_name = value, ++i;
     else if (flag == "--precision") options.precision = value, ++i;
     else if (flag == "--width") width = std::stoi(value), ++i;
+    else if (flag == "--state-dict") options.fsdp.state_dict_type = value, ++i;
+    else if (flag == "--from") from = value, ++i;
     else if (flag == "--no-reshard") options.fsdp.reshard_after_forward = false;
     else if (flag == "--sequential") sequential = true;
     else if (flag == "--auto-wrap") options.fsdp.auto_wrap_policy = fabric::strategies::wrap_module_types({"FsdpBlock"});
@@ -205,7 +214,22 @@ int main(int argc, char** argv) {
     }
     const int64_t per_rank = 16 / world;
     std::vector<torch::Tensor> norms;
-    for (int step = 0; step < 10; ++step) {
+    int first_step = 0;
+    if (mode == "resume") {
+      fabric::State state{{"model", net}, {"optimizer", opt}, {"step", 0}};
+      fabric.load(from, state);
+      first_step = static_cast<int>(state.at("step").to_int());
+    }
+    for (int step = first_step; step < 10; ++step) {
+      if (mode == "save" && step == 5) {
+        fabric.save(out + "/ckpt", {{"model", net}, {"optimizer", opt}, {"step", step}});
+        if (options.fsdp.state_dict_type == "sharded") {  // the same state as one full file
+          auto whole = fabric.strategy().full_state_context({model.get()}, {optimizer.get()}, false);
+          if (rank == 0) {
+            fabric::save_checkpoint(out + "/full.pt", {{"model", model}, {"optimizer", optimizer}, {"step", step}});
+          }
+        }
+      }
       auto [x, y] = fsdp_global_batch(step);
       auto xs = x.narrow(0, rank * per_rank, per_rank), ys = y.narrow(0, rank * per_rank, per_rank);
       if (fsdp) fsdp->reset_peak_gathered_bytes();

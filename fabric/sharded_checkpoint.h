@@ -1,0 +1,42 @@
+// Sharded checkpoints: what fabric.save writes under fsdp with
+// state_dict_type="sharded". A directory holding
+//   shard_<rank>.pt   per rank: the checkpoint dict as that rank holds it between
+//                     steps (each sharded parameter and its per-element optimizer
+//                     state as this rank's flat piece; everything else whole)
+//   metadata.pt       written last by rank 0: the world size and, for every
+//                     sharded tensor, its key path and full shape
+// Each file is the same zip/pickle format as a full checkpoint (Python's
+// torch.load reads it). The pieces of a tensor concatenate, in rank order, to the
+// flattened tensor, so reading at any world size (and under any strategy) is
+// concatenation: fabric.load(dir, state) accepts such a directory wherever it
+// accepts a file, and consolidate_checkpoint writes it as one full file.
+//
+// Atomic like every save: ranks write into `<dir>.partial`, and only when every
+// rank has succeeded does rank 0 add the metadata and rename it onto `<dir>`; an
+// interrupted save leaves the previous checkpoint at `<dir>` loadable. The
+// directory must be on a filesystem every rank sees (one node, or a shared one).
+#pragma once
+
+#include <string>
+
+#include <ATen/core/ivalue.h>
+
+#include "fabric/checkpoint.h"
+
+namespace fabric {
+namespace strategies {
+class Strategy;
+}
+
+// Every rank calls it (between steps); every rank throws if any rank failed.
+void save_sharded_checkpoint(const std::string& dir, const State& state,
+                             strategies::Strategy& strategy);
+// Whether `path` is a directory holding a sharded checkpoint's metadata.
+bool is_sharded_checkpoint(const std::string& path);
+// The full checkpoint dict of a sharded directory (what a full save would have
+// written); errors name the missing or damaged file.
+c10::IValue read_sharded_checkpoint(const std::string& dir);
+// Writes a sharded directory as one full checkpoint file (atomically).
+void consolidate_checkpoint(const std::string& dir, const std::string& file);
+
+}  // namespace fabric
