@@ -36,11 +36,16 @@ Fabric::Fabric(FabricOptions options) : options_(std::move(options)) {
   args.timeout = options_.timeout;
   args.ddp = options_.ddp;
   args.fsdp = options_.fsdp;
-  strategy_ = strategies::make_strategy(connection.strategy, args);
   precision_ = options_.precision_plugin
                    ? options_.precision_plugin
                    : precision::make_precision(connection.precision,
                                                connection.accelerator->device_type());
+  if (args.fsdp.reduce_dtype.empty()) {  // Lightning's FSDPPrecision mapping
+    const auto name = precision_->name();
+    if (name == "bf16-mixed" || name == "bf16-true") args.fsdp.reduce_dtype = "bf16";
+    if (name == "16-mixed" || name == "16-true") args.fsdp.reduce_dtype = "fp16";
+  }
+  strategy_ = strategies::make_strategy(connection.strategy, args);
 }
 
 Fabric::~Fabric() {

@@ -45,6 +45,12 @@ class GradScaler {
 
   double get_scale() const;
   int64_t growth_tracker() const;
+  // The inf/nan flags unscale_() recorded for this optimizer (one float per
+  // device; nonzero: found). A sharding strategy all-reduces them (max) so that
+  // every rank skips the same steps. Empty before unscale_().
+  std::vector<at::Tensor>& found_inf(torch::optim::Optimizer& optimizer) {
+    return per_optimizer_[&optimizer].found_inf_per_device;
+  }
   // Whether the most recent step() was skipped because of inf/nan gradients.
   bool last_step_skipped() const { return last_step_skipped_; }
   const GradScalerOptions& options() const { return options_; }

@@ -28,6 +28,7 @@
 #include <torch/optim/sgd.h>
 
 #include "precision/quoted_list.h"
+#include "precision/grad_scaler.h"
 #include "strategies/auto_wrap.h"
 
 namespace fabric::strategies {
@@ -169,6 +170,17 @@ FSDPStrategy::FSDPStrategy(Topology topology, ProcessGroupOptions process_group,
     throw std::invalid_argument("fsdp: sharding_strategy='" + options_.sharding_strategy +
                                 "' is not supported. Valid values: " + quoted_list(strategies));
   }
+  const std::map<std::string, std::optional<c10::ScalarType>> reduce_dtypes = {
+      {"", std::nullopt},         {"fp32", at::kFloat},      {"float32", at::kFloat},
+      {"bf16", at::kBFloat16},    {"bfloat16", at::kBFloat16}, {"fp16", at::kHalf},
+      {"float16", at::kHalf}};
+  auto dtype = reduce_dtypes.find(options_.reduce_dtype);
+  if (dtype == reduce_dtypes.end()) {
+    throw std::invalid_argument("fsdp: reduce_dtype='" + options_.reduce_dtype +
+                                "' is not supported. Valid values: '' (the parameters' dtype), "
+                                "'fp32', 'bf16', 'fp16'");
+  }
+  reduce_dtype_ = dtype->second;
   if (options_.state_dict_type != "full" && options_.state_dict_type != "sharded") {
     throw std::invalid_argument("fsdp: state_dict_type='" + options_.state_dict_type +
                                 "' is not supported. Valid values: 'full', 'sharded'");
@@ -381,7 +393,13 @@ void FSDPStrategy::reshard_unit(Unit& unit) {
 
 void FSDPStrategy::reduce_gradients(FlatUnit& unit) {
   torch::NoGradGuard no_grad;
-  auto flat = at::zeros({unit.padded}, unit.shard.options());
+  // Gradients travel in the reduce dtype (Lightning's mapping: bf16 under bf16
+  // precision), floating-point units only.
+  auto reduce_options = unit.shard.options();
+  if (reduce_dtype_ && at::isFloatingType(unit.shard.scalar_type())) {
+    reduce_options = reduce_options.dtype(*reduce_dtype_);
+  }
+  auto flat = at::zeros({unit.padded}, reduce_options);
   for (size_t i = 0; i < unit.params.size(); ++i) {
     const auto& grad = unit.params[i].grad();
     if (!grad.defined() || grad.numel() != unit.numels[i]) continue;
@@ -405,6 +423,9 @@ void FSDPStrategy::reduce_gradients(FlatUnit& unit) {
     std::vector<at::Tensor> one = {flat};
     backend().allreduce(one, c10d::AllreduceOptions())->wait();
     grad_shard = flat;
+  }
+  if (grad_shard.scalar_type() != unit.shard.scalar_type()) {
+    grad_shard = grad_shard.to(unit.shard.scalar_type());
   }
   for (size_t i = 0; i < unit.params.size(); ++i) {
     auto& p = unit.params[i];
@@ -543,10 +564,17 @@ void FSDPStrategy::setup_optimizer(torch::optim::Optimizer& optimizer) {
 at::Tensor FSDPStrategy::optimizer_step(torch::optim::Optimizer& optimizer,
                                         precision::Precision& precision,
                                         const precision::LossClosure& closure) {
-  if (precision.scaler() && sharded()) {
-    throw std::invalid_argument(
-        "fsdp: loss scaling (precision '16-mixed' or a GradScaler plugin) is not available "
-        "with sharded parameters yet; use 'bf16-mixed', or sharding_strategy='NO_SHARD'");
+  if (auto* scaler = precision.scaler(); scaler && scaler->is_enabled() && sharded()) {
+    // Each rank checked only its gradient pieces for inf/nan: agree (max) before
+    // the step, so every rank skips the same steps and the scale stays equal.
+    scaler->unscale_(optimizer);
+    auto& found = scaler->found_inf(optimizer);
+    double any = 0;
+    for (const auto& f : found) any = std::max(any, f.item<double>());
+    auto flag = at::full({1}, any, at::TensorOptions().dtype(at::kDouble).device(root_device()));
+    all_reduce(flag, ReduceOp::kMax);
+    const double agreed = flag.item<double>();
+    for (auto& f : found) f.fill_(agreed);
   }
   return precision.optimizer_step(optimizer, closure);
 }

@@ -28,10 +28,16 @@
 // breaks while parameters are sharded (between steps, outside forward): reading
 // a parameter's values or shape, calling a unit's submodule directly (call the
 // unit), and Module::to/clone. Inside fabric.save/load and a forward they are
-// whole. Not yet: fp16 loss scaling ("16-mixed") with sharding is an error.
+// whole. Mixed precision: gradients are reduced in FSDPOptions::reduce_dtype
+// (Lightning's mapping by default: bf16 under bf16 precisions, fp16 under fp16
+// ones); parameters are gathered in their own dtype (fp32 under "-mixed", where
+// autocast casts them; Lightning gathers them in the compute dtype). Under
+// "16-mixed" the ranks agree on inf/nan before every step, so all skip the same
+// steps.
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -108,6 +114,7 @@ class FSDPStrategy : public ParallelStrategy, private UnitRunner {
   FSDPOptions options_;
   std::vector<std::unique_ptr<ModuleState>> modules_;
   std::vector<std::shared_ptr<torch::nn::Module>> adapters_;  // auto-wrap installed them
+  std::optional<c10::ScalarType> reduce_dtype_;
   int64_t gathered_bytes_ = 0;
   int64_t peak_gathered_bytes_ = 0;
 };

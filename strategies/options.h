@@ -51,6 +51,10 @@ struct FSDPOptions {
   // gather them again for its backward). false keeps them until the backward,
   // trading memory for one all-gather per unit per step.
   bool reshard_after_forward = true;
+  // The dtype gradients are reduced in: "fp32", "bf16", "fp16", or "" for
+  // Lightning's mapping from the precision (bf16 under "bf16-mixed"/"bf16-true",
+  // fp16 under "16-mixed"/"16-true", else the parameters' own dtype).
+  std::string reduce_dtype;
   // What fabric.save writes: "full" (rank 0 writes the same file DDP writes) or
   // "sharded" (a directory: one file per rank with what that rank holds, and a
   // metadata file written last; fabric.load reads it at any world size, and

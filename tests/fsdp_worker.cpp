@@ -1,7 +1,8 @@
 // The program the fsdp tests start under `mpirun -np 2` (tests/fsdp_test.cpp).
 //   fsdp_worker MODE OUTDIR [--strategy fsdp|ddp] [--sharding S] [--optimizer adam|adamw|sgd]
 //               [--precision P] [--no-reshard] [--sequential] [--auto-wrap] [--width N]
-//               [--state-dict full|sharded] [--from CHECKPOINT]
+//               [--state-dict full|sharded] [--from CHECKPOINT] [--fp16-scaler]
+//               [--reduce-dtype fp32|bf16|fp16] [--accelerator cpu|cuda] [--devices N]
 // MODE:
 //   train       10 steps on this rank's half of each 16-row global batch
 //   accumulate  the same in 2 micro-batches per step, the first under no_backward_sync
@@ -12,6 +13,9 @@
 //               the full file OUTDIR/full.pt)
 //   resume      load --from PATH into a fresh model and optimizer, train the
 //               remaining steps
+//   inf         with --fp16-scaler: at step 3 rank 1 alone puts an inf into one of
+//               its gradient pieces; exits 3 unless every rank skips that step
+//               (parameters unchanged) with equal loss scales, and step 4 trains
 //   errors      checks the errors fsdp gives (a weight tied across two units, an
 //               optimizer with state at setup); exits 3 when one is missing
 //   memory      train; OUTDIR/memory_rank<r>.txt holds the distinct storage bytes of
@@ -32,12 +36,15 @@
 #include <atomic>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <fstream>
 #include <iostream>
 #include <unordered_set>
 
 #include "fabric/fabric.h"
 #include "fsdp_model.h"
+#include "precision/grad_scaler.h"
+#include "precision/mixed_precision.h"
 #include "strategies/auto_wrap.h"
 #include "strategies/fsdp.h"
 
@@ -173,8 +180,14 @@ int main(int argc, char** argv) {
     else if (flag == "--width") width = std::stoi(value), ++i;
     else if (flag == "--state-dict") options.fsdp.state_dict_type = value, ++i;
     else if (flag == "--from") from = value, ++i;
+    else if (flag == "--accelerator") options.accelerator = value, ++i;
+    else if (flag == "--devices") options.devices = fabric::Devices(value), ++i;
+    else if (flag == "--reduce-dtype") options.fsdp.reduce_dtype = value, ++i;
     else if (flag == "--no-reshard") options.fsdp.reshard_after_forward = false;
     else if (flag == "--sequential") sequential = true;
+    else if (flag == "--fp16-scaler")  // "16-mixed" semantics on the CPU (fp16 autocast + GradScaler)
+      options.precision_plugin = std::make_shared<fabric::precision::MixedPrecision>(
+          torch::kHalf, c10::DeviceType::CPU, std::make_unique<fabric::precision::GradScaler>());
     else if (flag == "--auto-wrap") options.fsdp.auto_wrap_policy = fabric::strategies::wrap_module_types({"FsdpBlock"});
     else return fail("unknown flag " + flag);
   }
@@ -231,6 +244,8 @@ int main(int argc, char** argv) {
         }
       }
       auto [x, y] = fsdp_global_batch(step);
+      x = fabric.to_device(x);
+      y = fabric.to_device(y);
       auto xs = x.narrow(0, rank * per_rank, per_rank), ys = y.narrow(0, rank * per_rank, per_rank);
       if (fsdp) fsdp->reset_peak_gathered_bytes();
       CountingAllocator::reset_peak();
@@ -245,10 +260,43 @@ int main(int argc, char** argv) {
       } else {
         fabric.backward(torch::mse_loss(net(xs), ys));
       }
+      std::vector<torch::Tensor> before;
+      if (mode == "inf" && step >= 3 && step <= 4) {
+        auto whole = fabric.strategy().full_state_context({model.get()}, {}, false);
+        for (const auto& p : model->parameters()) before.push_back(p.detach().clone());
+      }
+      if (mode == "inf" && step == 3 && rank == 1) {
+        torch::NoGradGuard no_grad;
+        for (auto& p : model->parameters()) {
+          if (p.grad().defined() && p.grad().numel() > 0) {
+            p.grad().view({-1})[0] = std::numeric_limits<float>::infinity();
+            break;
+          }
+        }
+      }
       if (mode == "clip") {
         norms.push_back(torch::tensor(*fabric.clip_gradients(net, opt, {.max_norm = 0.05})));
       }
       opt.step();
+      if (mode == "inf" && step >= 3 && step <= 4) {
+        auto* scaler = fabric.precision().scaler();
+        if (!scaler) return fail("--fp16-scaler is needed for mode inf");
+        const double skipped = scaler->last_step_skipped() ? 1 : 0;
+        if (fabric.all_reduce(skipped, "min") != fabric.all_reduce(skipped, "max")) {
+          return fail("step " + std::to_string(step) + " was skipped on some ranks only");
+        }
+        if (fabric.all_reduce(scaler->get_scale(), "min") != fabric.all_reduce(scaler->get_scale(), "max")) {
+          return fail("the loss scales differ between ranks");
+        }
+        bool unchanged = true;
+        {
+          auto whole = fabric.strategy().full_state_context({model.get()}, {}, false);
+          auto params = model->parameters();
+          for (size_t i = 0; i < params.size(); ++i) unchanged = unchanged && torch::equal(params[i], before[i]);
+        }
+        if (step == 3 && (!unchanged || skipped != 1)) return fail("the step with an inf was not skipped");
+        if (step == 4 && (unchanged || skipped != 0)) return fail("the step after the inf did not train");
+      }
       {  // a forward without gradients between steps (evaluation) changes nothing
         torch::NoGradGuard no_grad;
         net(xs);
@@ -259,7 +307,8 @@ int main(int argc, char** argv) {
                       " gathered bytes alive between steps");
         }
         const bool freed_after_forward = options.fsdp.sharding_strategy == "FULL_SHARD" &&
-                                         options.fsdp.reshard_after_forward && mode != "accumulate";
+                                         options.fsdp.reshard_after_forward && mode != "accumulate" &&
+                                         mode != "inf";  // inf gathers everything to compare
         if (freed_after_forward && fsdp->peak_gathered_bytes() > bound) {
           return fail("gathered peak " + std::to_string(fsdp->peak_gathered_bytes()) +
                       " bytes is above root + largest unit (" + std::to_string(bound) + ")");
