@@ -12,6 +12,7 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/StorageImpl.h>
 #include <c10/util/strides.h>
@@ -40,6 +41,8 @@ struct FSDPStrategy::FlatUnit {
   std::vector<int64_t> offsets, numels;
   int64_t numel = 0, padded = 0, shard_begin = 0, shard_numel = 0;
   bool sharded = true;
+  int64_t id = 0;     // the same on every rank (setup order)
+  std::string owner;  // the unit's name, for errors
   bool allocated = false;           // `full` holds the gathered parameters
   at::Tensor shard;                 // this rank's slice, persistent
   at::Tensor full;                  // the gathered buffer; its storage is released when resharded
@@ -181,6 +184,11 @@ FSDPStrategy::FSDPStrategy(Topology topology, ProcessGroupOptions process_group,
                                 "'fp32', 'bf16', 'fp16'");
   }
   reduce_dtype_ = dtype->second;
+  const std::vector<std::string> checks = {"first_step", "always", "never"};
+  if (std::find(checks.begin(), checks.end(), options_.check_unit_order) == checks.end()) {
+    throw std::invalid_argument("fsdp: check_unit_order='" + options_.check_unit_order +
+                                "' is not supported. Valid values: " + quoted_list(checks));
+  }
   if (options_.state_dict_type != "full" && options_.state_dict_type != "sharded") {
     throw std::invalid_argument("fsdp: state_dict_type='" + options_.state_dict_type +
                                 "' is not supported. Valid values: 'full', 'sharded'");
@@ -305,6 +313,7 @@ void FSDPStrategy::setup_module(torch::nn::Module& module) {
       unit->flats.push_back(std::make_unique<FlatUnit>());
       flat = unit->flats.back().get();
       flat->sharded = sharded();
+      flat->owner = unit->display();
     }
     flat->params.push_back(param);
     flat->names.push_back(item.key());
@@ -322,6 +331,7 @@ void FSDPStrategy::setup_module(torch::nn::Module& module) {
   torch::NoGradGuard no_grad;
   for (auto& unit : state->units) {
     for (auto& flat : unit->flats) {
+      flat->id = next_flat_id_++;
       flat->padded = (flat->numel + world - 1) / world * world;
       flat->shard_numel = flat->padded / world;
       flat->shard_begin = rank * flat->shard_numel;
@@ -350,6 +360,25 @@ void FSDPStrategy::setup_module(torch::nn::Module& module) {
 
 void FSDPStrategy::unshard(FlatUnit& unit) {
   if (unit.gathered()) return;
+  const bool check = options_.check_unit_order == "always" ||
+                     (options_.check_unit_order == "first_step" && !stepped_);
+  if (check && topology_.world_size > 1) {
+    const double id = static_cast<double>(unit.id);
+    auto ids = at::tensor(std::vector<double>{id, -id},
+                          at::TensorOptions().dtype(at::kDouble)).to(root_device());
+    all_reduce(ids, ReduceOp::kMax);
+    ids = ids.cpu();
+    const double highest = ids[0].item<double>(), lowest = -ids[1].item<double>();
+    if (highest != id || lowest != id) {
+      throw std::runtime_error(
+          "fsdp: the ranks are gathering different sharding units: this rank unit '" +
+          unit.owner + "' (#" + std::to_string(unit.id) + "), the others units #" +
+          std::to_string(static_cast<int64_t>(lowest)) + " to #" +
+          std::to_string(static_cast<int64_t>(highest)) +
+          "; every rank must run the same units in the same order (same model, same "
+          "branches, same number of forward calls)");
+    }
+  }
   if (!unit.full.defined()) {
     unit.full = at::empty({unit.padded}, unit.shard.options());
   } else {
@@ -576,6 +605,7 @@ at::Tensor FSDPStrategy::optimizer_step(torch::optim::Optimizer& optimizer,
     const double agreed = flag.item<double>();
     for (auto& f : found) f.fill_(agreed);
   }
+  stepped_ = true;
   return precision.optimizer_step(optimizer, closure);
 }
 

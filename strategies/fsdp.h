@@ -115,6 +115,8 @@ class FSDPStrategy : public ParallelStrategy, private UnitRunner {
   std::vector<std::unique_ptr<ModuleState>> modules_;
   std::vector<std::shared_ptr<torch::nn::Module>> adapters_;  // auto-wrap installed them
   std::optional<c10::ScalarType> reduce_dtype_;
+  int64_t next_flat_id_ = 0;
+  bool stepped_ = false;  // an optimizer step has run (ends check_unit_order="first_step")
   int64_t gathered_bytes_ = 0;
   int64_t peak_gathered_bytes_ = 0;
 };

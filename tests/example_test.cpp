@@ -169,6 +169,29 @@ TEST(Examples, GptLossFallsUnderEveryStrategyAndFsdpMatchesDdp) {
   EXPECT_EQ(lines["--devices 2 --strategy fsdp"], lines["--devices 2 --strategy ddp"]);
 }
 
+// Flags below their minimum are errors naming the flag, before anything runs
+// (no training, no checkpoint written into the current directory).
+TEST(Examples, FlagsBelowTheirMinimumAreErrors) {
+  const std::string dir = ::testing::TempDir() + "/flag_minimums";
+  ASSERT_EQ(testutil::run_command("rm -rf " + dir + " && mkdir -p " + dir).status, 0);
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {g_autoencoder + " --epochs -3", "--epochs must be at least 1"},
+      {g_autoencoder + " --batch-size 0", "--batch-size must be at least 1"},
+      {g_autoencoder + " --max-steps 0", "--max-steps must be -1 (no limit) or at least 1"},
+      {g_classifier + " --lr -1", "--lr must be positive"},
+      {g_gpt + " --n-layer 0", "--n-layer must be at least 1"},
+      {g_gpt + " --n-embd 30 --n-head 4", "--n-embd (30) must be a multiple of --n-head (4)"},
+  };
+  for (const auto& [command, message] : cases) {
+    SCOPED_TRACE(command);
+    auto result = testutil::run_command("cd " + dir + " && " + command);
+    EXPECT_EQ(result.status, 2) << result.output;
+    EXPECT_NE(result.output.find(message), std::string::npos) << result.output;
+  }
+  auto listing = testutil::run_command("ls -A " + dir);
+  EXPECT_EQ(listing.output, "") << "files written: " << listing.output;
+}
+
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   if (argc < 4) {

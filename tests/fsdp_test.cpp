@@ -151,6 +151,18 @@ TEST(FsdpUnits, Fp16LossScalingSkipsTheSameStepOnEveryRank) {
   run_worker("fp16_inf", "inf", "--fp16-scaler");
 }
 
+// Ranks that run different units get an error naming them, not a hang.
+TEST(FsdpUnits, DifferentUnitsOnDifferentRanksIsAnError) {
+  const std::string dir = ::testing::TempDir() + "/fsdp_units_mismatch";
+  fabric::fs::make_directories(dir);
+  auto result = testutil::run_command("timeout 120 " + mpirun() + " " + g_fsdp_worker + " mismatch " + dir);
+  EXPECT_NE(result.status, 0) << result.output;
+  EXPECT_NE(result.status, 124) << "timed out: " << result.output;
+  EXPECT_NE(result.output.find("the ranks are gathering different sharding units"), std::string::npos)
+      << result.output;
+  EXPECT_NE(result.output.find("'b2'"), std::string::npos) << result.output;
+}
+
 TEST(FsdpUnits, TiedWeightAcrossUnitsAndOptimizerStateAreErrors) {
   run_worker("errors", "errors", "");
 }

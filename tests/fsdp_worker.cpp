@@ -16,6 +16,8 @@
 //   inf         with --fp16-scaler: at step 3 rank 1 alone puts an inf into one of
 //               its gradient pieces; exits 3 unless every rank skips that step
 //               (parameters unchanged) with equal loss scales, and step 4 trains
+//   mismatch    at the first step rank 1 runs unit b2 on its own while rank 0 runs the
+//               model: both must fail naming the units (exit 1), not hang
 //   errors      checks the errors fsdp gives (a weight tied across two units, an
 //               optimizer with state at setup); exits 3 when one is missing
 //   memory      train; OUTDIR/memory_rank<r>.txt holds the distinct storage bytes of
@@ -234,6 +236,10 @@ int main(int argc, char** argv) {
       first_step = static_cast<int>(state.at("step").to_int());
     }
     for (int step = first_step; step < 10; ++step) {
+      if (mode == "mismatch" && step == 0 && rank == 1) {
+        model->units[2](torch::randn({2, width}));
+        return fail("rank 1 ran another unit than rank 0 without an error");
+      }
       if (mode == "save" && step == 5) {
         fabric.save(out + "/ckpt", {{"model", net}, {"optimizer", opt}, {"step", step}});
         if (options.fsdp.state_dict_type == "sharded") {  // the same state as one full file

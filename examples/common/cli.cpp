@@ -61,6 +61,19 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
     std::cout << flags << std::endl;
     std::exit(0);
   }
+  // The shared flags' minimums (nothing below them means anything).
+  auto reject = [&](const std::string& message) {
+    std::cerr << "error: " << message << std::endl;
+    std::exit(2);
+  };
+  if (args.epochs < 1) reject("--epochs must be at least 1, got " + std::to_string(args.epochs));
+  if (args.batch_size < 1) {
+    reject("--batch-size must be at least 1, got " + std::to_string(args.batch_size));
+  }
+  if (args.max_steps < -1 || args.max_steps == 0) {
+    reject("--max-steps must be -1 (no limit) or at least 1, got " + std::to_string(args.max_steps));
+  }
+  if (!(args.lr > 0)) reject("--lr must be positive, got " + std::to_string(args.lr));
   for (const auto& flag : extra) {
     if (flag.integer && *flag.integer < flag.min) {
       std::cerr << "error: --" << flag.name << " must be at least " << flag.min << ", got "
