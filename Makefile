@@ -17,7 +17,9 @@ setup:
 build: setup
 	$(BAZEL) build //...
 
-run: build
+# Builds only what it runs.
+run: setup
+	$(BAZEL) build //examples/autoencoder
 	@mkdir -p build
 	./bazel-bin/examples/autoencoder/autoencoder --checkpoint build/autoencoder.pt $(ARGS)
 
