@@ -36,6 +36,48 @@ using GenericDict = c10::impl::GenericDict;
 
 GenericDict new_dict() { return GenericDict(c10::StringType::get(), c10::AnyType::get()); }
 
+// Everything a strict load would object to, anywhere in `state`, found before
+// anything is changed.
+void check_into(const State& state, const GenericDict& dict, const std::string& prefix,
+                std::vector<std::string>& problems) {
+  for (const auto& [key, value] : state) {
+    const std::string name = prefix + key;
+    auto it = dict.find(key);
+    if (it == dict.end()) {
+      problems.push_back("'" + name + "' is not in the checkpoint");
+      continue;
+    }
+    const c10::IValue& loaded = it->value();
+    try {
+      switch (value.kind()) {
+        case StateValue::Kind::kModule: {
+          auto report = check_module_state_dict(*value.module(), loaded, "'" + name + "'");
+          if (!report.clean()) problems.push_back("module '" + name + "': " + report.describe());
+          break;
+        }
+        case StateValue::Kind::kOptimizer:
+          check_optimizer_state_dict(*value.optimizer(), loaded, "'" + name + "'");
+          break;
+        case StateValue::Kind::kRng:
+          RngState::from_ivalue(loaded);
+          break;
+        case StateValue::Kind::kNested:
+          if (!loaded.isGenericDict()) {
+            problems.push_back("checkpoint entry '" + name + "' is a " + loaded.tagKind() +
+                               ", expected a dict");
+          } else {
+            check_into(value.nested(), loaded.toGenericDict(), name + ".", problems);
+          }
+          break;
+        case StateValue::Kind::kValue:
+          break;
+      }
+    } catch (const std::exception& e) {
+      problems.push_back(e.what());
+    }
+  }
+}
+
 void load_into(State& state, const GenericDict& dict, bool strict, const std::string& prefix,
                LoadResult& result) {
   for (auto& [key, value] : state) {
@@ -154,13 +196,13 @@ void atomic_write(const std::string& path,
                       produce) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) fail("cannot create", tmp);
+  if (fd < 0) fail("cannot create " + path + ": cannot create", tmp);
   auto abandon = [&](const char* what) {
     const int saved = errno;
     ::close(fd);
     ::unlink(tmp.c_str());
     errno = saved;
-    fail(what, tmp);
+    fail(std::string("cannot save ") + path + " (nothing was changed there): " + what, tmp);
   };
   try {
     produce([&](const char* data, size_t size) {
@@ -210,11 +252,16 @@ c10::IValue read_checkpoint(const std::string& path) {
     if (!in) fail("cannot open checkpoint", path);
     char magic[2] = {0, 0};
     in.read(magic, 2);
+    if (static_cast<unsigned char>(magic[0]) == 0x80) {  // a pickle: torch.save's legacy format
+      throw std::runtime_error(
+          "file " + path +
+          " is in torch.save's legacy (non-zip) format, which torchfabric does not read; "
+          "convert it once in Python: torch.save(torch.load('" + path +
+          "', weights_only=False), 'converted.pt')");
+    }
     if (magic[0] != 'P' || magic[1] != 'K') {
       throw std::runtime_error("file " + path +
-                               " is not a checkpoint (not a PyTorch zip archive; files from "
-                               "torch.save with _use_new_zipfile_serialization=False are not "
-                               "supported)");
+                               " is not a checkpoint (not a PyTorch zip archive)");
     }
   }
   try {
@@ -263,6 +310,17 @@ LoadResult load_checkpoint(const std::string& path, State& state, bool strict) {
       }
       throw std::runtime_error("checkpoint " + path + " has no " + names + " (it holds " +
                                present + "); pass strict=false to load the rest");
+    }
+  }
+  if (strict) {
+    // Check every entry, nested ones and optimizers included, before changing
+    // any: a failed strict load leaves the model, optimizer and RNG as they were.
+    std::vector<std::string> problems;
+    check_into(state, dict, "", problems);
+    if (!problems.empty()) {
+      std::string text;
+      for (const auto& p : problems) text += (text.empty() ? "" : "; ") + p;
+      throw std::runtime_error("cannot load " + path + " strictly (nothing was changed): " + text);
     }
   }
   LoadResult result;

@@ -121,8 +121,16 @@ c10::Dict<std::string, at::Tensor> module_state_dict(const torch::nn::Module& mo
   return out;
 }
 
+LoadReport check_module_state_dict(const torch::nn::Module& module, const c10::IValue& state_dict,
+                                   const std::string& what) {
+  // A const module's named_parameters() is available; the check copies nothing.
+  auto& mutable_module = const_cast<torch::nn::Module&>(module);
+  return load_module_state_dict(mutable_module, state_dict, /*strict=*/false, what,
+                                /*dry_run=*/true);
+}
+
 LoadReport load_module_state_dict(torch::nn::Module& module, const c10::IValue& state_dict,
-                                  bool strict, const std::string& what) {
+                                  bool strict, const std::string& what, bool dry_run) {
   if (!state_dict.isGenericDict()) {
     throw std::runtime_error(what + ": the checkpoint entry is a " + state_dict.tagKind() +
                              ", not a state dict of tensors");
@@ -161,6 +169,7 @@ LoadReport load_module_state_dict(torch::nn::Module& module, const c10::IValue& 
   if (strict && !report.clean()) {
     throw std::runtime_error("cannot load " + what + " strictly: " + report.describe());
   }
+  if (dry_run) return report;
   torch::NoGradGuard no_grad;
   for (auto& [target, source] : copies) target.copy_(source);
   return report;
@@ -249,9 +258,19 @@ c10::IValue optimizer_state_dict(const torch::optim::Optimizer& optimizer) {
   return out;
 }
 
-void load_optimizer_state_dict(torch::optim::Optimizer& optimizer, const c10::IValue& state_dict,
-                               const std::string& what) {
+namespace {
+
+// Everything a load would change, built before anything changes.
+struct PreparedOptimizerState {
+  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options;  // per group
+  std::vector<std::pair<void*, std::unique_ptr<torch::optim::OptimizerParamState>>> states;  // null: none
+};
+
+PreparedOptimizerState prepare_optimizer_state(const torch::optim::Optimizer& optimizer,
+                                               const c10::IValue& state_dict,
+                                               const std::string& what) {
   using namespace torch::optim;
+  PreparedOptimizerState prepared;
   if (!state_dict.isGenericDict()) {
     throw std::runtime_error(what + ": the checkpoint entry is a " + state_dict.tagKind() +
                              ", not an optimizer state dict");
@@ -259,7 +278,7 @@ void load_optimizer_state_dict(torch::optim::Optimizer& optimizer, const c10::IV
   const auto dict = state_dict.toGenericDict();
   const auto groups = get(dict, "param_groups", what).toList();
   const auto state = get(dict, "state", what).toGenericDict();
-  auto& my_groups = optimizer.param_groups();
+  const auto& my_groups = optimizer.param_groups();
   if (groups.size() != my_groups.size()) {
     throw std::runtime_error(what + ": the checkpoint has " + std::to_string(groups.size()) +
                              " parameter group(s), the optimizer " +
@@ -267,7 +286,11 @@ void load_optimizer_state_dict(torch::optim::Optimizer& optimizer, const c10::IV
   }
   int64_t index = 0;
   for (size_t gi = 0; gi < my_groups.size(); ++gi) {
-    auto& group = my_groups[gi];
+    const auto& group = my_groups[gi];
+    if (!groups.get(gi).isGenericDict()) {
+      throw std::runtime_error(what + ": parameter group " + std::to_string(gi) + " is a " +
+                               groups.get(gi).tagKind() + ", not a dict");
+    }
     const auto g = groups.get(gi).toGenericDict();
     const auto ids = get(g, "params", what).toList();
     if (ids.size() != group.params().size()) {
@@ -276,7 +299,8 @@ void load_optimizer_state_dict(torch::optim::Optimizer& optimizer, const c10::IV
                                " parameter(s) in the checkpoint and " +
                                std::to_string(group.params().size()) + " in the optimizer");
     }
-    auto& base = group.options();
+    prepared.options.push_back(group.options().clone());
+    auto& base = *prepared.options.back();
     if (auto* o = dynamic_cast<AdamOptions*>(&base)) {
       load_adam_group(*o, g, what);
     } else if (auto* o = dynamic_cast<AdamWOptions*>(&base)) {
@@ -307,8 +331,12 @@ void load_optimizer_state_dict(torch::optim::Optimizer& optimizer, const c10::IV
       const int64_t id = ids.get(pi).toInt();
       auto it = state.find(id);
       if (it == state.end()) {
-        optimizer.state().erase(key);
+        prepared.states.emplace_back(key, nullptr);
         continue;
+      }
+      if (!it->value().isGenericDict()) {
+        throw std::runtime_error(what + ": the state of parameter " + std::to_string(id) +
+                                 " is a " + it->value().tagKind() + ", not a dict");
       }
       const auto s = it->value().toGenericDict();
       auto tensor = [&](const char* name) -> at::Tensor {
@@ -346,7 +374,29 @@ void load_optimizer_state_dict(torch::optim::Optimizer& optimizer, const c10::IV
         ps->step(step()).sum(tensor("sum"));
         restored = std::move(ps);
       }
+      prepared.states.emplace_back(key, std::move(restored));
+    }
+  }
+  return prepared;
+}
+
+}  // namespace
+
+void check_optimizer_state_dict(const torch::optim::Optimizer& optimizer,
+                                const c10::IValue& state_dict, const std::string& what) {
+  prepare_optimizer_state(optimizer, state_dict, what);
+}
+
+void load_optimizer_state_dict(torch::optim::Optimizer& optimizer, const c10::IValue& state_dict,
+                               const std::string& what) {
+  auto prepared = prepare_optimizer_state(optimizer, state_dict, what);
+  auto& groups = optimizer.param_groups();
+  for (size_t gi = 0; gi < groups.size(); ++gi) groups[gi].set_options(std::move(prepared.options[gi]));
+  for (auto& [key, restored] : prepared.states) {
+    if (restored) {
       optimizer.state()[key] = std::move(restored);
+    } else {
+      optimizer.state().erase(key);
     }
   }
 }

@@ -38,12 +38,21 @@ c10::Dict<std::string, at::Tensor> module_state_dict(const torch::nn::Module& mo
 // problem throws std::runtime_error listing every missing, unexpected or
 // mismatched name before anything is copied.
 LoadReport load_module_state_dict(torch::nn::Module& module, const c10::IValue& state_dict,
-                                  bool strict = true, const std::string& what = "module");
+                                  bool strict = true, const std::string& what = "module",
+                                  bool dry_run = false);
+// What load_module_state_dict would report, changing nothing.
+LoadReport check_module_state_dict(const torch::nn::Module& module, const c10::IValue& state_dict,
+                                   const std::string& what = "module");
 
 c10::IValue optimizer_state_dict(const torch::optim::Optimizer& optimizer);
 // Restores hyper-parameters and per-parameter state; throws std::runtime_error
-// when the groups or parameter counts differ, naming both.
+// when the groups or parameter counts differ, naming both. All or nothing:
+// everything is read and checked before the optimizer changes.
 void load_optimizer_state_dict(torch::optim::Optimizer& optimizer, const c10::IValue& state_dict,
                                const std::string& what = "optimizer");
+// Throws what load_optimizer_state_dict would throw, changing nothing.
+void check_optimizer_state_dict(const torch::optim::Optimizer& optimizer,
+                                const c10::IValue& state_dict,
+                                const std::string& what = "optimizer");
 
 }  // namespace fabric

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iterator>
 #include <thread>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "fabric/checkpoint.h"
@@ -290,6 +291,14 @@ TEST(Checkpoint, ErrorsNameTheProblem) {
   const std::string text = dir() + "/notes.txt";
   std::ofstream(text) << "hello";
   EXPECT_THROW_WITH(fabric::load_checkpoint(text, state), text, "is not a checkpoint");
+  // torch.save's legacy format: named, with the conversion.
+  const std::string legacy = dir() + "/legacy.pt";
+  auto python = testutil::run_command(
+      testutil::python() + " -c \"import torch; torch.save({'w': torch.ones(2)}, '" + legacy +
+      "', _use_new_zipfile_serialization=False)\"");
+  ASSERT_EQ(python.status, 0) << python.output;
+  EXPECT_THROW_WITH(fabric::load_checkpoint(legacy, state), legacy, "legacy (non-zip) format",
+                    "torch.save(torch.load(");
   EXPECT_THROW_WITH(fabric::load_checkpoint(dir() + "/absent.pt", state), "not found", "absent.pt");
   // Missing key.
   fabric::State wants_more{{"model", model}, {"optimizer_state", 0}};
@@ -316,6 +325,33 @@ TEST(Checkpoint, ErrorsNameTheProblem) {
             std::vector<std::string>{"absent"});
 }
 
+// A strict load that fails changes nothing: here the model entry matches but the
+// optimizer entry (another model's Adam state) and a nested key do not; the
+// model, the optimizer state and the values keep what they had.
+TEST(Checkpoint, FailedStrictLoadChangesNothing) {
+  auto saved_model = std::make_shared<MlpImpl>();
+  auto other = std::make_shared<torch::nn::LinearImpl>(3, 2);
+  auto other_adam = std::make_shared<torch::optim::Adam>(other->parameters(), 1e-2);
+  torch::mse_loss(other->forward(torch::randn({4, 3})), torch::zeros({4, 2})).backward();
+  other_adam->step();
+  const std::string path = dir() + "/mismatched_optimizer.pt";
+  fabric::save_checkpoint(path, {{"model", saved_model}, {"optimizer", other_adam},
+                                 {"meta", fabric::State{{"epoch", 4}}}});
+
+  auto model = std::make_shared<MlpImpl>();
+  auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-2);
+  std::vector<torch::Tensor> before;
+  for (const auto& p : model->parameters()) before.push_back(p.detach().clone());
+  fabric::State state{{"model", model}, {"optimizer", adam},
+                      {"meta", fabric::State{{"epoch", 0}, {"batch", 0}}}};
+  EXPECT_THROW_WITH(fabric::load_checkpoint(path, state), "nothing was changed", "'optimizer'",
+                    "parameter group", "'meta.batch' is not in the checkpoint");
+  auto params = model->parameters();
+  for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(torch::equal(params[i], before[i])) << i;
+  EXPECT_TRUE(adam->state().empty());
+  EXPECT_EQ(state.at("meta").nested().at("epoch").to_int(), 0);
+}
+
 TEST(Checkpoint, LoadRawReadsABareStateDict) {
   torch::manual_seed(4);
   auto source = std::make_shared<MlpImpl>();
@@ -326,6 +362,35 @@ TEST(Checkpoint, LoadRawReadsABareStateDict) {
   auto net = fabric.setup(target);
   fabric.load_raw(path, net);
   expect_same_params(*source, *target);
+}
+
+// A save onto a full disk (the temporary file is made to be /dev/full, whose
+// writes fail with ENOSPC) ends in an exception naming the path and the OS
+// error, leaves no temporary file and keeps the earlier checkpoint; it used to
+// terminate the program from the archive writer's destructor.
+TEST(Checkpoint, AFullDiskFailsTheSaveCleanly) {
+  const std::string path = dir() + "/full_disk.pt";
+  auto small = torch::arange(10, torch::kFloat);
+  fabric::save_checkpoint(path, {{"weights", small}});
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  fabric::Fabric fabric({.accelerator = "cpu"});
+  fabric.launch();
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    SCOPED_TRACE(attempt == 0 ? "save_checkpoint" : "fabric.save");
+    ::unlink(tmp.c_str());
+    ASSERT_EQ(::symlink("/dev/full", tmp.c_str()), 0);
+    const fabric::State bigger{{"weights", torch::ones({100000})}, {"step", 3}};
+    if (attempt == 0) {
+      EXPECT_THROW_WITH(fabric::save_checkpoint(path, bigger), "No space left on device", path);
+    } else {
+      EXPECT_THROW_WITH(fabric.save(path, bigger), "No space left on device", path);
+    }
+    struct stat info {};
+    EXPECT_NE(::lstat(tmp.c_str(), &info), 0) << "temporary file left behind";
+    fabric::State state{{"weights", at::Tensor()}};
+    ASSERT_NO_THROW(fabric::load_checkpoint(path, state));
+    EXPECT_TRUE(torch::equal(state.at("weights").to_tensor(), small));
+  }
 }
 
 TEST(Checkpoint, SigkillMidSaveLeavesThePreviousCheckpoint) {
