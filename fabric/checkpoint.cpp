@@ -1,8 +1,10 @@
 #include "fabric/checkpoint.h"
+#include "fabric/pickle_reader.h"
 #include "fabric/sharded_checkpoint.h"
 
 #include "fabric/serialization.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
@@ -26,6 +28,25 @@ std::string directory_of(const std::string& path) {
   const auto slash = path.rfind('/');
   if (slash == std::string::npos) return ".";
   return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+// Whether a None sits anywhere in a (nested) dict or list.
+bool holds_none(const c10::IValue& v) {
+  if (v.isNone()) return true;
+  if (v.isGenericDict()) {
+    for (const auto& item : v.toGenericDict()) {
+      if (holds_none(item.value())) return true;
+    }
+  } else if (v.isList()) {
+    for (const auto& item : v.toListRef()) {
+      if (holds_none(item)) return true;
+    }
+  } else if (v.isTuple()) {
+    for (const auto& item : v.toTupleRef().elements()) {
+      if (holds_none(item)) return true;
+    }
+  }
+  return false;
 }
 
 [[noreturn]] void fail(const std::string& what, const std::string& path) {
@@ -271,9 +292,37 @@ c10::IValue read_checkpoint(const std::string& path) {
     // ranks do not all materialise it on cuda:0. load() then copies each tensor
     // to where its parameter lives.
     caffe2::serialize::PyTorchStreamReader reader(path);
-    return torch::jit::readArchiveAndTensors("data", /*pickle_prefix=*/"",
-                                             /*tensor_prefix=*/"", std::nullopt, std::nullopt,
-                                             c10::Device(c10::DeviceType::CPU), reader);
+    std::string libtorch_error;
+    try {
+      auto value = torch::jit::readArchiveAndTensors("data", /*pickle_prefix=*/"",
+                                                     /*tensor_prefix=*/"", std::nullopt,
+                                                     std::nullopt,
+                                                     c10::Device(c10::DeviceType::CPU), reader);
+      if (!holds_none(value)) return value;
+    } catch (const c10::Error& e) {
+      libtorch_error = e.what_without_backtrace();
+    }
+    // LibTorch's unpickler turns collections.OrderedDict (every Python
+    // model.state_dict()) into None and rejects Python classes: read it again
+    // with ours (fabric/pickle_reader.h).
+    std::vector<std::string> notes;
+    c10::IValue value;
+    try {
+      value = read_pickle_archive(reader, "checkpoint " + path, &notes);
+    } catch (const std::runtime_error& e) {
+      throw std::runtime_error("checkpoint " + path + " is truncated or corrupt (" +
+                               std::to_string(info.st_size) + " bytes): " + e.what() +
+                               (libtorch_error.empty() ? "" : "; LibTorch: " + libtorch_error));
+    }
+    std::sort(notes.begin(), notes.end());
+    notes.erase(std::unique(notes.begin(), notes.end()), notes.end());
+    for (const auto& cls : notes) {
+      TORCH_WARN("checkpoint ", path, " holds a Python ", cls,
+                 " object, which C++ reads as a dict {'__python_class__': '", cls,
+                 "', '__state__': ...}; to read it as plain values, save them in Python as "
+                 "such (e.g. vars(args) instead of an argparse.Namespace)");
+    }
+    return value;
   } catch (const c10::Error& e) {
     throw std::runtime_error("checkpoint " + path + " is truncated or corrupt (" +
                              std::to_string(info.st_size) +

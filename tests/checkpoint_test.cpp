@@ -352,6 +352,94 @@ TEST(Checkpoint, FailedStrictLoadChangesNothing) {
   EXPECT_EQ(state.at("meta").nested().at("epoch").to_int(), 0);
 }
 
+// What Python really writes: torch.save(model.state_dict()) (an OrderedDict
+// with _metadata), every pickle protocol, every dtype, views and slices, tensors
+// sharing a storage, torch.Size/dtype/device, nested OrderedDicts, and an
+// argparse.Namespace (read as a placeholder naming its class, not an error).
+TEST(Checkpoint, ReadsWhatPythonReallyWrites) {
+  const std::string d = dir() + "/python_files";
+  fabric::fs::make_directories(d);
+  const std::string script = d + "/write.py";
+  std::ofstream(script) << R"(import argparse, collections, sys, torch
+d = sys.argv[1]
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+torch.save(net.state_dict(), d + '/state_dict.pt')
+x = torch.arange(10.).reshape(2, 5) / 10
+open(d + '/expected.txt', 'w').write(' '.join(repr(v) for v in net(x).flatten().tolist()))
+for proto in (2, 3, 4, 5):
+    torch.save({'sd': net.state_dict()}, d + '/proto%d.pt' % proto, pickle_protocol=proto)
+dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int16,
+          torch.int32, torch.int64, torch.uint8, torch.bool]
+tensors = collections.OrderedDict((str(t).split('.')[1], (torch.arange(6) % 3).to(t).reshape(2, 3)) for t in dtypes)
+base = torch.arange(12.).reshape(3, 4)
+torch.save({'tensors': tensors, 'view': base.t(), 'slice': base[1:, 2:], 'tied_a': base, 'tied_b': base,
+            'size': torch.Size([2, 3]), 'dtype': torch.float16, 'device': torch.device('cpu'),
+            'nested': collections.OrderedDict(inner=collections.OrderedDict(x=1.5)), 'none': None,
+            'flags': [True, False], 'text': 'hi', 'big': 2**40, 'neg': -7,
+            'hparams': argparse.Namespace(lr=0.1, name='run')}, d + '/mixed.pt')
+)";
+  auto python = testutil::run_command(testutil::python() + " " + script + " " + d);
+  ASSERT_EQ(python.status, 0) << python.output;
+
+  // A bare Python state dict into the same architecture, then the same outputs.
+  auto net = torch::nn::Sequential(torch::nn::Linear(5, 8), torch::nn::ReLU(), torch::nn::Linear(8, 3));
+  fabric::load_raw(d + "/state_dict.pt", *net);
+  std::ifstream expected_file(d + "/expected.txt");
+  std::vector<float> expected;
+  for (double v; expected_file >> v;) expected.push_back(static_cast<float>(v));
+  auto y = net->forward(torch::arange(10, torch::kFloat).reshape({2, 5}) / 10).flatten();
+  ASSERT_EQ(y.numel(), static_cast<int64_t>(expected.size()));
+  EXPECT_TRUE(torch::allclose(y, torch::tensor(expected), 1e-6, 1e-6));
+
+  const auto reference = fabric::read_checkpoint(d + "/state_dict.pt").toGenericDict();
+  for (int proto = 2; proto <= 5; ++proto) {
+    SCOPED_TRACE("protocol " + std::to_string(proto));
+    const auto file = fabric::read_checkpoint(d + "/proto" + std::to_string(proto) + ".pt");
+    ASSERT_TRUE(file.isGenericDict());
+    const auto sd = file.toGenericDict().at("sd").toGenericDict();
+    ASSERT_EQ(sd.size(), 4u);
+    for (const auto& item : reference) {
+      EXPECT_TRUE(torch::equal(sd.at(item.key()).toTensor(), item.value().toTensor()));
+    }
+  }
+
+  const auto mixed = fabric::read_checkpoint(d + "/mixed.pt").toGenericDict();
+  const auto tensors = mixed.at("tensors").toGenericDict();
+  const std::vector<std::pair<std::string, c10::ScalarType>> dtypes = {
+      {"float32", torch::kFloat}, {"float64", torch::kDouble}, {"float16", torch::kHalf},
+      {"bfloat16", torch::kBFloat16}, {"int8", torch::kChar}, {"int16", torch::kShort},
+      {"int32", torch::kInt}, {"int64", torch::kLong}, {"uint8", torch::kByte}, {"bool", torch::kBool}};
+  for (const auto& [name, dtype] : dtypes) {
+    SCOPED_TRACE(name);
+    const auto t = tensors.at(name).toTensor();
+    EXPECT_EQ(t.scalar_type(), dtype);
+    EXPECT_TRUE(torch::equal(t, (torch::arange(6) % 3).to(dtype).reshape({2, 3})));
+  }
+  const auto base = torch::arange(12, torch::kFloat).reshape({3, 4});
+  EXPECT_TRUE(torch::equal(mixed.at("view").toTensor(), base.t()));
+  EXPECT_TRUE(torch::equal(mixed.at("slice").toTensor(), base.slice(0, 1).slice(1, 2)));
+  EXPECT_EQ(mixed.at("tied_a").toTensor().data_ptr(), mixed.at("tied_b").toTensor().data_ptr());
+  const auto size = mixed.at("size").toTupleRef().elements();
+  ASSERT_EQ(size.size(), 2u);
+  EXPECT_EQ(size[0].toInt() * 10 + size[1].toInt(), 23);
+  EXPECT_EQ(mixed.at("dtype").toStringRef(), "torch.float16");
+  EXPECT_EQ(mixed.at("device").toStringRef(), "cpu");
+  EXPECT_EQ(mixed.at("nested").toGenericDict().at("inner").toGenericDict().at("x").toDouble(), 1.5);
+  EXPECT_TRUE(mixed.at("none").isNone());
+  EXPECT_EQ(mixed.at("big").toInt(), int64_t{1} << 40);
+  EXPECT_EQ(mixed.at("neg").toInt(), -7);
+  EXPECT_EQ(mixed.at("text").toStringRef(), "hi");
+  const auto hparams = mixed.at("hparams").toGenericDict();
+  EXPECT_EQ(hparams.at("__python_class__").toStringRef(), "argparse.Namespace");
+  EXPECT_EQ(hparams.at("__state__").toGenericDict().at("lr").toDouble(), 0.1);
+  // fabric.load takes what it is asked for; the Namespace stays in the remainder.
+  fabric::State state{{"text", ""}, {"big", 0}};
+  auto result = fabric::load_checkpoint(d + "/mixed.pt", state);
+  EXPECT_EQ(state.at("text").to_string(), "hi");
+  EXPECT_TRUE(result.remainder.count("hparams"));
+}
+
 TEST(Checkpoint, LoadRawReadsABareStateDict) {
   torch::manual_seed(4);
   auto source = std::make_shared<MlpImpl>();

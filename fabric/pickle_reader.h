@@ -1,0 +1,33 @@
+// A reader for the pickle inside torch.save's zip archives that understands what
+// Python really writes, where LibTorch's own unpickler does not: an
+// collections.OrderedDict (every model.state_dict(), with its _metadata) reads
+// as a dict; a pickled Python object C++ cannot represent (argparse.Namespace,
+// NumPy values, functions) reads as a placeholder dict
+//   {"__python_class__": "argparse.Namespace", "__state__": {...}}
+// with its state where it has one, and is reported in `notes` with its key path;
+// torch.Size / tuples / sets read as tuples and lists, torch.dtype and
+// torch.device as strings ("torch.float32", "cuda:0"). Tensors of every dtype
+// are rebuilt over their storage records (read once: tensors that shared a
+// storage in Python still share one), on the CPU.
+//
+// fabric's checkpoint reader tries LibTorch's unpickler first and comes here
+// when that fails or leaves None where a dict was written.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <ATen/core/ivalue.h>
+
+namespace caffe2::serialize {
+class PyTorchStreamReader;
+}
+
+namespace fabric {
+
+// Unpickles the archive's data.pkl. Throws std::runtime_error naming `what` and
+// the problem (an unknown opcode, a missing storage record, a malformed stream).
+c10::IValue read_pickle_archive(caffe2::serialize::PyTorchStreamReader& reader,
+                                const std::string& what, std::vector<std::string>* notes = nullptr);
+
+}  // namespace fabric
