@@ -568,6 +568,99 @@ TEST(Checkpoint, PythonContinuesEveryOptimizerFromOurCheckpoint) {
   }
 }
 
+// Python Lightning Fabric and torchfabric hand a run to each other mid-training:
+// Lightning's fabric.save after 3 steps loads with fabric.load here and 3 more
+// steps equal Lightning's own next 3 (1e-6); and the other way, Lightning's
+// fabric.load of our file continues exactly as we do. SGD with momentum, Adam, AdamW.
+TEST(Checkpoint, LightningFabricCheckpointsBothWays) {
+  const std::string d = dir() + "/lightning";
+  fabric::fs::make_directories(d);
+  const std::string common =
+      "import sys, torch\n"
+      "from lightning.fabric import Fabric\n" + kPythonMlp +
+      "d = '" + d + "'\n"
+      "def make(name, m):\n"
+      "    if name == 'sgd': return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)\n"
+      "    if name == 'adam': return torch.optim.Adam(m.parameters(), lr=0.01)\n"
+      "    return torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.1)\n"
+      "fabric = Fabric(accelerator='cpu', devices=1)\n"
+      "data = torch.load(d + '/data.pt')\n"
+      "def steps(m, opt, n):\n"
+      "    for _ in range(n):\n"
+      "        opt.zero_grad(); fabric.backward(torch.nn.functional.mse_loss(m(data['x']), data['y'])); opt.step()\n";
+  torch::manual_seed(3);
+  const auto x = torch::randn({6, 5}), y = torch::randn({6, 3});
+  fabric::save_checkpoint(d + "/data.pt", {{"x", x}, {"y", y}});
+  const std::vector<std::string> names = {"sgd", "adam", "adamw"};
+  auto make = [](const std::string& name, std::vector<torch::Tensor> p) -> std::shared_ptr<torch::optim::Optimizer> {
+    if (name == "sgd") return std::make_shared<torch::optim::SGD>(p, torch::optim::SGDOptions(0.05).momentum(0.9));
+    if (name == "adam") return std::make_shared<torch::optim::Adam>(p, torch::optim::AdamOptions(0.01));
+    return std::make_shared<torch::optim::AdamW>(p, torch::optim::AdamWOptions(0.01).weight_decay(0.1));
+  };
+  fabric::Fabric fabric({.accelerator = "cpu"});
+  fabric.launch();
+  auto steps = [&](auto& net, auto& opt, int n) {
+    for (int i = 0; i < n; ++i) {
+      opt.zero_grad();
+      fabric.backward(torch::mse_loss(net(x), y));
+      opt.step();
+    }
+  };
+
+  // Lightning -> torchfabric.
+  const auto lightning = run_python("lightning_save", common +
+      "for name in ('sgd', 'adam', 'adamw'):\n"
+      "    torch.manual_seed(1)\n"
+      "    model = Mlp(); optimizer = make(name, model)\n"
+      "    m, opt = fabric.setup(model, optimizer)\n"
+      "    steps(m, opt, 3)\n"
+      "    fabric.save(d + '/lt_' + name + '.pt', {'model': m, 'optimizer': opt, 'step': 3})\n"
+      "    steps(m, opt, 3)\n"
+      "    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, d + '/lt_' + name + '_after.pt')\n"
+      "print('lightning saved')\n");
+  ASSERT_NE(lightning.find("lightning saved"), std::string::npos) << lightning;
+  for (const auto& name : names) {
+    SCOPED_TRACE("lightning -> torchfabric, " + name);
+    auto model = std::make_shared<MlpImpl>();
+    auto [net, opt] = fabric.setup(model, make(name, model->parameters()));
+    fabric::State state{{"model", net}, {"optimizer", opt}, {"step", 0}};
+    fabric.load(d + "/lt_" + name + ".pt", state);
+    EXPECT_EQ(state.at("step").to_int(), 3);
+    steps(net, opt, 3);
+    const auto after = fabric::read_checkpoint(d + "/lt_" + name + "_after.pt").toGenericDict();
+    for (const auto& item : model->named_parameters()) {
+      const auto expected = after.at(item.key()).toTensor();
+      EXPECT_TRUE(torch::allclose(item.value(), expected, 1e-6, 1e-6))
+          << item.key() << " max diff " << (item.value() - expected).abs().max().item<double>();
+    }
+  }
+
+  // torchfabric -> Lightning.
+  for (const auto& name : names) {
+    torch::manual_seed(2);
+    auto model = std::make_shared<MlpImpl>();
+    auto [net, opt] = fabric.setup(model, make(name, model->parameters()));
+    steps(net, opt, 3);
+    fabric.save(d + "/tf_" + name + ".pt", {{"model", net}, {"optimizer", opt}, {"step", 3}});
+    steps(net, opt, 3);
+    fabric::save_checkpoint(d + "/tf_" + name + "_after.pt", {{"model", model}});
+  }
+  const auto back = run_python("lightning_load", common +
+      "for name in ('sgd', 'adam', 'adamw'):\n"
+      "    model = Mlp(); optimizer = make(name, model)\n"
+      "    m, opt = fabric.setup(model, optimizer)\n"
+      "    rest = fabric.load(d + '/tf_' + name + '.pt', {'model': m, 'optimizer': opt})\n"
+      "    assert rest['step'] == 3, rest\n"
+      "    steps(m, opt, 3)\n"
+      "    after = torch.load(d + '/tf_' + name + '_after.pt')['model']\n"
+      "    for k, v in model.state_dict().items():\n"
+      "        assert torch.allclose(v, after[k], atol=1e-6, rtol=1e-6), (name, k, (v - after[k]).abs().max())\n"
+      "    print(name, 'continues ok')\n");
+  for (const auto& name : names) {
+    EXPECT_NE(back.find(name + " continues ok"), std::string::npos) << back;
+  }
+}
+
 // A checkpoint from a GPU machine: every storage carries the location tag
 // "cuda:0". It must load on a machine without a GPU (onto the CPU, then into the
 // module's and optimizer's own tensors), as Lightning's map_location="cpu" does.
