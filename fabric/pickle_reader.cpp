@@ -92,7 +92,8 @@ class Machine {
         case 0x86: tuple(2); break;                                         // TUPLE2
         case 0x87: tuple(3); break;                                         // TUPLE3
         case 't': tuple(stack_.size() - pop_mark()); break;                 // TUPLE
-        case 'l': {                                                         // LIST
+        case 'l':                                                           // LIST
+        case 0x91: {                                                        // FROZENSET
           const size_t start = pop_mark();
           GenericList list(c10::AnyType::get());
           for (size_t i = start; i < stack_.size(); ++i) list.push_back(stack_[i]);
@@ -106,14 +107,6 @@ class Machine {
           for (size_t i = start; i + 1 < stack_.size(); i += 2) dict.insert_or_assign(stack_[i], stack_[i + 1]);
           stack_.resize(start);
           stack_.emplace_back(dict);
-          break;
-        }
-        case 0x91: {                                                        // FROZENSET
-          const size_t start = pop_mark();
-          GenericList list(c10::AnyType::get());
-          for (size_t i = start; i < stack_.size(); ++i) list.push_back(stack_[i]);
-          stack_.resize(start);
-          stack_.emplace_back(list);
           break;
         }
         case 'a': {                                                         // APPEND

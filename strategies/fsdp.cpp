@@ -753,13 +753,13 @@ class FSDPStrategy::StateScope : public precision::Scope {
   void leave() {
     if (!loading_) {
       for (auto& [slot, piece] : saved_) *slot = piece;
-      for (auto* unit : gathered_) restore(*unit, /*copy_back=*/false);
+      for (auto* unit : gathered_) strategy_.reshard(*unit, /*copy_back=*/false);
       return;
     }
     // After a load: the full values become this rank's pieces again.
     for (auto* unit : units_) {
       if (std::find(gathered_.begin(), gathered_.end(), unit) != gathered_.end()) {
-        restore(*unit, /*copy_back=*/true);
+        strategy_.reshard(*unit, /*copy_back=*/true);  // also puts stashed gradients back
       } else if (unit->sharded && unit->allocated) {
         unit->shard.copy_(unit->full.narrow(0, unit->shard_begin, unit->shard_numel));
       }
@@ -783,16 +783,6 @@ class FSDPStrategy::StateScope : public precision::Scope {
       }
     }
   }
-  void restore(FlatUnit& unit, bool copy_back) {
-    strategy_.reshard(unit, copy_back);
-    for (size_t i = 0; i < unit.params.size(); ++i) {
-      if (unit.stashed[i].defined()) {
-        unit.params[i].mutable_grad() = unit.stashed[i];
-        unit.stashed[i] = at::Tensor();
-      }
-    }
-  }
-
   FSDPStrategy& strategy_;
   bool loading_;
   std::vector<FlatUnit*> units_, gathered_;

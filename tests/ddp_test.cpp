@@ -22,6 +22,7 @@
 #include "ddp_model.h"
 #include "fabric/accelerator.h"
 #include "fabric/filesystem.h"
+#include "mpi_test_util.h"
 #include "test_util.h"
 
 namespace {
@@ -33,25 +34,13 @@ std::string absolute(const char* path) {
   return ::realpath(path, resolved) ? resolved : path;
 }
 
-std::string mpirun() {
-  return std::string("mpirun -np 2 --bind-to none --oversubscribe") +
-         (::geteuid() == 0 ? " --allow-run-as-root" : "");
-}
+using testutil::mpirun;
 
 std::string fresh_dir(const std::string& name) {
   const std::string dir = ::testing::TempDir() + "/ddp_" + name;
   fabric::fs::remove_all(dir);
   fabric::fs::make_directories(dir);
   return dir;
-}
-
-std::vector<torch::Tensor> read_params(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<torch::Tensor> out;
-  if (bytes.empty()) return out;
-  for (const auto& t : torch::pickle_load(bytes).toTensorList()) out.push_back(t);
-  return out;
 }
 
 // One process, the whole 16-row batch, 10 Adam steps (clipping to a total norm
@@ -100,7 +89,7 @@ void expect_matches_reference(const std::string& dir, bool with_unused = false,
   const auto reference = reference_params(with_unused, clip);
   for (int rank = 0; rank < 2; ++rank) {
     SCOPED_TRACE("rank " + std::to_string(rank));
-    auto params = read_params(dir + "/params_rank" + std::to_string(rank) + ".pt");
+    auto params = testutil::read_tensor_list(dir + "/params_rank" + std::to_string(rank) + ".pt");
     ASSERT_EQ(params.size(), reference.size());
     for (size_t i = 0; i < params.size(); ++i) {
       EXPECT_TRUE(torch::allclose(params[i], reference[i], /*rtol=*/1e-5, /*atol=*/1e-5))
@@ -137,7 +126,7 @@ TEST(DdpCuda, NcclMatchesOneProcessOnTheConcatenatedBatch) {
     ASSERT_EQ(result.status, 0) << result.output;
     const auto reference = reference_params(false);
     for (int rank = 0; rank < world; ++rank) {
-      auto params = read_params(dir + "/params_rank" + std::to_string(rank) + ".pt");
+      auto params = testutil::read_tensor_list(dir + "/params_rank" + std::to_string(rank) + ".pt");
       ASSERT_EQ(params.size(), reference.size());
       for (size_t i = 0; i < params.size(); ++i) {
         EXPECT_TRUE(torch::allclose(params[i], reference[i], 1e-4, 1e-4)) << "parameter " << i;
@@ -396,23 +385,8 @@ TEST(Fsdp, FullCheckpointIsDdpsFileAndResumes) {
     SCOPED_TRACE(entry);
     // Flatten nested dicts/lists of tensors into path -> tensor and compare.
     std::map<std::string, torch::Tensor> a, b;
-    std::function<void(const c10::IValue&, const std::string&, std::map<std::string, torch::Tensor>&)> walk =
-        [&](const c10::IValue& v, const std::string& path, std::map<std::string, torch::Tensor>& out) {
-          if (v.isTensor()) {
-            out[path] = v.toTensor();
-          } else if (v.isGenericDict()) {
-            for (const auto& item : v.toGenericDict()) {
-              walk(item.value(), path + "/" + (item.key().isString() ? item.key().toStringRef()
-                                                                     : std::to_string(item.key().toInt())),
-                   out);
-            }
-          } else if (v.isList()) {
-            auto list = v.toList();
-            for (size_t i = 0; i < list.size(); ++i) walk(list.get(i), path + "/" + std::to_string(i), out);
-          }
-        };
-    walk(ours.at(entry), "", a);
-    walk(theirs.at(entry), "", b);
+    testutil::flatten_tensors(ours.at(entry), "", a);
+    testutil::flatten_tensors(theirs.at(entry), "", b);
     ASSERT_EQ(a.size(), b.size());
     ASSERT_FALSE(a.empty());
     for (const auto& [path, tensor] : a) {

@@ -14,25 +14,15 @@
 #include "fabric/checkpoint.h"
 #include "fabric/filesystem.h"
 #include "fsdp_model.h"
+#include "mpi_test_util.h"
 #include "test_util.h"
 
 std::string g_fsdp_worker, g_consolidate;  // set by main() in ddp_test.cpp
 
 namespace {
 
-std::string mpirun() {
-  return std::string("mpirun -np 2 --bind-to none --oversubscribe") +
-         (::geteuid() == 0 ? " --allow-run-as-root" : "");
-}
-
-std::vector<torch::Tensor> read_tensors(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<torch::Tensor> out;
-  if (bytes.empty()) return out;
-  for (const auto& t : torch::pickle_load(bytes).toTensorList()) out.push_back(t);
-  return out;
-}
+using testutil::mpirun;
+using testutil::read_tensor_list;
 
 // Runs the worker under mpirun in a fresh directory; returns the directory.
 std::string run_worker(const std::string& name, const std::string& mode, const std::string& flags,
@@ -40,10 +30,8 @@ std::string run_worker(const std::string& name, const std::string& mode, const s
   const std::string dir = ::testing::TempDir() + "/fsdp_units_" + name;
   fabric::fs::remove_all(dir);
   fabric::fs::make_directories(dir);
-  auto launcher = mpirun();
-  launcher.replace(launcher.find("-np 2"), 5, "-np " + std::to_string(ranks));
   auto result =
-      testutil::run_command(launcher + " " + g_fsdp_worker + " " + mode + " " + dir + " " + flags);
+      testutil::run_command(mpirun(ranks) + " " + g_fsdp_worker + " " + mode + " " + dir + " " + flags);
   EXPECT_EQ(result.status, 0) << result.output;
   return dir;
 }
@@ -74,7 +62,7 @@ void expect_close(const std::vector<torch::Tensor>& expected, const std::string&
                   double tolerance = 1e-5, const std::string& file = "params", int ranks = 2) {
   for (int rank = 0; rank < ranks; ++rank) {
     SCOPED_TRACE(file + " of rank " + std::to_string(rank));
-    const auto got = read_tensors(dir + "/" + file + "_rank" + std::to_string(rank) + ".pt");
+    const auto got = read_tensor_list(dir + "/" + file + "_rank" + std::to_string(rank) + ".pt");
     ASSERT_EQ(got.size(), expected.size());
     for (size_t i = 0; i < got.size(); ++i) {
       EXPECT_TRUE(torch::allclose(got[i], expected[i].to(torch::kFloat), tolerance, tolerance))
@@ -138,7 +126,7 @@ TEST(FsdpUnits, ClipGradientsNormEqualsOneProcess) {
 // mantissa): 2e-3. Loosely (5e-2), DDP under bf16-mixed equals the fp32 run.
 TEST(FsdpUnits, Bf16MixedEqualsDdpUnderTheSamePrecision) {
   const auto ddp_dir = run_worker("bf16_ddp", "train", "--strategy ddp --precision bf16-mixed");
-  const auto ddp = read_tensors(ddp_dir + "/params_rank0.pt");
+  const auto ddp = read_tensor_list(ddp_dir + "/params_rank0.pt");
   ASSERT_FALSE(ddp.empty());
   expect_close(ddp, run_worker("bf16_fsdp32", "train", "--precision bf16-mixed --reduce-dtype fp32"), 1e-4);
   expect_close(ddp, run_worker("bf16_fsdp", "train", "--precision bf16-mixed"), 2e-3);
@@ -193,25 +181,6 @@ TEST(FsdpUnits, MemoryAtRestIsAboutHalfOfDdp) {
   }
 }
 
-namespace {
-
-// Every tensor of a checkpoint dict, by key path.
-void flatten(const c10::IValue& v, const std::string& path, std::map<std::string, torch::Tensor>& out) {
-  if (v.isTensor()) {
-    out[path] = v.toTensor();
-  } else if (v.isGenericDict()) {
-    for (const auto& item : v.toGenericDict()) {
-      const auto& k = item.key();
-      flatten(item.value(), path + "/" + (k.isString() ? k.toStringRef() : std::to_string(k.toInt())), out);
-    }
-  } else if (v.isList()) {
-    auto list = v.toList();
-    for (size_t i = 0; i < list.size(); ++i) flatten(list.get(i), path + "/" + std::to_string(i), out);
-  }
-}
-
-}  // namespace
-
 // state_dict_type="sharded": a directory of one file per rank plus metadata,
 // reloaded at 2 ranks and at 1 rank (resuming exactly as the uninterrupted run),
 // and consolidated into the very file a full save writes (Python reads it).
@@ -226,9 +195,9 @@ TEST(FsdpUnits, ShardedCheckpointReloadsAtTwoRanksAndOneRankAndConsolidates) {
   EXPECT_FALSE(fabric::fs::exists(ckpt + ".partial"));
   // Each rank's file holds half of every sharded tensor.
   std::map<std::string, torch::Tensor> rank0, rank1, full;
-  flatten(fabric::read_checkpoint(ckpt + "/shard_0.pt"), "", rank0);
-  flatten(fabric::read_checkpoint(ckpt + "/shard_1.pt"), "", rank1);
-  flatten(fabric::read_checkpoint(saved + "/full.pt"), "", full);
+  testutil::flatten_tensors(fabric::read_checkpoint(ckpt + "/shard_0.pt"), "", rank0);
+  testutil::flatten_tensors(fabric::read_checkpoint(ckpt + "/shard_1.pt"), "", rank1);
+  testutil::flatten_tensors(fabric::read_checkpoint(saved + "/full.pt"), "", full);
   ASSERT_TRUE(rank0.count("/model/b0.fc.weight"));
   EXPECT_EQ(rank0["/model/b0.fc.weight"].numel() + rank1["/model/b0.fc.weight"].numel(), 49);
   EXPECT_EQ(rank0["/model/b0.fc.bias"].numel(), 0);  // wholly on rank 1
@@ -246,7 +215,7 @@ TEST(FsdpUnits, ShardedCheckpointReloadsAtTwoRanksAndOneRankAndConsolidates) {
   auto tool = testutil::run_command(g_consolidate + " " + ckpt + " " + consolidated);
   ASSERT_EQ(tool.status, 0) << tool.output;
   std::map<std::string, torch::Tensor> merged;
-  flatten(fabric::read_checkpoint(consolidated), "", merged);
+  testutil::flatten_tensors(fabric::read_checkpoint(consolidated), "", merged);
   ASSERT_EQ(merged.size(), full.size());
   for (const auto& [path, tensor] : full) {
     ASSERT_TRUE(merged.count(path)) << path;
