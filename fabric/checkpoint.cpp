@@ -1,8 +1,9 @@
 #include "fabric/checkpoint.h"
-#include "fabric/pickle_reader.h"
-#include "fabric/sharded_checkpoint.h"
 
+#include "fabric/mapped_file.h"
+#include "fabric/pickle_reader.h"
 #include "fabric/serialization.h"
+#include "fabric/sharded_checkpoint.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -10,7 +11,9 @@
 #include <fcntl.h>
 #include <fstream>
 #include <iterator>
+#include <memory>
 #include <stdexcept>
+#include <unordered_map>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -47,6 +50,75 @@ bool holds_none(const c10::IValue& v) {
     }
   }
   return false;
+}
+
+// Whether every tensor in `v` lies inside its storage (LibTorch's unpickler does
+// not check a file's sizes and strides against its records).
+bool tensors_in_bounds(const c10::IValue& v) {
+  if (v.isTensor()) {
+    const auto& t = v.toTensor();
+    if (!t.defined() || t.numel() == 0) return true;
+    int64_t last = t.storage_offset();
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      if (t.stride(d) < 0) return false;
+      int64_t step = 0;
+      if (__builtin_mul_overflow(t.size(d) - 1, t.stride(d), &step) ||
+          __builtin_add_overflow(last, step, &last)) {
+        return false;
+      }
+    }
+    const auto bytes = static_cast<int64_t>(t.storage().nbytes());
+    return last >= 0 && (last + 1) <= bytes / static_cast<int64_t>(t.element_size());
+  }
+  if (v.isGenericDict()) {
+    for (const auto& item : v.toGenericDict()) {
+      if (!tensors_in_bounds(item.value())) return false;
+    }
+  } else if (v.isList()) {
+    for (const auto& item : v.toListRef()) {
+      if (!tensors_in_bounds(item)) return false;
+    }
+  } else if (v.isTuple()) {
+    for (const auto& item : v.toTupleRef().elements()) {
+      if (!tensors_in_bounds(item)) return false;
+    }
+  }
+  return true;
+}
+
+// `v` with every tensor copied into memory of its own (the same tensor twice
+// stays one tensor), so nothing handed back views a mapped file.
+c10::IValue owned(const c10::IValue& v,
+                  std::unordered_map<const void*, at::Tensor>& copies) {
+  if (v.isTensor()) {
+    const auto& t = v.toTensor();
+    if (!t.defined()) return v;
+    auto it = copies.find(t.unsafeGetTensorImpl());
+    if (it == copies.end()) it = copies.emplace(t.unsafeGetTensorImpl(), t.clone()).first;
+    return it->second;
+  }
+  if (v.isGenericDict()) {
+    const auto dict = v.toGenericDict();
+    c10::impl::GenericDict out(dict.keyType(), dict.valueType());
+    for (const auto& item : dict) out.insert(item.key(), owned(item.value(), copies));
+    return out;
+  }
+  if (v.isList()) {
+    c10::impl::GenericList out(v.toList().elementType());
+    for (const auto& item : v.toListRef()) out.push_back(owned(item, copies));
+    return out;
+  }
+  if (v.isTuple()) {
+    std::vector<c10::IValue> items;
+    for (const auto& item : v.toTupleRef().elements()) items.push_back(owned(item, copies));
+    return c10::ivalue::Tuple::create(std::move(items));
+  }
+  return v;
+}
+
+c10::IValue owned(const c10::IValue& v) {
+  std::unordered_map<const void*, at::Tensor> copies;
+  return owned(v, copies);
 }
 
 [[noreturn]] void fail(const std::string& what, const std::string& path) {
@@ -121,7 +193,7 @@ void load_into(State& state, const GenericDict& dict, bool strict, const std::st
         load_optimizer_state_dict(*value.optimizer(), loaded, "'" + name + "'");
         break;
       case StateValue::Kind::kRng: {
-        auto rng = RngState::from_ivalue(loaded);
+        auto rng = RngState::from_ivalue(owned(loaded));
         rng.restore();
         value = StateValue(rng);
         break;
@@ -135,13 +207,13 @@ void load_into(State& state, const GenericDict& dict, bool strict, const std::st
         break;
       }
       case StateValue::Kind::kValue:
-        value = StateValue(loaded);
+        value = StateValue(owned(loaded));
         break;
     }
   }
   for (const auto& item : dict) {
     const auto key = item.key().toStringRef();
-    if (!state.count(key)) result.remainder.emplace(key, StateValue(item.value()));
+    if (!state.count(key)) result.remainder.emplace(key, StateValue(owned(item.value())));
   }
 }
 
@@ -257,7 +329,7 @@ void atomic_write(const std::string& path,
   }
 }
 
-c10::IValue read_checkpoint(const std::string& path) {
+c10::IValue read_checkpoint(const std::string& path, ReadMode mode) {
   struct stat info {};
   if (::stat(path.c_str(), &info) != 0) {
     throw std::runtime_error("checkpoint not found: " + path);
@@ -285,49 +357,64 @@ c10::IValue read_checkpoint(const std::string& path) {
                                " is not a checkpoint (not a PyTorch zip archive)");
     }
   }
+  auto corrupt = [&](const std::string& why) {
+    return std::runtime_error("checkpoint " + path + " is truncated or corrupt (" +
+                              std::to_string(info.st_size) + " bytes): " + why);
+  };
+  std::unique_ptr<caffe2::serialize::PyTorchStreamReader> reader;
   try {
-    // Records are read straight from the file into their tensors' storage, on
-    // the CPU whatever device a storage was saved from (Lightning loads with
-    // map_location="cpu"): a file from a GPU machine reads on a CPU machine, and
-    // ranks do not all materialise it on cuda:0. load() then copies each tensor
-    // to where its parameter lives.
-    caffe2::serialize::PyTorchStreamReader reader(path);
-    std::string libtorch_error;
-    try {
-      auto value = torch::jit::readArchiveAndTensors("data", /*pickle_prefix=*/"",
-                                                     /*tensor_prefix=*/"", std::nullopt,
-                                                     std::nullopt,
-                                                     c10::Device(c10::DeviceType::CPU), reader);
-      if (!holds_none(value)) return value;
-    } catch (const c10::Error& e) {
-      libtorch_error = e.what_without_backtrace();
-    }
-    // LibTorch's unpickler turns collections.OrderedDict (every Python
-    // model.state_dict()) into None and rejects Python classes: read it again
-    // with ours (fabric/pickle_reader.h).
-    std::vector<std::string> notes;
-    c10::IValue value;
-    try {
-      value = read_pickle_archive(reader, "checkpoint " + path, &notes);
-    } catch (const std::runtime_error& e) {
-      throw std::runtime_error("checkpoint " + path + " is truncated or corrupt (" +
-                               std::to_string(info.st_size) + " bytes): " + e.what() +
-                               (libtorch_error.empty() ? "" : "; LibTorch: " + libtorch_error));
-    }
-    std::sort(notes.begin(), notes.end());
-    notes.erase(std::unique(notes.begin(), notes.end()), notes.end());
-    for (const auto& cls : notes) {
-      TORCH_WARN("checkpoint ", path, " holds a Python ", cls,
-                 " object, which C++ reads as a dict {'__python_class__': '", cls,
-                 "', '__state__': ...}; to read it as plain values, save them in Python as "
-                 "such (e.g. vars(args) instead of an argparse.Namespace)");
-    }
-    return value;
+    reader = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
   } catch (const c10::Error& e) {
-    throw std::runtime_error("checkpoint " + path + " is truncated or corrupt (" +
-                             std::to_string(info.st_size) +
-                             " bytes): " + e.what_without_backtrace());
+    throw corrupt(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    throw corrupt(e.what());
   }
+  // Our reader first (fabric/pickle_reader.h): it reads what Python writes
+  // (OrderedDict, Python objects as placeholders) and checks every length
+  // before allocating. Tensors are rebuilt on the CPU whatever device they were
+  // saved from (Lightning loads with map_location="cpu"): a file from a GPU
+  // machine reads on a CPU machine, and ranks do not all materialise it on
+  // cuda:0; load() copies each tensor to where its parameter lives.
+  std::vector<std::string> notes;
+  c10::IValue value;
+  try {
+    std::shared_ptr<const MappedFile> file;
+    if (mode == ReadMode::kMapped) file = MappedFile::open(path);
+    value = read_pickle_archive(*reader, "unpickling", &notes, file);
+  } catch (const c10::Error& e) {
+    throw corrupt(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    throw corrupt(e.what());
+  }
+  std::sort(notes.begin(), notes.end());
+  notes.erase(std::unique(notes.begin(), notes.end()), notes.end());
+  // A torch type our reader does not rebuild (say a quantized tensor): LibTorch's
+  // unpickler may know it. The pickle has been read once already, so its
+  // lengths are sound; the tensors LibTorch builds are checked against their
+  // storage, which it does not do itself.
+  const bool torch_type = std::any_of(notes.begin(), notes.end(), [](const std::string& cls) {
+    return cls.rfind("torch.", 0) == 0;
+  });
+  if (torch_type) {
+    try {
+      auto libtorch = torch::jit::readArchiveAndTensors(
+          "data", /*pickle_prefix=*/"", /*tensor_prefix=*/"", std::nullopt, std::nullopt,
+          c10::Device(c10::DeviceType::CPU), *reader);
+      if (!holds_none(libtorch)) {
+        if (!tensors_in_bounds(libtorch)) throw corrupt("a tensor larger than its storage");
+        return libtorch;
+      }
+    } catch (const c10::Error&) {
+      // Keep our reading, with its placeholders and warnings.
+    }
+  }
+  for (const auto& cls : notes) {
+    TORCH_WARN("checkpoint ", path, " holds a Python ", cls,
+               " object, which C++ reads as a dict {'__python_class__': '", cls,
+               "', '__state__': ...}; to read it as plain values, save them in Python as "
+               "such (e.g. vars(args) instead of an argparse.Namespace)");
+  }
+  return value;
 }
 
 void save_checkpoint(const std::string& path, const State& state) {
@@ -338,7 +425,9 @@ void save_checkpoint(const std::string& path, const State& state) {
 }
 
 LoadResult load_checkpoint(const std::string& path, State& state, bool strict) {
-  const auto loaded = read_checkpoint(path);
+  // Mapped: the load copies each tensor into its target straight from the file's
+  // pages, so a model's weights are not held twice; what is handed back is copied.
+  const auto loaded = read_checkpoint(path, ReadMode::kMapped);
   if (!loaded.isGenericDict()) {
     throw std::runtime_error("checkpoint " + path + " holds a " + loaded.tagKind() +
                              ", not a dict of named entries");
@@ -378,11 +467,13 @@ LoadResult load_checkpoint(const std::string& path, State& state, bool strict) {
 }
 
 void load_raw(const std::string& path, torch::nn::Module& module, bool strict) {
-  load_module_state_dict(module, read_checkpoint(path), strict, "module from " + path);
+  load_module_state_dict(module, read_checkpoint(path, ReadMode::kMapped), strict,
+                         "module from " + path);
 }
 
 void load_raw(const std::string& path, torch::optim::Optimizer& optimizer) {
-  load_optimizer_state_dict(optimizer, read_checkpoint(path), "optimizer from " + path);
+  load_optimizer_state_dict(optimizer, read_checkpoint(path, ReadMode::kMapped),
+                            "optimizer from " + path);
 }
 
 }  // namespace fabric

@@ -116,9 +116,16 @@ void atomic_write(const std::string& path, const std::vector<char>& bytes);
 void atomic_write(const std::string& path,
                   const std::function<void(const std::function<void(const char*, size_t)>& sink)>&
                       produce);
+// How read_checkpoint holds tensor data.
+enum class ReadMode {
+  kCopy,    // each tensor owns memory it was read into
+  kMapped,  // tensors view a private memory map of the file: no copy at read
+            // time, valid while nobody truncates the file in place (the loads
+            // use it and copy whatever they hand back)
+};
 // Reads and unpickles a checkpoint; a missing, truncated or foreign file is a
 // std::runtime_error naming the path and what is wrong with it.
-c10::IValue read_checkpoint(const std::string& path);
+c10::IValue read_checkpoint(const std::string& path, ReadMode mode = ReadMode::kCopy);
 
 void save_checkpoint(const std::string& path, const State& state);
 // Restores modules and optimizers in place, replaces plain values in `state`

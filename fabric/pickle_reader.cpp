@@ -1,5 +1,7 @@
 #include "fabric/pickle_reader.h"
 
+#include "fabric/mapped_file.h"
+
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -43,8 +45,8 @@ c10::ScalarType storage_dtype(const std::string& type) {
 class Machine {
  public:
   Machine(caffe2::serialize::PyTorchStreamReader& reader, std::string what,
-          std::vector<std::string>* notes)
-      : reader_(reader), what_(std::move(what)), notes_(notes) {}
+          std::vector<std::string>* notes, std::shared_ptr<const MappedFile> file)
+      : reader_(reader), what_(std::move(what)), notes_(notes), file_(std::move(file)) {}
 
   c10::IValue run(const char* data, size_t size) {
     data_ = data;
@@ -298,18 +300,28 @@ class Machine {
       if (a.size() < 4 || !a[0].isTensor()) fail("a malformed " + name);
       const auto& storage = a[0].toTensor();
       const auto sizes = elements(a[2]), strides = elements(a[3]);
+      if (sizes.size() != strides.size() || !a[1].isInt()) fail("a malformed " + name);
       std::vector<int64_t> size, stride;
-      for (const auto& s : sizes) size.push_back(s.toInt());
-      for (const auto& s : strides) stride.push_back(s.toInt());
+      for (const auto& s : sizes) size.push_back(s.isInt() ? s.toInt() : -1);
+      for (const auto& s : strides) stride.push_back(s.isInt() ? s.toInt() : -1);
       const int64_t offset = a[1].toInt();
-      int64_t extent = size.empty() ? 1 : 0;
+      // The last element's index, computed without overflow: a forged size or
+      // stride must not wrap around into a small, "valid" extent.
+      int64_t last = offset;
       bool empty = false;
       for (size_t i = 0; i < size.size(); ++i) {
+        if (size[i] < 0 || stride[i] < 0) fail("a tensor with a negative size or stride");
         if (size[i] == 0) empty = true;
-        extent += (size[i] - 1) * stride[i];
       }
-      if (!size.empty() && !empty) extent += 1;
-      if (!empty && offset + extent > storage.numel()) fail("a tensor larger than its storage");
+      if (offset < 0) fail("a tensor with a negative storage offset");
+      for (size_t i = 0; i < size.size() && !empty; ++i) {
+        int64_t step = 0;
+        if (__builtin_mul_overflow(size[i] - 1, stride[i], &step) ||
+            __builtin_add_overflow(last, step, &last)) {
+          fail("a tensor whose sizes and strides overflow");
+        }
+      }
+      if (!empty && last >= storage.numel()) fail("a tensor larger than its storage");
       at::Tensor t = at::empty({0}, storage.options());
       t.set_(storage.storage(), offset, size, stride);
       return t;
@@ -349,6 +361,11 @@ class Machine {
       return global_name(a[0]) + "." + a[1].toStringRef();
     }
     if (name == "torch.jit._pickle.restore_type_tag" && !a.empty()) return a[0];
+    if ((name == "torch.jit._pickle.build_intlist" || name == "torch.jit._pickle.build_doublelist" ||
+         name == "torch.jit._pickle.build_boollist" || name == "torch.jit._pickle.build_tensorlist") &&
+        !a.empty()) {
+      return a[0];  // LibTorch's typed lists, written by torch::pickle_save
+    }
     if (name == "_codecs.encode" && !a.empty()) return a[0];  // bytes written by protocol 2
     return placeholder(name, args);
   }
@@ -372,19 +389,56 @@ class Machine {
     const auto dtype = storage_dtype(type);
     const std::string record = "data/" + key;
     if (!reader_.hasRecord(record)) fail("the archive has no storage record " + record);
-    auto [data, nbytes] = reader_.getRecord(record);
     const int64_t item = static_cast<int64_t>(c10::elementSize(dtype));
-    const int64_t numel = static_cast<int64_t>(nbytes) / item;
-    c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, std::move(data), nullptr, false);
-    at::Tensor t = at::empty({0}, at::TensorOptions().dtype(dtype));
-    t.set_(storage, 0, {numel}, {1});
+    // The pickle names the storage's size too; a consistent file agrees with its
+    // record (checked before anything is read or allocated).
+    const size_t record_bytes = reader_.getRecordSize(record);
+    int64_t claimed = 0;
+    if (!parts[4].isInt() || parts[4].toInt() < 0 ||
+        __builtin_mul_overflow(parts[4].toInt(), item, &claimed) ||
+        static_cast<size_t>(claimed) != record_bytes) {
+      fail("storage " + record + " holds " + std::to_string(record_bytes) +
+           " bytes but the pickle says " +
+           (parts[4].isInt() ? std::to_string(parts[4].toInt()) + " elements of " + type
+                             : std::string("a ") + parts[4].tagKind()));
+    }
+    at::Tensor t;
+    if (file_) t = mapped(record, dtype);
+    if (!t.defined()) {
+      auto [data, nbytes] = reader_.getRecord(record);
+      const int64_t numel = static_cast<int64_t>(nbytes) / item;
+      c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, std::move(data), nullptr, false);
+      t = at::empty({0}, at::TensorOptions().dtype(dtype));
+      t.set_(storage, 0, {numel}, {1});
+    }
     storages_.emplace(key, t);
     return t;
+  }
+
+  // A stored (uncompressed), aligned record as a view of the mapped file;
+  // undefined when the record is not such (it is then read into memory).
+  at::Tensor mapped(const std::string& record, c10::ScalarType dtype) {
+    const size_t item = c10::elementSize(dtype);
+    const size_t header = reader_.getRecordHeaderOffset(record);
+    if (header > file_->size() || file_->size() - header < 30) return {};
+    const char* local = file_->data() + header;
+    uint16_t method = 0;
+    std::memcpy(&method, local + 8, 2);
+    if (std::memcmp(local, "PK\x03\x04", 4) != 0 || method != 0) return {};
+    const size_t offset = reader_.getRecordOffset(record);
+    const size_t nbytes = reader_.getRecordSize(record);
+    if (offset > file_->size() || nbytes > file_->size() - offset) {
+      fail("storage record " + record + " claims " + std::to_string(nbytes) +
+           " bytes but the file holds " + std::to_string(file_->size()));
+    }
+    if (offset % item != 0) return {};
+    return file_->tensor(offset, static_cast<int64_t>(nbytes / item), dtype);
   }
 
   caffe2::serialize::PyTorchStreamReader& reader_;
   std::string what_;
   std::vector<std::string>* notes_;
+  std::shared_ptr<const MappedFile> file_;
   const char* data_ = nullptr;
   size_t size_ = 0, pos_ = 0;
   std::vector<c10::IValue> stack_;
@@ -422,10 +476,11 @@ void name_globals(c10::IValue& value) {
 }  // namespace
 
 c10::IValue read_pickle_archive(caffe2::serialize::PyTorchStreamReader& reader,
-                                const std::string& what, std::vector<std::string>* notes) {
+                                const std::string& what, std::vector<std::string>* notes,
+                                std::shared_ptr<const MappedFile> file) {
   if (!reader.hasRecord("data.pkl")) throw std::runtime_error(what + ": the archive has no data.pkl");
   auto [data, size] = reader.getRecord("data.pkl");
-  Machine machine(reader, what, notes);
+  Machine machine(reader, what, notes, std::move(file));
   auto value = machine.run(static_cast<const char*>(data.get()), size);
   if (is_global(value)) return global_name(value);
   name_globals(value);

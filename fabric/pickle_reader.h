@@ -10,10 +10,14 @@
 // are rebuilt over their storage records (read once: tensors that shared a
 // storage in Python still share one), on the CPU.
 //
-// fabric's checkpoint reader tries LibTorch's unpickler first and comes here
-// when that fails or leaves None where a dict was written.
+// fabric's checkpoint reader reads every file with it: lengths, sizes and
+// strides are checked against what the archive holds before anything is
+// allocated, so a damaged or forged file ends in an error, not in a huge
+// allocation (LibTorch's unpickler allocates a string's claimed length first).
+// Given a MappedFile, stored records become views of the map instead of copies.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -25,9 +29,12 @@ class PyTorchStreamReader;
 
 namespace fabric {
 
+class MappedFile;
+
 // Unpickles the archive's data.pkl. Throws std::runtime_error naming `what` and
 // the problem (an unknown opcode, a missing storage record, a malformed stream).
 c10::IValue read_pickle_archive(caffe2::serialize::PyTorchStreamReader& reader,
-                                const std::string& what, std::vector<std::string>* notes = nullptr);
+                                const std::string& what, std::vector<std::string>* notes = nullptr,
+                                std::shared_ptr<const MappedFile> file = nullptr);
 
 }  // namespace fabric

@@ -218,7 +218,8 @@ c10::IValue read_sharded_checkpoint(const std::string& dir) {
   for (const auto& entry_value : meta.at("sharded").toList()) {
     const auto entry = entry_value.get().toGenericDict();
     const auto path = entry.at("path").toList();
-    const auto shape = entry.at("shape").toIntVector();
+    std::vector<int64_t> shape;  // a list of ints, typed or not
+    for (const auto& size : entry.at("shape").toListRef()) shape.push_back(size.toInt());
     auto parent = parent_of(merged, path);
     const auto last = path.get(path.size() - 1);
     if (!parent || parent->find(last) == parent->end()) continue;  // e.g. no such state slot

@@ -7,11 +7,9 @@
 
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/nn/module.h>
-#include <torch/optim/adagrad.h>
-#include <torch/optim/adam.h>
-#include <torch/optim/adamw.h>
-#include <torch/optim/rmsprop.h>
-#include <torch/optim/sgd.h>
+#include <torch/optim/optimizer.h>
+
+#include "optim/codec.h"
 
 namespace fabric {
 namespace {
@@ -32,67 +30,6 @@ c10::IValue get(const GenericDict& dict, const std::string& key, const std::stri
     throw std::runtime_error(what + ": the checkpoint's optimizer state has no '" + key + "'");
   }
   return it->value();
-}
-
-double as_double(const c10::IValue& v) {
-  if (v.isDouble()) return v.toDouble();
-  if (v.isInt()) return static_cast<double>(v.toInt());
-  if (v.isTensor()) return v.toTensor().item<double>();
-  throw std::runtime_error("expected a number in the optimizer state, got " + v.tagKind());
-}
-
-bool as_bool(const c10::IValue& v) { return v.isBool() ? v.toBool() : as_double(v) != 0; }
-
-int64_t as_step(const c10::IValue& v) { return static_cast<int64_t>(as_double(v)); }
-
-at::Tensor step_tensor(int64_t step) {
-  return at::scalar_tensor(static_cast<double>(step), at::TensorOptions().dtype(at::kFloat));
-}
-
-// The flat index of every parameter, in param-group order (Python's numbering).
-std::vector<at::Tensor> all_params(const torch::optim::Optimizer& optimizer) {
-  std::vector<at::Tensor> out;
-  for (const auto& group : optimizer.param_groups()) {
-    for (const auto& p : group.params()) out.push_back(p);
-  }
-  return out;
-}
-
-// Adam and AdamW have the same options and state fields but no common base class.
-template <typename ParamState>
-void save_adam_state(GenericDict& s, const ParamState& a) {
-  s.insert("step", step_tensor(a.step()));
-  s.insert("exp_avg", a.exp_avg());
-  s.insert("exp_avg_sq", a.exp_avg_sq());
-  if (a.max_exp_avg_sq().defined()) s.insert("max_exp_avg_sq", a.max_exp_avg_sq());
-}
-
-template <typename Options>
-void save_adam_group(GenericDict& g, const Options& o, bool decoupled_weight_decay) {
-  g.insert("lr", o.lr());
-  g.insert("betas", c10::ivalue::Tuple::create(std::get<0>(o.betas()), std::get<1>(o.betas())));
-  g.insert("eps", o.eps());
-  g.insert("weight_decay", o.weight_decay());
-  g.insert("amsgrad", o.amsgrad());
-  g.insert("decoupled_weight_decay", decoupled_weight_decay);
-}
-
-template <typename Options>
-void load_adam_group(Options& o, const GenericDict& g, const std::string& what) {
-  auto betas = get(g, "betas", what).toTupleRef().elements();
-  o.lr(as_double(get(g, "lr", what)))
-      .eps(as_double(get(g, "eps", what)))
-      .weight_decay(as_double(get(g, "weight_decay", what)))
-      .amsgrad(as_bool(get(g, "amsgrad", what)))
-      .betas(std::make_tuple(as_double(betas[0]), as_double(betas[1])));
-}
-
-template <typename ParamState, typename Step, typename TensorOf>
-std::unique_ptr<torch::optim::OptimizerParamState> load_adam_state(Step step, TensorOf tensor) {
-  auto ps = std::make_unique<ParamState>();
-  ps->step(step()).exp_avg(tensor("exp_avg")).exp_avg_sq(tensor("exp_avg_sq"));
-  if (auto m = tensor("max_exp_avg_sq"); m.defined()) ps->max_exp_avg_sq(m);
-  return ps;
 }
 
 }  // namespace
@@ -176,8 +113,6 @@ LoadReport load_module_state_dict(torch::nn::Module& module, const c10::IValue& 
 }
 
 c10::IValue optimizer_state_dict(const torch::optim::Optimizer& optimizer) {
-  using namespace torch::optim;
-  const auto params = all_params(optimizer);
   auto state = c10::impl::GenericDict(c10::IntType::get(), c10::AnyType::get());
   c10::impl::GenericList groups(c10::AnyType::get());
   const auto& states = optimizer.state();
@@ -191,58 +126,12 @@ c10::IValue optimizer_state_dict(const torch::optim::Optimizer& optimizer) {
       auto it = states.find(p.unsafeGetTensorImpl());
       if (it != states.end()) {
         auto s = new_dict();
-        const auto* raw = it->second.get();
-        if (auto* a = dynamic_cast<const AdamParamState*>(raw)) {
-          save_adam_state(s, *a);
-        } else if (auto* w = dynamic_cast<const AdamWParamState*>(raw)) {
-          save_adam_state(s, *w);
-        } else if (auto* m = dynamic_cast<const SGDParamState*>(raw)) {
-          if (m->momentum_buffer().defined()) s.insert("momentum_buffer", m->momentum_buffer());
-        } else if (auto* r = dynamic_cast<const RMSpropParamState*>(raw)) {
-          s.insert("step", step_tensor(r->step()));
-          s.insert("square_avg", r->square_avg());
-          if (r->momentum_buffer().defined()) s.insert("momentum_buffer", r->momentum_buffer());
-          if (r->grad_avg().defined()) s.insert("grad_avg", r->grad_avg());
-        } else if (auto* ag = dynamic_cast<const AdagradParamState*>(raw)) {
-          s.insert("step", step_tensor(ag->step()));
-          s.insert("sum", ag->sum());
-        } else {
-          throw std::invalid_argument(
-              "saving this optimizer's state is not supported; supported: SGD, Adam, AdamW, "
-              "RMSprop, Adagrad");
-        }
+        optim::codec_for(group.options()).save_state(*it->second, s);
         state.insert(index, s);
       }
       ++index;
     }
-    const auto& base = group.options();
-    if (auto* o = dynamic_cast<const AdamOptions*>(&base)) {
-      save_adam_group(g, *o, /*decoupled_weight_decay=*/false);
-    } else if (auto* o = dynamic_cast<const AdamWOptions*>(&base)) {
-      save_adam_group(g, *o, /*decoupled_weight_decay=*/true);
-    } else if (auto* o = dynamic_cast<const SGDOptions*>(&base)) {
-      g.insert("lr", o->lr());
-      g.insert("momentum", o->momentum());
-      g.insert("dampening", o->dampening());
-      g.insert("weight_decay", o->weight_decay());
-      g.insert("nesterov", o->nesterov());
-    } else if (auto* o = dynamic_cast<const RMSpropOptions*>(&base)) {
-      g.insert("lr", o->lr());
-      g.insert("alpha", o->alpha());
-      g.insert("eps", o->eps());
-      g.insert("weight_decay", o->weight_decay());
-      g.insert("momentum", o->momentum());
-      g.insert("centered", o->centered());
-    } else if (auto* o = dynamic_cast<const AdagradOptions*>(&base)) {
-      g.insert("lr", o->lr());
-      g.insert("lr_decay", o->lr_decay());
-      g.insert("weight_decay", o->weight_decay());
-      g.insert("initial_accumulator_value", o->initial_accumulator_value());
-      g.insert("eps", o->eps());
-    } else {
-      throw std::invalid_argument(
-          "saving this optimizer is not supported; supported: SGD, Adam, AdamW, RMSprop, Adagrad");
-    }
+    optim::codec_for(group.options()).save_group(group.options(), g);
     // Python's defaults for the flags LibTorch does not have.
     g.insert("maximize", false);
     g.insert("foreach", c10::IValue());
@@ -269,7 +158,6 @@ struct PreparedOptimizerState {
 PreparedOptimizerState prepare_optimizer_state(const torch::optim::Optimizer& optimizer,
                                                const c10::IValue& state_dict,
                                                const std::string& what) {
-  using namespace torch::optim;
   PreparedOptimizerState prepared;
   if (!state_dict.isGenericDict()) {
     throw std::runtime_error(what + ": the checkpoint entry is a " + state_dict.tagKind() +
@@ -299,32 +187,9 @@ PreparedOptimizerState prepare_optimizer_state(const torch::optim::Optimizer& op
                                " parameter(s) in the checkpoint and " +
                                std::to_string(group.params().size()) + " in the optimizer");
     }
+    const auto& codec = optim::codec_for(group.options());
     prepared.options.push_back(group.options().clone());
-    auto& base = *prepared.options.back();
-    if (auto* o = dynamic_cast<AdamOptions*>(&base)) {
-      load_adam_group(*o, g, what);
-    } else if (auto* o = dynamic_cast<AdamWOptions*>(&base)) {
-      load_adam_group(*o, g, what);
-    } else if (auto* o = dynamic_cast<SGDOptions*>(&base)) {
-      o->lr(as_double(get(g, "lr", what))).momentum(as_double(get(g, "momentum", what)))
-          .dampening(as_double(get(g, "dampening", what)))
-          .weight_decay(as_double(get(g, "weight_decay", what)))
-          .nesterov(as_bool(get(g, "nesterov", what)));
-    } else if (auto* o = dynamic_cast<RMSpropOptions*>(&base)) {
-      o->lr(as_double(get(g, "lr", what))).alpha(as_double(get(g, "alpha", what)))
-          .eps(as_double(get(g, "eps", what)))
-          .weight_decay(as_double(get(g, "weight_decay", what)))
-          .momentum(as_double(get(g, "momentum", what)))
-          .centered(as_bool(get(g, "centered", what)));
-    } else if (auto* o = dynamic_cast<AdagradOptions*>(&base)) {
-      o->lr(as_double(get(g, "lr", what))).lr_decay(as_double(get(g, "lr_decay", what)))
-          .weight_decay(as_double(get(g, "weight_decay", what)))
-          .initial_accumulator_value(as_double(get(g, "initial_accumulator_value", what)))
-          .eps(as_double(get(g, "eps", what)));
-    } else {
-      throw std::invalid_argument(
-          "loading this optimizer is not supported; supported: SGD, Adam, AdamW, RMSprop, Adagrad");
-    }
+    codec.load_group(optim::GroupEntry(g, what), *prepared.options.back());
     for (size_t pi = 0; pi < group.params().size(); ++pi, ++index) {
       const auto& param = group.params()[pi];
       void* key = param.unsafeGetTensorImpl();
@@ -338,42 +203,8 @@ PreparedOptimizerState prepare_optimizer_state(const torch::optim::Optimizer& op
         throw std::runtime_error(what + ": the state of parameter " + std::to_string(id) +
                                  " is a " + it->value().tagKind() + ", not a dict");
       }
-      const auto s = it->value().toGenericDict();
-      auto tensor = [&](const char* name) -> at::Tensor {
-        auto t = s.find(name);
-        if (t == s.end() || t->value().isNone()) return {};
-        auto value = t->value().toTensor();
-        if (value.sizes() != param.sizes()) {
-          throw std::runtime_error(what + ": state '" + name + "' of parameter " +
-                                   std::to_string(id) + " has shape " + shape(value.sizes()) +
-                                   " but the parameter has " + shape(param.sizes()));
-        }
-        return value.to(param.options()).clone();
-      };
-      auto step = [&]() -> int64_t {
-        auto t = s.find("step");
-        return t == s.end() ? 0 : as_step(t->value());
-      };
-      std::unique_ptr<OptimizerParamState> restored;
-      if (dynamic_cast<AdamOptions*>(&base)) {
-        restored = load_adam_state<AdamParamState>(step, tensor);
-      } else if (dynamic_cast<AdamWOptions*>(&base)) {
-        restored = load_adam_state<AdamWParamState>(step, tensor);
-      } else if (dynamic_cast<SGDOptions*>(&base)) {
-        auto ps = std::make_unique<SGDParamState>();
-        if (auto m = tensor("momentum_buffer"); m.defined()) ps->momentum_buffer(m);
-        restored = std::move(ps);
-      } else if (dynamic_cast<RMSpropOptions*>(&base)) {
-        auto ps = std::make_unique<RMSpropParamState>();
-        ps->step(step()).square_avg(tensor("square_avg"));
-        if (auto m = tensor("momentum_buffer"); m.defined()) ps->momentum_buffer(m);
-        if (auto m = tensor("grad_avg"); m.defined()) ps->grad_avg(m);
-        restored = std::move(ps);
-      } else {
-        auto ps = std::make_unique<AdagradParamState>();
-        ps->step(step()).sum(tensor("sum"));
-        restored = std::move(ps);
-      }
+      auto restored = codec.load_state(
+          optim::StateEntry(it->value().toGenericDict(), param, id, what));
       prepared.states.emplace_back(key, std::move(restored));
     }
   }

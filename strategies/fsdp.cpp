@@ -21,13 +21,9 @@
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/nn/module.h>
-#include <torch/optim/adagrad.h>
-#include <torch/optim/adam.h>
-#include <torch/optim/adamw.h>
 #include <torch/optim/optimizer.h>
-#include <torch/optim/rmsprop.h>
-#include <torch/optim/sgd.h>
 
+#include "optim/codec.h"
 #include "precision/quoted_list.h"
 #include "precision/grad_scaler.h"
 #include "strategies/auto_wrap.h"
@@ -142,23 +138,11 @@ void allocate_storage(const at::Tensor& t, int64_t nbytes) {
   storage->set_nbytes(static_cast<size_t>(nbytes));
 }
 
-// The per-element state tensors of a LibTorch optimizer's parameter state (those
-// shaped like the parameter), which sharding splits like the parameter itself.
-std::vector<at::Tensor*> state_slots(torch::optim::OptimizerParamState& state) {
-  if (auto* s = dynamic_cast<torch::optim::AdamParamState*>(&state)) {
-    return {&s->exp_avg(), &s->exp_avg_sq(), &s->max_exp_avg_sq()};
-  }
-  if (auto* s = dynamic_cast<torch::optim::AdamWParamState*>(&state)) {
-    return {&s->exp_avg(), &s->exp_avg_sq(), &s->max_exp_avg_sq()};
-  }
-  if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(&state)) return {&s->momentum_buffer()};
-  if (auto* s = dynamic_cast<torch::optim::RMSpropParamState*>(&state)) {
-    return {&s->square_avg(), &s->momentum_buffer(), &s->grad_avg()};
-  }
-  if (auto* s = dynamic_cast<torch::optim::AdagradParamState*>(&state)) return {&s->sum()};
-  throw std::invalid_argument(
-      "fsdp: this optimizer's state cannot be sharded; supported optimizers: Adam, AdamW, SGD, "
-      "RMSprop, Adagrad");
+// The optimizer state tensors shaped like a parameter, which sharding splits
+// like the parameter itself.
+std::vector<at::Tensor*> state_slots(const torch::optim::Optimizer& optimizer,
+                                     torch::optim::OptimizerParamState& state) {
+  return optim::codec_for(optimizer.defaults()).per_element_state(state);
 }
 
 }  // namespace
@@ -722,7 +706,7 @@ class FSDPStrategy::StateScope : public precision::Scope {
         if (per_unit.find(unit) == per_unit.end()) order.push_back(unit);
         auto& entries = per_unit[unit];
         if (st == optimizer->state().end()) continue;
-        entries.push_back({it->second.second, state_slots(*st->second)});
+        entries.push_back({it->second.second, state_slots(*optimizer, *st->second)});
       }
       if (loading_) continue;  // loading overwrites it; leave() shards what was loaded
       for (auto* unit : order) {
@@ -774,7 +758,7 @@ class FSDPStrategy::StateScope : public precision::Scope {
         auto* unit = it->second.first;
         const size_t index = it->second.second;
         if (!unit->sharded) continue;
-        for (auto* slot : state_slots(*st->second)) {
+        for (auto* slot : state_slots(*optimizer, *st->second)) {
           if (!slot->defined() || slot->numel() != unit->numels[index]) continue;
           const auto [lo, hi] = unit->piece_range(index);
           const int64_t start = hi > lo ? lo - unit->offsets[index] : 0;

@@ -13,7 +13,9 @@
 #include <fstream>
 #include <iterator>
 #include <thread>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "fabric/checkpoint.h"
@@ -21,6 +23,7 @@
 #include "fabric/fabric.h"
 #include "fabric/filesystem.h"
 #include "fabric/serialization.h"
+#include "optim/codec.h"
 #include "test_util.h"
 
 namespace {
@@ -779,5 +782,316 @@ TEST(Checkpoint, RngStateUsesLightningKeys) {
     file.insert("torch", dict.at("torch"));
     file.insert(key, c10::impl::GenericList(c10::AnyType::get()));
     EXPECT_TRUE(torch::equal(fabric::RngState::from_ivalue(file).cpu, dict.at("torch").toTensor()));
+  }
+}
+
+namespace {
+
+// An optimizer LibTorch does not have (sign of an EMA of gradients), to show that
+// a new optimizer type needs exactly one codec.
+struct SignMomentumOptions
+    : torch::optim::OptimizerCloneableOptions<SignMomentumOptions> {
+  TORCH_ARG(double, lr) = 0.01;
+  TORCH_ARG(double, beta) = 0.9;
+  double get_lr() const override { return lr(); }
+  void set_lr(const double lr) override { this->lr(lr); }
+};
+struct SignMomentumState
+    : torch::optim::OptimizerCloneableParamState<SignMomentumState> {
+  TORCH_ARG(torch::Tensor, average);
+};
+class SignMomentum : public torch::optim::Optimizer {
+ public:
+  SignMomentum(std::vector<torch::Tensor> params, SignMomentumOptions options)
+      : Optimizer({torch::optim::OptimizerParamGroup(std::move(params))},
+                  std::make_unique<SignMomentumOptions>(options)) {}
+  torch::Tensor step(LossClosure = nullptr) override {
+    torch::NoGradGuard no_grad;
+    for (auto& group : param_groups_) {
+      const auto& o = static_cast<const SignMomentumOptions&>(group.options());
+      for (auto& p : group.params()) {
+        if (!p.grad().defined()) continue;
+        auto& slot = state_[p.unsafeGetTensorImpl()];
+        if (!slot) slot = std::make_unique<SignMomentumState>();
+        auto& s = static_cast<SignMomentumState&>(*slot);
+        if (!s.average().defined()) s.average(torch::zeros_like(p));
+        s.average().mul_(o.beta()).add_(p.grad(), 1 - o.beta());
+        p.add_(s.average().sign(), -o.lr());
+      }
+    }
+    return {};
+  }
+};
+
+class SignMomentumCodec final : public fabric::optim::OptimizerCodec {
+ public:
+  std::string name() const override { return "SignMomentum"; }
+  bool handles(const torch::optim::OptimizerOptions& o) const override {
+    return dynamic_cast<const SignMomentumOptions*>(&o) != nullptr;
+  }
+  void save_group(const torch::optim::OptimizerOptions& o,
+                  fabric::optim::GenericDict& out) const override {
+    const auto& options = static_cast<const SignMomentumOptions&>(o);
+    out.insert("lr", options.lr());
+    out.insert("beta", options.beta());
+  }
+  void load_group(const fabric::optim::GroupEntry& in,
+                  torch::optim::OptimizerOptions& o) const override {
+    static_cast<SignMomentumOptions&>(o).lr(in.number("lr")).beta(in.number("beta"));
+  }
+  void save_state(const torch::optim::OptimizerParamState& s,
+                  fabric::optim::GenericDict& out) const override {
+    out.insert("average", static_cast<const SignMomentumState&>(s).average());
+  }
+  std::unique_ptr<torch::optim::OptimizerParamState> load_state(
+      const fabric::optim::StateEntry& in) const override {
+    auto s = std::make_unique<SignMomentumState>();
+    s->average(in.tensor("average"));
+    return s;
+  }
+  std::vector<at::Tensor*> per_element_state(torch::optim::OptimizerParamState& s) const override {
+    return {&static_cast<SignMomentumState&>(s).average()};
+  }
+};
+
+}  // namespace
+
+// A new optimizer type: without a codec its save fails naming the optimizers
+// that have one; with one registered, its state saves, reads in Python under
+// Python's names and loads back exactly (hyper-parameters included).
+TEST(Checkpoint, ANewOptimizerTypeNeedsOneCodec) {
+  torch::manual_seed(6);
+  auto model = std::make_shared<MlpImpl>();
+  auto optimizer = std::make_shared<SignMomentum>(model->parameters(),
+                                                 SignMomentumOptions().lr(0.05).beta(0.8));
+  auto x = torch::randn({6, 5});
+  auto train = [&](torch::nn::Module& m, torch::optim::Optimizer& o, int steps) {
+    for (int i = 0; i < steps; ++i) {
+      o.zero_grad();
+      static_cast<MlpImpl&>(m).forward(x).pow(2).mean().backward();
+      o.step();
+    }
+  };
+  train(*model, *optimizer, 3);
+  EXPECT_THROW_WITH(fabric::optimizer_state_dict(*optimizer), "no state-dict codec",
+                    "SGD, Adam, AdamW, RMSprop, Adagrad", "register_codec");
+
+  fabric::optim::register_codec(std::make_shared<SignMomentumCodec>());
+  EXPECT_NE(fabric::optim::codec_names().find("SignMomentum"), std::string::npos);
+  const std::string path = dir() + "/sign_momentum.pt";
+  fabric::State state{{"model", model}, {"optimizer", optimizer}};
+  fabric::save_checkpoint(path, state);
+
+  auto copy = std::make_shared<MlpImpl>();
+  auto resumed = std::make_shared<SignMomentum>(copy->parameters(),
+                                               SignMomentumOptions().lr(1).beta(0));
+  fabric::State into{{"model", copy}, {"optimizer", resumed}};
+  fabric::load_checkpoint(path, into);
+  const auto& o = static_cast<const SignMomentumOptions&>(resumed->param_groups()[0].options());
+  EXPECT_EQ(o.lr(), 0.05);
+  EXPECT_EQ(o.beta(), 0.8);
+  train(*model, *optimizer, 2);
+  train(*copy, *resumed, 2);
+  expect_same_params(*model, *copy);
+
+  const auto out = run_python("sign_momentum",
+                              "import torch\n"
+                              "sd = torch.load('" + path + "')['optimizer']\n"
+                              "g = sd['param_groups'][0]\n"
+                              "print('group', g['lr'], g['beta'], g['params'])\n"
+                              "print('state', sorted(sd['state'][0].keys()), "
+                              "tuple(sd['state'][3]['average'].shape))\n");
+  EXPECT_NE(out.find("group 0.05 0.8 [0, 1, 2, 3]"), std::string::npos) << out;
+  EXPECT_NE(out.find("state ['average'] (3,)"), std::string::npos) << out;
+}
+
+// Lightning Fabric under DDP (2 CPU processes over Gloo, each on half the batch)
+// saves after 3 steps; the file loads here and 3 steps on the whole batch in one
+// process (what DDP's averaged gradient equals) end where Lightning's ranks did.
+TEST(Checkpoint, LightningFabricDdpCheckpointContinuesInOneProcess) {
+  const std::string d = dir() + "/lightning_ddp";
+  fabric::fs::make_directories(d);
+  torch::manual_seed(3);
+  const auto x = torch::randn({6, 5}), y = torch::randn({6, 3});
+  fabric::save_checkpoint(d + "/data.pt", {{"x", x}, {"y", y}});
+  const std::string script = d + "/ddp.py";
+  std::ofstream(script) <<
+      "import torch\n"
+      "from lightning.fabric import Fabric\n" + kPythonMlp +
+      "d = '" + d + "'\n"
+      "fabric = Fabric(accelerator='cpu', devices=2, strategy='ddp')\n"
+      "fabric.launch()\n"
+      "data = torch.load(d + '/data.pt')\n"
+      "r = fabric.global_rank\n"
+      "x, y = data['x'][3 * r:3 * r + 3], data['y'][3 * r:3 * r + 3]\n"
+      "for name in ('sgd', 'adam', 'adamw'):\n"
+      "    torch.manual_seed(1)\n"
+      "    model = Mlp()\n"
+      "    if name == 'sgd': optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)\n"
+      "    elif name == 'adam': optimizer = torch.optim.Adam(model.parameters(), lr=0.01)\n"
+      "    else: optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)\n"
+      "    m, opt = fabric.setup(model, optimizer)\n"
+      "    def steps(n):\n"
+      "        for _ in range(n):\n"
+      "            opt.zero_grad(); fabric.backward(torch.nn.functional.mse_loss(m(x), y)); opt.step()\n"
+      "    steps(3)\n"
+      "    fabric.save(d + '/' + name + '.pt', {'model': m, 'optimizer': opt, 'step': 3})\n"
+      "    steps(3)\n"
+      "    if r == 0:\n"
+      "        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, d + '/' + name + '_after.pt')\n"
+      "fabric.barrier()\n"
+      "print('rank', r, 'saved')\n";
+  const auto port = std::to_string(20000 + ::getpid() % 20000);
+  const auto result = testutil::run_command("MASTER_PORT=" + port + " " + testutil::python() +
+                                            " " + script);
+  ASSERT_EQ(result.status, 0) << result.output;
+  ASSERT_NE(result.output.find("rank 0 saved"), std::string::npos) << result.output;
+
+  fabric::Fabric fabric({.accelerator = "cpu"});
+  fabric.launch();
+  for (const std::string name : {"sgd", "adam", "adamw"}) {
+    SCOPED_TRACE("lightning ddp -> torchfabric, " + name);
+    auto model = std::make_shared<MlpImpl>();
+    std::shared_ptr<torch::optim::Optimizer> optimizer;
+    if (name == "sgd") {
+      optimizer = std::make_shared<torch::optim::SGD>(model->parameters(),
+                                                      torch::optim::SGDOptions(0.05).momentum(0.9));
+    } else if (name == "adam") {
+      optimizer = std::make_shared<torch::optim::Adam>(model->parameters(),
+                                                       torch::optim::AdamOptions(0.01));
+    } else {
+      optimizer = std::make_shared<torch::optim::AdamW>(
+          model->parameters(), torch::optim::AdamWOptions(0.01).weight_decay(0.1));
+    }
+    auto [net, opt] = fabric.setup(model, optimizer);
+    fabric::State state{{"model", net}, {"optimizer", opt}, {"step", 0}};
+    fabric.load(d + "/" + name + ".pt", state);
+    EXPECT_EQ(state.at("step").to_int(), 3);
+    for (int i = 0; i < 3; ++i) {
+      opt.zero_grad();
+      fabric.backward(torch::mse_loss(net(x), y));
+      opt.step();
+    }
+    const auto after = fabric::read_checkpoint(d + "/" + name + "_after.pt").toGenericDict();
+    for (const auto& item : model->named_parameters()) {
+      const auto expected = after.at(item.key()).toTensor();
+      EXPECT_TRUE(torch::allclose(item.value(), expected, 1e-6, 1e-6))
+          << item.key() << " max diff " << (item.value() - expected).abs().max().item<double>();
+    }
+  }
+}
+
+// Forged sizes (a pickle string claiming 1 TiB or 3.75 GiB, a storage claiming
+// 10^12 elements, tensors of 10^12 or 10^6 x 10^6 elements or with sizes and
+// strides whose extent overflows, over a 6-element storage, zip records
+// claiming 1 TiB or 3 GiB) end in an error naming the path, and reading them
+// stays within a small memory bound: each is read in a child process whose
+// address space may grow by at most 1 GiB, and whose peak resident memory is
+// measured (VmHWM after resetting it through /proc/self/clear_refs).
+TEST(Checkpoint, ForgedSizesDoNotAllocateWhatTheyClaim) {
+  const std::string d = dir() + "/forged";
+  fabric::fs::make_directories(d);
+  const auto made = run_python("forge",
+      "import io, struct, zipfile, torch\n"
+      "d = '" + d + "'\n"
+      "def archive(path, pkl, records):\n"
+      "    with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as z:\n"
+      "        z.writestr('archive/data.pkl', pkl)\n"
+      "        z.writestr('archive/byteorder', 'little')\n"
+      "        for name, data in records.items(): z.writestr('archive/data/' + name, data)\n"
+      "        z.writestr('archive/version', '3\\n')\n"
+      "# a dict {'k': <string of the claimed length>}\n"
+      "head = b'\\x80\\x02}q\\x00X\\x01\\x00\\x00\\x00k'\n"
+      "archive(d + '/unicode8.pt', b'\\x80\\x04}\\x8c\\x01k\\x8d' + struct.pack('<Q', 1 << 40) + b'abc', {})\n"
+      "archive(d + '/unicode4.pt', head + b'X' + struct.pack('<I', 0xF0000000) + b'abc', {})\n"
+      "# a real tensor file, then its pickle edited: storage numel and tensor sizes\n"
+      "buf = io.BytesIO(); torch.save({'w': torch.arange(6, dtype=torch.float32)}, buf)\n"
+      "z = zipfile.ZipFile(io.BytesIO(buf.getvalue()))\n"
+      "prefix = z.namelist()[0].split('/')[0]\n"
+      "pkl = z.read(prefix + '/data.pkl'); data = z.read(prefix + '/data/0')\n"
+      "assert b'K\\x06' in pkl, pkl\n"
+      "assert b'K\\x06t' in pkl, pkl\n"
+      "tera = b'\\x8a\\x06\\x00\\x10\\xa5\\xd4\\xe8\\x00'  # LONG1 10**12\n"
+      "archive(d + '/numel.pt', pkl.replace(b'K\\x06t', tera + b't', 1), {'0': data})\n"
+      "archive(d + '/size.pt', pkl.replace(b'K\\x06\\x85', tera + b'\\x85', 1), {'0': data})\n"
+      "big = b'\\x8a\\x08' + (1 << 62).to_bytes(8, 'little')\n"
+      "archive(d + '/overflow.pt', pkl.replace(b'K\\x06\\x85', big + b'K\\x04\\x86', 1).replace(b'K\\x01\\x85', b'K\\x04' + big + b'\\x86', 1), {'0': data})\n"
+      "archive(d + '/sizes.pt', pkl.replace(b'K\\x06\\x85', b'J\\x40\\x42\\x0f\\x00J\\x40\\x42\\x0f\\x00\\x86', 1).replace(b'K\\x01\\x85', b'J\\x40\\x42\\x0f\\x00K\\x01\\x86', 1), {'0': data})\n"
+      "# zip records claiming more than the file holds (central directory and local header)\n"
+      "for name, claim in (('record1t', 1 << 40), ('record3g', 3 << 30)):\n"
+      "    archive(d + '/' + name + '.pt', pkl, {'0': data})\n"
+      "    raw = bytearray(open(d + '/' + name + '.pt', 'rb').read())\n"
+      "    entry = b'archive/data/0'\n"
+      "    size = min(claim, 0xFFFFFFFE)\n"
+      "    at = raw.find(b'PK\\x03\\x04' + b'\\x14\\x00')\n"
+      "    while at >= 0:\n"
+      "        if raw[at + 30:at + 30 + len(entry)] == entry: struct.pack_into('<II', raw, at + 18, size, size)\n"
+      "        at = raw.find(b'PK\\x03\\x04', at + 4)\n"
+      "    at = raw.find(b'PK\\x01\\x02')\n"
+      "    while at >= 0:\n"
+      "        if raw[at + 46:at + 46 + len(entry)] == entry: struct.pack_into('<II', raw, at + 20, size, size)\n"
+      "        at = raw.find(b'PK\\x01\\x02', at + 4)\n"
+      "    open(d + '/' + name + '.pt', 'wb').write(bytes(raw))\n"
+      "print('forged')\n");
+  ASSERT_NE(made.find("forged"), std::string::npos) << made;
+
+  for (const std::string name :
+       {"unicode8", "unicode4", "numel", "size", "sizes", "overflow", "record1t", "record3g"}) {
+    SCOPED_TRACE(name);
+    const std::string path = d + "/" + name + ".pt";
+    size_t virtual_pages = 0;
+    std::ifstream("/proc/self/statm") >> virtual_pages;
+    int pipe_fds[2];
+    ASSERT_EQ(::pipe(pipe_fds), 0);
+    const pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      ::close(pipe_fds[0]);
+      rlimit limit{};
+      ::getrlimit(RLIMIT_AS, &limit);
+      limit.rlim_cur = virtual_pages * ::sysconf(_SC_PAGESIZE) + (size_t{1} << 30);
+      ::setrlimit(RLIMIT_AS, &limit);
+      // Peak resident memory of this child from here on: reset the high-water
+      // mark, read, then compare it with where it started.
+      auto status_kib = [](const std::string& field) {
+        std::ifstream in("/proc/self/status");
+        for (std::string line; std::getline(in, line);) {
+          if (line.rfind(field + ":", 0) == 0) return std::stol(line.substr(field.size() + 1));
+        }
+        return -1L;
+      };
+      std::ofstream("/proc/self/clear_refs") << "5";
+      const long before = status_kib("VmRSS");
+      std::string message = "read without an error";
+      try {
+        fabric::read_checkpoint(path);
+      } catch (const std::exception& e) {
+        message = e.what();
+      }
+      message = std::to_string(status_kib("VmHWM") - before) + " " + message;
+      (void)!::write(pipe_fds[1], message.data(), message.size());
+      ::_exit(0);
+    }
+    ::close(pipe_fds[1]);
+    std::string message;
+    char buffer[4096];
+    for (ssize_t n; (n = ::read(pipe_fds[0], buffer, sizeof buffer)) > 0;) message.append(buffer, n);
+    ::close(pipe_fds[0]);
+    int status = 0;
+    ASSERT_EQ(::waitpid(child, &status, 0), child);
+    EXPECT_TRUE(WIFEXITED(status)) << "the reader crashed on " << path;
+    const auto space = message.find(' ');
+    ASSERT_NE(space, std::string::npos) << message;
+    const long grew_kib = std::stol(message.substr(0, space));
+    message = message.substr(space + 1);
+    EXPECT_NE(message.find(path), std::string::npos) << message;
+    for (const char* allocation_failure : {"not enough memory", "bad_alloc", "allocate"}) {
+      EXPECT_EQ(message.find(allocation_failure), std::string::npos)
+          << "the reader tried to allocate what the file claims: " << message;
+    }
+    std::cout << name << ": " << message.substr(0, 300) << "\n"
+              << name << ": resident memory grew by " << grew_kib << " KiB while reading\n";
+    EXPECT_GE(grew_kib, 0);
+    EXPECT_LT(grew_kib, 256 * 1024);  // far below any claim
   }
 }

@@ -1,12 +1,21 @@
 // Checkpoint save/load time for a model of about 100 M parameters (float32, 25
 // tensors of 4 M): torchfabric's atomic save_checkpoint / load_checkpoint against
 // Python's torch.save / torch.load of tensors of the same shapes on the same disk,
-// measured in the same run (best of --repeats). Last line:
+// measured in the same run (best of --repeats). Then the memory a load into a
+// model of that size needs beyond the model itself, sampled from
+// /proc/self/status while it runs: with the file mapped (what load_checkpoint
+// does) and read into memory first (ReadMode::kCopy, as before). Last line:
 // `save time torchfabric/python: X`.
 #include <torch/torch.h>
 
+#include <malloc.h>
+
+#include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
+#include <functional>
+#include <thread>
 #include <iomanip>
 #include <iostream>
 #include <regex>
@@ -15,15 +24,57 @@
 
 #include "fabric/checkpoint.h"
 #include "fabric/filesystem.h"
+#include "fabric/state_dict.h"
 
 namespace {
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
+long status_kib(const char* field) {
+  std::ifstream in("/proc/self/status");
+  const std::string prefix = std::string(field) + ":";
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind(prefix, 0) == 0) return std::stol(line.substr(prefix.size()));
+  }
+  return 0;
+}
+
+// Peak growth (bytes) of anonymous and of all resident memory while `run` runs,
+// sampled every 200 microseconds.
+std::pair<double, double> peak_growth(const std::function<void()>& run) {
+  const long anon0 = status_kib("RssAnon"), rss0 = status_kib("VmRSS");
+  std::atomic<bool> done{false};
+  long anon = anon0, rss = rss0;
+  std::thread sampler([&] {
+    while (!done) {
+      anon = std::max(anon, status_kib("RssAnon"));
+      rss = std::max(rss, status_kib("VmRSS"));
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  });
+  run();
+  done = true;
+  sampler.join();
+  anon = std::max(anon, status_kib("RssAnon"));
+  rss = std::max(rss, status_kib("VmRSS"));
+  return {1024.0 * static_cast<double>(anon - anon0), 1024.0 * static_cast<double>(rss - rss0)};
+}
+
+struct WideImpl : torch::nn::Module {
+  WideImpl(int tensors, int64_t numel) {
+    for (int i = 0; i < tensors; ++i) {
+      register_parameter("layer" + std::to_string(i), torch::randn({numel}));
+    }
+  }
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Large blocks straight from and back to the OS, so a freed buffer does not
+  // linger in the heap and hide the next measurement's growth.
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
   namespace po = boost::program_options;
   int tensors = 25, repeats = 3;
   int64_t numel = 4 * 1024 * 1024;
@@ -56,6 +107,30 @@ int main(int argc, char** argv) {
     start = Clock::now();
     auto result = fabric::load_checkpoint(path, target);
     load = std::min(load, seconds_since(start));
+  }
+  // Memory of a load into a model, beyond the model (whose parameters exist
+  // before the load starts). The file is read once first so both variants find
+  // it in the page cache.
+  double mapped_anon = 0, mapped_rss = 0, copy_anon = 0, copy_rss = 0, model_bytes = 0;
+  {
+    auto wide = std::make_shared<WideImpl>(tensors, numel);
+    for (const auto& p : wide->parameters()) model_bytes += static_cast<double>(p.nbytes());
+    const std::string model_path = dir + "/model.pt";
+    fabric::save_checkpoint(model_path, {{"model", wide}});
+    {
+      std::ifstream warm(model_path, std::ios::binary);
+      std::vector<char> chunk(1 << 20);
+      while (warm.read(chunk.data(), static_cast<std::streamsize>(chunk.size()))) {
+      }
+    }
+    std::tie(mapped_anon, mapped_rss) = peak_growth([&] {
+      fabric::State into{{"model", wide}};
+      fabric::load_checkpoint(model_path, into);
+    });
+    std::tie(copy_anon, copy_rss) = peak_growth([&] {
+      const auto loaded = fabric::read_checkpoint(model_path, fabric::ReadMode::kCopy);
+      fabric::load_module_state_dict(*wide, loaded.toGenericDict().at("model"));
+    });
   }
   const std::string script = dir + "/python_bench.py";
   std::FILE* f = std::fopen(script.c_str(), "w");
@@ -96,6 +171,12 @@ int main(int argc, char** argv) {
             << py_load << " s\n"
             << "save time torchfabric/python-with-fsync: " << save / py_durable << "\n"
             << "load time torchfabric/python: " << load / py_load << "\n"
+            << "memory a load needs beyond the model, per byte of model (peak, sampled):\n"
+            << "  file mapped (load_checkpoint): anonymous " << mapped_anon / model_bytes
+            << ", resident incl. page-cache pages " << mapped_rss / model_bytes << "\n"
+            << "  file read into memory first:   anonymous " << copy_anon / model_bytes
+            << ", resident " << copy_rss / model_bytes << "\n"
+            << "load extra anonymous memory / model bytes: " << mapped_anon / model_bytes << "\n"
             << "save time torchfabric/python: " << save / py_save << std::endl;
   fabric::fs::remove_all(dir);
   return 0;
