@@ -2,13 +2,16 @@
 #   make run    build, then train the Fashion-MNIST autoencoder (the main job)
 #   make test   build with Bazel and CMake, run every test; last line `N passed, N failed`
 #   make bench  build, then run the benchmarks (results: docs/benchmarks.md)
+#   make install PREFIX=DIR  install headers, libraries, fabric-run and the CMake
+#               package (find_package(TorchFabric)) into DIR (CMake build)
 # ARGS="..." passes extra flags to the example, e.g. make run ARGS="--max-steps 50".
 PYTHON ?= python3
 BAZEL ?= bazel
 ARGS ?=
+PREFIX ?= /usr/local
 export PYTHON
 
-.PHONY: all setup build run test bench clean
+.PHONY: all setup build run test bench install clean
 all: build
 
 setup:
@@ -31,6 +34,11 @@ bench: build
 	./bazel-bin/benchmarks/ddp/ddp
 	./bazel-bin/benchmarks/fsdp/fsdp
 	./bazel-bin/benchmarks/checkpoint/checkpoint --python $(PYTHON)
+
+install: setup
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/cmake -j2 --target torchfabric fabric-run consolidate_checkpoint
+	cmake --install build/cmake --prefix "$(PREFIX)"
 
 clean:
 	$(BAZEL) clean

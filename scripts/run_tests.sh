@@ -44,6 +44,17 @@ if cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$prefix" -DPython3_EXECUTABLE=
     --gtest_output="xml:$results/cmake/ddp_tests.xml" > build/cmake-ddp_tests.log 2>&1 \
     || grep -E "FAILED|Failure" -A3 build/cmake-ddp_tests.log | head -40
   [ -f "$results/cmake/ddp_tests.xml" ] || failures+=(--failure "cmake ddp_tests crashed (build/cmake-ddp_tests.log)")
+  # The installed package, used by a project outside the tree (tests/downstream).
+  rm -rf build/install build/downstream build/downstream-newer
+  if cmake --install build/cmake --prefix build/install > build/cmake-install.log 2>&1; then
+    ./build/cmake/install_tests "$PWD/build/install" "$PWD/tests/downstream/cmake" "$PWD/build/downstream" \
+      --gtest_output="xml:$results/cmake/install_tests.xml" > build/cmake-install_tests.log 2>&1 \
+      || grep -E "FAILED|Failure" -A3 build/cmake-install_tests.log | head -40
+    [ -f "$results/cmake/install_tests.xml" ] || failures+=(--failure "cmake install_tests crashed (build/cmake-install_tests.log)")
+  else
+    tail -20 build/cmake-install.log
+    failures+=(--failure "cmake --install (see build/cmake-install.log)")
+  fi
 else
   tail -20 build/cmake-configure.log
   failures+=(--failure "cmake configure/build (see build/cmake-configure.log)")

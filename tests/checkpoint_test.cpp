@@ -940,7 +940,7 @@ TEST(Checkpoint, LightningFabricDdpCheckpointContinuesInOneProcess) {
       "    if r == 0:\n"
       "        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, d + '/' + name + '_after.pt')\n"
       "fabric.barrier()\n"
-      "print('rank', r, 'saved')\n";
+      "if r == 0: print('rank', r, 'saved', flush=True)  # one rank: lines would interleave\n";
   const auto port = std::to_string(20000 + ::getpid() % 20000);
   const auto result = testutil::run_command("MASTER_PORT=" + port + " " + testutil::python() +
                                             " " + script);
