@@ -57,18 +57,9 @@ bool holds_none(const c10::IValue& v) {
 bool tensors_in_bounds(const c10::IValue& v) {
   if (v.isTensor()) {
     const auto& t = v.toTensor();
-    if (!t.defined() || t.numel() == 0) return true;
-    int64_t last = t.storage_offset();
-    for (int64_t d = 0; d < t.dim(); ++d) {
-      if (t.stride(d) < 0) return false;
-      int64_t step = 0;
-      if (__builtin_mul_overflow(t.size(d) - 1, t.stride(d), &step) ||
-          __builtin_add_overflow(last, step, &last)) {
-        return false;
-      }
-    }
-    const auto bytes = static_cast<int64_t>(t.storage().nbytes());
-    return last >= 0 && (last + 1) <= bytes / static_cast<int64_t>(t.element_size());
+    if (!t.defined()) return true;
+    const auto numel = static_cast<int64_t>(t.storage().nbytes() / t.element_size());
+    return tensor_extent_problem(t.storage_offset(), t.sizes(), t.strides(), numel).empty();
   }
   if (v.isGenericDict()) {
     for (const auto& item : v.toGenericDict()) {

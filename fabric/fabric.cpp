@@ -237,8 +237,7 @@ at::Tensor Fabric::all_reduce(at::Tensor tensor, const std::string& op) {
 }
 
 double Fabric::all_reduce(double value, const std::string& op) {
-  auto t = at::full({1}, value, at::TensorOptions().dtype(at::kDouble));
-  return all_reduce(t, op).item<double>();
+  return strategy_->all_reduce_value(value, parse_op(op));
 }
 
 at::Tensor Fabric::all_gather(const at::Tensor& tensor) {

@@ -305,23 +305,8 @@ class Machine {
       for (const auto& s : sizes) size.push_back(s.isInt() ? s.toInt() : -1);
       for (const auto& s : strides) stride.push_back(s.isInt() ? s.toInt() : -1);
       const int64_t offset = a[1].toInt();
-      // The last element's index, computed without overflow: a forged size or
-      // stride must not wrap around into a small, "valid" extent.
-      int64_t last = offset;
-      bool empty = false;
-      for (size_t i = 0; i < size.size(); ++i) {
-        if (size[i] < 0 || stride[i] < 0) fail("a tensor with a negative size or stride");
-        if (size[i] == 0) empty = true;
-      }
-      if (offset < 0) fail("a tensor with a negative storage offset");
-      for (size_t i = 0; i < size.size() && !empty; ++i) {
-        int64_t step = 0;
-        if (__builtin_mul_overflow(size[i] - 1, stride[i], &step) ||
-            __builtin_add_overflow(last, step, &last)) {
-          fail("a tensor whose sizes and strides overflow");
-        }
-      }
-      if (!empty && last >= storage.numel()) fail("a tensor larger than its storage");
+      const auto problem = tensor_extent_problem(offset, size, stride, storage.numel());
+      if (!problem.empty()) fail(problem);
       at::Tensor t = at::empty({0}, storage.options());
       t.set_(storage.storage(), offset, size, stride);
       return t;
@@ -474,6 +459,30 @@ void name_globals(c10::IValue& value) {
 }
 
 }  // namespace
+
+std::string tensor_extent_problem(int64_t offset, at::IntArrayRef sizes, at::IntArrayRef strides,
+                                  int64_t storage_numel) {
+  if (sizes.size() != strides.size()) return "a tensor with more sizes than strides";
+  bool empty = false;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (sizes[i] < 0 || strides[i] < 0) return "a tensor with a negative size or stride";
+    if (sizes[i] == 0) empty = true;
+  }
+  if (offset < 0) return "a tensor with a negative storage offset";
+  if (empty) return "";
+  // The last element's index, computed without overflow: a forged size or stride
+  // must not wrap around into a small, "valid" extent.
+  int64_t last = offset;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    int64_t step = 0;
+    if (__builtin_mul_overflow(sizes[i] - 1, strides[i], &step) ||
+        __builtin_add_overflow(last, step, &last)) {
+      return "a tensor whose sizes and strides overflow";
+    }
+  }
+  if (last >= storage_numel) return "a tensor larger than its storage";
+  return "";
+}
 
 c10::IValue read_pickle_archive(caffe2::serialize::PyTorchStreamReader& reader,
                                 const std::string& what, std::vector<std::string>* notes,

@@ -31,6 +31,12 @@ namespace fabric {
 
 class MappedFile;
 
+// Why a tensor of `sizes` and `strides` starting at element `offset` does not
+// fit a storage of `storage_numel` elements (a negative size, stride or offset,
+// an extent that overflows, or one past the storage); empty when it fits.
+std::string tensor_extent_problem(int64_t offset, at::IntArrayRef sizes, at::IntArrayRef strides,
+                                  int64_t storage_numel);
+
 // Unpickles the archive's data.pkl. Throws std::runtime_error naming `what` and
 // the problem (an unknown opcode, a missing storage record, a malformed stream).
 c10::IValue read_pickle_archive(caffe2::serialize::PyTorchStreamReader& reader,

@@ -9,7 +9,6 @@
 #include <stdexcept>
 
 #include <ATen/ops/cat.h>
-#include <ATen/ops/full.h>
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
 
@@ -116,13 +115,8 @@ std::optional<c10::impl::GenericDict> parent_of(const c10::IValue& root,
 // Every rank learns whether any rank failed (and rethrows its own error).
 void agree(strategies::Strategy& strategy, const std::exception_ptr& error,
            const std::string& what) {
-  bool failed = static_cast<bool>(error);
-  if (strategy.world_size() > 1) {
-    auto flag = at::full({1}, failed ? 1.0 : 0.0,
-                         at::TensorOptions().dtype(at::kDouble).device(strategy.root_device()));
-    strategy.all_reduce(flag, strategies::Strategy::ReduceOp::kMax);
-    failed = flag.item<double>() != 0;
-  }
+  const bool failed =
+      strategy.all_reduce_value(error ? 1.0 : 0.0, strategies::Strategy::ReduceOp::kMax) != 0;
   if (error) std::rethrow_exception(error);
   if (failed) throw std::runtime_error("Fabric::save: another rank failed to " + what + " (its error names the cause)");
 }

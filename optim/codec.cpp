@@ -38,6 +38,13 @@ Registry& registry() {
   return instance;
 }
 
+// The codecs' names, in the order they are asked; the caller holds the lock.
+std::string names_locked(const Registry& r) {
+  std::string names;
+  for (const auto& codec : r.codecs) names += (names.empty() ? "" : ", ") + codec->name();
+  return names;
+}
+
 }  // namespace
 
 c10::IValue GroupEntry::get(const std::string& key) const {
@@ -102,11 +109,8 @@ const OptimizerCodec& codec_for(const torch::optim::OptimizerOptions& options) {
   }
   throw std::invalid_argument(
       "this optimizer type has no state-dict codec, so its state cannot be saved, loaded or "
-      "sharded; optimizers with one: " + [&] {
-        std::string names;
-        for (const auto& codec : r.codecs) names += (names.empty() ? "" : ", ") + codec->name();
-        return names;
-      }() + " (add one with fabric::optim::register_codec, optim/codec.h)");
+      "sharded; optimizers with one: " + names_locked(r) +
+      " (add one with fabric::optim::register_codec, optim/codec.h)");
 }
 
 void register_codec(std::shared_ptr<const OptimizerCodec> codec) {
@@ -119,9 +123,7 @@ void register_codec(std::shared_ptr<const OptimizerCodec> codec) {
 std::string codec_names() {
   auto& r = registry();
   std::lock_guard<std::mutex> lock(r.mutex);
-  std::string names;
-  for (const auto& codec : r.codecs) names += (names.empty() ? "" : ", ") + codec->name();
-  return names;
+  return names_locked(r);
 }
 
 at::Tensor step_tensor(int64_t step) {

@@ -11,7 +11,6 @@
 
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/StorageImpl.h>
@@ -584,9 +583,7 @@ at::Tensor FSDPStrategy::optimizer_step(torch::optim::Optimizer& optimizer,
     auto& found = scaler->found_inf(optimizer);
     double any = 0;
     for (const auto& f : found) any = std::max(any, f.item<double>());
-    auto flag = at::full({1}, any, at::TensorOptions().dtype(at::kDouble).device(root_device()));
-    all_reduce(flag, ReduceOp::kMax);
-    const double agreed = flag.item<double>();
+    const double agreed = all_reduce_value(any, ReduceOp::kMax);
     for (auto& f : found) f.fill_(agreed);
   }
   stepped_ = true;
@@ -634,9 +631,7 @@ double FSDPStrategy::clip_gradients_norm(torch::nn::Module* module,
     local = inf_norm ? std::max(local, a.max().item<double>())
                      : local + a.pow(norm_type).sum().item<double>();
   }
-  auto total_t = at::full({1}, local, at::TensorOptions().dtype(at::kDouble).device(root_device()));
-  all_reduce(total_t, inf_norm ? ReduceOp::kMax : ReduceOp::kSum);
-  double total = total_t.item<double>();
+  double total = all_reduce_value(local, inf_norm ? ReduceOp::kMax : ReduceOp::kSum);
   if (!inf_norm) total = std::pow(total, 1.0 / norm_type);
   if (error_if_nonfinite && !std::isfinite(total)) {
     throw std::runtime_error("fsdp: the total norm of order " + std::to_string(norm_type) +

@@ -63,6 +63,13 @@ void Strategy::clip_gradients_value(torch::nn::Module* /*module*/,
   torch::nn::utils::clip_grad_value_(optimizer_parameters(optimizer), clip_val);
 }
 
+double Strategy::all_reduce_value(double value, ReduceOp op) {
+  if (world_size() <= 1) return value;
+  auto t = at::full({1}, value, at::TensorOptions().dtype(at::kDouble).device(root_device()));
+  all_reduce(t, op);
+  return t.item<double>();
+}
+
 void Strategy::save_checkpoint(const std::string& path,
                                const std::function<void(const std::string&)>& write) {
   std::exception_ptr error;
@@ -74,14 +81,10 @@ void Strategy::save_checkpoint(const std::string& path,
     }
   }
   // Everyone leaves together; a failed write on rank 0 fails every rank.
-  if (world_size() > 1) {
-    auto flag = at::full({1}, error ? 1.0 : 0.0,
-                         at::TensorOptions().dtype(at::kDouble).device(root_device()));
-    all_reduce(flag, ReduceOp::kMax);
-    if (flag.item<double>() != 0 && !error) {
-      throw std::runtime_error("Fabric::save: rank 0 failed to write " + path +
-                               " (its error names the cause)");
-    }
+  const bool failed = all_reduce_value(error ? 1.0 : 0.0, ReduceOp::kMax) != 0;
+  if (failed && !error) {
+    throw std::runtime_error("Fabric::save: rank 0 failed to write " + path +
+                             " (its error names the cause)");
   }
   if (error) std::rethrow_exception(error);
 }

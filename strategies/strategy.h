@@ -119,6 +119,9 @@ class Strategy {
   enum class ReduceOp { kSum, kMean, kMax, kMin };
   // Reduces `tensor` across ranks in place.
   virtual void all_reduce(at::Tensor& /*tensor*/, ReduceOp /*op*/) {}
+  // One number reduced across ranks (a failure flag, a found-inf flag); the
+  // value itself on one process.
+  double all_reduce_value(double value, ReduceOp op);
   // Overwrites `tensor` with rank `src`'s (same shape and dtype on every rank).
   virtual void broadcast(at::Tensor& /*tensor*/, int64_t /*src*/) {}
   // Every rank's `tensor`, stacked along a new leading world dimension.

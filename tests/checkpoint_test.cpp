@@ -83,6 +83,19 @@ const std::string kPythonMlp =
     "    def forward(self, x):\n"
     "        return self.fc2(torch.relu(self.fc1(x)))\n";
 
+// The optimizers the Lightning tests continue, the same in C++ and Python.
+std::shared_ptr<torch::optim::Optimizer> make_optimizer(const std::string& name,
+                                                        std::vector<torch::Tensor> p) {
+  if (name == "sgd") return std::make_shared<torch::optim::SGD>(p, torch::optim::SGDOptions(0.05).momentum(0.9));
+  if (name == "adam") return std::make_shared<torch::optim::Adam>(p, torch::optim::AdamOptions(0.01));
+  return std::make_shared<torch::optim::AdamW>(p, torch::optim::AdamWOptions(0.01).weight_decay(0.1));
+}
+const std::string kPythonOptimizers =
+    "def make(name, m):\n"
+    "    if name == 'sgd': return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)\n"
+    "    if name == 'adam': return torch.optim.Adam(m.parameters(), lr=0.01)\n"
+    "    return torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.1)\n";
+
 std::string run_python(const std::string& name, const std::string& script) {
   const std::string path = dir() + "/" + name + ".py";
   std::ofstream(path) << script;
@@ -644,10 +657,7 @@ TEST(Checkpoint, LightningFabricCheckpointsBothWays) {
       "import sys, torch\n"
       "from lightning.fabric import Fabric\n" + kPythonMlp +
       "d = '" + d + "'\n"
-      "def make(name, m):\n"
-      "    if name == 'sgd': return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)\n"
-      "    if name == 'adam': return torch.optim.Adam(m.parameters(), lr=0.01)\n"
-      "    return torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.1)\n"
+      + kPythonOptimizers +
       "fabric = Fabric(accelerator='cpu', devices=1)\n"
       "data = torch.load(d + '/data.pt')\n"
       "def steps(m, opt, n):\n"
@@ -657,11 +667,6 @@ TEST(Checkpoint, LightningFabricCheckpointsBothWays) {
   const auto x = torch::randn({6, 5}), y = torch::randn({6, 3});
   fabric::save_checkpoint(d + "/data.pt", {{"x", x}, {"y", y}});
   const std::vector<std::string> names = {"sgd", "adam", "adamw"};
-  auto make = [](const std::string& name, std::vector<torch::Tensor> p) -> std::shared_ptr<torch::optim::Optimizer> {
-    if (name == "sgd") return std::make_shared<torch::optim::SGD>(p, torch::optim::SGDOptions(0.05).momentum(0.9));
-    if (name == "adam") return std::make_shared<torch::optim::Adam>(p, torch::optim::AdamOptions(0.01));
-    return std::make_shared<torch::optim::AdamW>(p, torch::optim::AdamWOptions(0.01).weight_decay(0.1));
-  };
   fabric::Fabric fabric({.accelerator = "cpu"});
   fabric.launch();
   auto steps = [&](auto& net, auto& opt, int n) {
@@ -687,7 +692,7 @@ TEST(Checkpoint, LightningFabricCheckpointsBothWays) {
   for (const auto& name : names) {
     SCOPED_TRACE("lightning -> torchfabric, " + name);
     auto model = std::make_shared<MlpImpl>();
-    auto [net, opt] = fabric.setup(model, make(name, model->parameters()));
+    auto [net, opt] = fabric.setup(model, make_optimizer(name, model->parameters()));
     fabric::State state{{"model", net}, {"optimizer", opt}, {"step", 0}};
     fabric.load(d + "/lt_" + name + ".pt", state);
     EXPECT_EQ(state.at("step").to_int(), 3);
@@ -704,7 +709,7 @@ TEST(Checkpoint, LightningFabricCheckpointsBothWays) {
   for (const auto& name : names) {
     torch::manual_seed(2);
     auto model = std::make_shared<MlpImpl>();
-    auto [net, opt] = fabric.setup(model, make(name, model->parameters()));
+    auto [net, opt] = fabric.setup(model, make_optimizer(name, model->parameters()));
     steps(net, opt, 3);
     fabric.save(d + "/tf_" + name + ".pt", {{"model", net}, {"optimizer", opt}, {"step", 3}});
     steps(net, opt, 3);
@@ -917,7 +922,7 @@ TEST(Checkpoint, LightningFabricDdpCheckpointContinuesInOneProcess) {
   const std::string script = d + "/ddp.py";
   std::ofstream(script) <<
       "import torch\n"
-      "from lightning.fabric import Fabric\n" + kPythonMlp +
+      "from lightning.fabric import Fabric\n" + kPythonMlp + kPythonOptimizers +
       "d = '" + d + "'\n"
       "fabric = Fabric(accelerator='cpu', devices=2, strategy='ddp')\n"
       "fabric.launch()\n"
@@ -927,10 +932,7 @@ TEST(Checkpoint, LightningFabricDdpCheckpointContinuesInOneProcess) {
       "for name in ('sgd', 'adam', 'adamw'):\n"
       "    torch.manual_seed(1)\n"
       "    model = Mlp()\n"
-      "    if name == 'sgd': optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)\n"
-      "    elif name == 'adam': optimizer = torch.optim.Adam(model.parameters(), lr=0.01)\n"
-      "    else: optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)\n"
-      "    m, opt = fabric.setup(model, optimizer)\n"
+      "    m, opt = fabric.setup(model, make(name, model))\n"
       "    def steps(n):\n"
       "        for _ in range(n):\n"
       "            opt.zero_grad(); fabric.backward(torch.nn.functional.mse_loss(m(x), y)); opt.step()\n"
@@ -952,18 +954,7 @@ TEST(Checkpoint, LightningFabricDdpCheckpointContinuesInOneProcess) {
   for (const std::string name : {"sgd", "adam", "adamw"}) {
     SCOPED_TRACE("lightning ddp -> torchfabric, " + name);
     auto model = std::make_shared<MlpImpl>();
-    std::shared_ptr<torch::optim::Optimizer> optimizer;
-    if (name == "sgd") {
-      optimizer = std::make_shared<torch::optim::SGD>(model->parameters(),
-                                                      torch::optim::SGDOptions(0.05).momentum(0.9));
-    } else if (name == "adam") {
-      optimizer = std::make_shared<torch::optim::Adam>(model->parameters(),
-                                                       torch::optim::AdamOptions(0.01));
-    } else {
-      optimizer = std::make_shared<torch::optim::AdamW>(
-          model->parameters(), torch::optim::AdamWOptions(0.01).weight_decay(0.1));
-    }
-    auto [net, opt] = fabric.setup(model, optimizer);
+    auto [net, opt] = fabric.setup(model, make_optimizer(name, model->parameters()));
     fabric::State state{{"model", net}, {"optimizer", opt}, {"step", 0}};
     fabric.load(d + "/" + name + ".pt", state);
     EXPECT_EQ(state.at("step").to_int(), 3);

@@ -41,10 +41,10 @@
 #include <limits>
 #include <fstream>
 #include <iostream>
-#include <unordered_set>
 
 #include "fabric/fabric.h"
 #include "fsdp_model.h"
+#include "optim/state_bytes.h"
 #include "precision/grad_scaler.h"
 #include "precision/mixed_precision.h"
 #include "strategies/auto_wrap.h"
@@ -132,29 +132,6 @@ int fail(const std::string& what) {
 }
 
 // Distinct storage bytes of parameters, gradients and optimizer state.
-int64_t state_bytes(torch::nn::Module& model, torch::optim::Optimizer& optimizer) {
-  std::unordered_set<const void*> seen;
-  int64_t bytes = 0;
-  auto add = [&](const torch::Tensor& t) {
-    if (!t.defined()) return;
-    if (seen.insert(t.storage().unsafeGetStorageImpl()).second) bytes += t.storage().nbytes();
-  };
-  for (const auto& p : model.parameters()) {
-    add(p);
-    add(p.grad());
-    auto it = optimizer.state().find(p.unsafeGetTensorImpl());
-    if (it == optimizer.state().end()) continue;
-    if (auto* s = dynamic_cast<torch::optim::AdamParamState*>(it->second.get())) {
-      add(s->exp_avg()), add(s->exp_avg_sq());
-    } else if (auto* s = dynamic_cast<torch::optim::AdamWParamState*>(it->second.get())) {
-      add(s->exp_avg()), add(s->exp_avg_sq());
-    } else if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(it->second.get())) {
-      add(s->momentum_buffer());
-    }
-  }
-  return bytes;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -335,7 +312,7 @@ int main(int argc, char** argv) {
     }
     if (mode == "memory") {
       std::ofstream(out + "/memory_rank" + std::to_string(rank) + ".txt")
-          << state_bytes(*model, *optimizer) << " " << CountingAllocator::live() << " "
+          << fabric::optim::state_bytes(*optimizer) << " " << CountingAllocator::live() << " "
           << CountingAllocator::peak() << "\n";
     }
     if (mode == "clip") write_tensors(norms, out + "/norms_rank" + std::to_string(rank) + ".pt");

@@ -22,6 +22,9 @@
 
 #include <boost/program_options.hpp>
 
+#include "cli.h"
+#include "benchmarks/common/run_command.h"
+
 #include "fabric/checkpoint.h"
 #include "fabric/filesystem.h"
 #include "fabric/state_dict.h"
@@ -87,12 +90,7 @@ int main(int argc, char** argv) {
       ("dir", po::value(&dir)->default_value(dir), "where to write the files")
       ("python", po::value(&python)->default_value(python), "python3 with torch");
   po::variables_map vm;
-  po::store(po::parse_command_line(argc, argv, flags), vm);
-  po::notify(vm);
-  if (vm.count("help")) {
-    std::cout << flags << std::endl;
-    return 0;
-  }
+  examples::parse_flags(flags, argc, argv, vm);
   fabric::fs::make_directories(dir);
   const std::string path = dir + "/torchfabric.pt";
   fabric::State model;
@@ -150,13 +148,8 @@ int main(int argc, char** argv) {
   std::fclose(f);
   const std::string cmd = python + " " + script + " " + std::to_string(tensors) + " " +
                           std::to_string(numel) + " " + std::to_string(repeats) + " " + dir +
-                          "/python.pt 2>&1";
-  FILE* pipe = ::popen(cmd.c_str(), "r");
-  std::string output;
-  char buffer[4096];
-  size_t n;
-  while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, n);
-  ::pclose(pipe);
+                          "/python.pt";
+  const auto output = benchmarks::run_command(cmd).output;
   std::smatch m;
   if (!std::regex_search(output, m, std::regex("python save ([0-9.]+) load ([0-9.]+) fsynced ([0-9.]+)"))) {
     std::cerr << "python benchmark failed:\n" << output << std::endl;

@@ -18,6 +18,9 @@
 
 #include <boost/program_options.hpp>
 
+#include "cli.h"
+#include "benchmarks/common/run_command.h"
+
 #include "fabric/fabric.h"
 #include "launchers/mpirun.h"
 #include "model.h"
@@ -63,13 +66,8 @@ double run_worker(const std::string& self, int devices, int64_t batch, int steps
                   double& hidden) {
   const std::string cmd = self + " --worker --devices " + std::to_string(devices) +
                           " --batch-size " + std::to_string(batch) + " --steps " +
-                          std::to_string(steps) + " --cores " + std::to_string(cores) + " 2>&1";
-  FILE* pipe = ::popen(cmd.c_str(), "r");
-  std::string output;
-  char buffer[4096];
-  size_t n;
-  while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, n);
-  const int status = ::pclose(pipe);
+                          std::to_string(steps) + " --cores " + std::to_string(cores);
+  const auto [status, output] = benchmarks::run_command(cmd);
   std::cout << output;
   std::smatch m;
   if (status != 0 || !std::regex_search(output, m, std::regex("throughput: ([0-9.]+) samples/s, "
@@ -93,12 +91,7 @@ int main(int argc, char** argv) {
       ("steps", po::value(&steps)->default_value(steps), "timed steps")
       ("cores", po::value(&cores)->default_value(cores), "cores shared by the ranks");
   po::variables_map vm;
-  po::store(po::parse_command_line(argc, argv, flags), vm);
-  po::notify(vm);
-  if (vm.count("help")) {
-    std::cout << flags << std::endl;
-    return 0;
-  }
+  examples::parse_flags(flags, argc, argv, vm);
   try {
     if (vm.count("worker")) return worker(devices, batch, steps, cores);
     const std::string self = fabric::launchers::own_command_line().front();

@@ -19,9 +19,12 @@
 #include <iostream>
 #include <regex>
 #include <thread>
-#include <unordered_set>
 
 #include <boost/program_options.hpp>
+
+#include "benchmarks/common/run_command.h"
+#include "cli.h"
+#include "optim/state_bytes.h"
 
 #include "data.h"
 #include "fabric/fabric.h"
@@ -35,26 +38,6 @@ struct Config {
   int steps = 10;
   int cores = 2;
 };
-
-int64_t state_bytes(torch::nn::Module& model, torch::optim::AdamW& optimizer) {
-  std::unordered_set<const void*> seen;
-  int64_t bytes = 0;
-  auto add = [&](const torch::Tensor& t) {
-    if (t.defined() && seen.insert(t.storage().unsafeGetStorageImpl()).second) {
-      bytes += static_cast<int64_t>(t.storage().nbytes());
-    }
-  };
-  for (const auto& p : model.parameters()) {
-    add(p);
-    add(p.grad());
-    auto it = optimizer.state().find(p.unsafeGetTensorImpl());
-    if (it == optimizer.state().end()) continue;
-    auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
-    add(s.exp_avg());
-    add(s.exp_avg_sq());
-  }
-  return bytes;
-}
 
 int worker(const std::string& strategy, const Config& config) {
   fabric::Fabric fabric({.accelerator = "cpu", .strategy = strategy, .devices = 2});
@@ -81,7 +64,8 @@ int worker(const std::string& strategy, const Config& config) {
   fabric.barrier();
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / config.steps;
-  const double bytes = fabric.all_reduce(static_cast<double>(state_bytes(*model, *optimizer)), "max");
+  const double bytes =
+      fabric.all_reduce(static_cast<double>(fabric::optim::state_bytes(*optimizer)), "max");
   fabric.print(std::fixed, std::setprecision(4), strategy, ": ", n_params, " parameters, ",
                fabric.world_size(), " ranks x ", torch::get_num_threads(), " threads, step time: ",
                seconds, " s, per-rank state bytes: ", static_cast<int64_t>(bytes));
@@ -90,13 +74,8 @@ int worker(const std::string& strategy, const Config& config) {
 
 std::pair<double, double> run_worker(const std::string& self, const std::string& strategy,
                                      const std::string& flags) {
-  const std::string cmd = self + " --worker --strategy " + strategy + flags + " 2>&1";
-  FILE* pipe = ::popen(cmd.c_str(), "r");
-  std::string output;
-  char buffer[4096];
-  size_t n;
-  while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, n);
-  const int status = ::pclose(pipe);
+  const std::string cmd = self + " --worker --strategy " + strategy + flags;
+  const auto [status, output] = benchmarks::run_command(cmd);
   std::cout << output << std::flush;
   std::smatch m;
   if (status != 0 || !std::regex_search(output, m, std::regex("step time: ([0-9.]+) s, per-rank state bytes: ([0-9]+)"))) {
@@ -135,17 +114,7 @@ int main(int argc, char** argv) {
       ("rounds", po::value(&rounds)->default_value(rounds), "ddp/fsdp pairs")
       ("cores", po::value(&config.cores)->default_value(config.cores), "cores split between the ranks");
   po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, flags), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    std::cerr << "error: " << e.what() << "\n" << flags << std::endl;
-    return 2;
-  }
-  if (vm.count("help")) {
-    std::cout << flags << std::endl;
-    return 0;
-  }
+  examples::parse_flags(flags, argc, argv, vm);
   try {
     if (vm.count("worker")) return worker(strategy, config);
     const std::string forwarded =

@@ -12,6 +12,8 @@
 
 #include <boost/program_options.hpp>
 
+#include "cli.h"
+
 #include "fabric/data/fashion_mnist.h"
 #include "fabric/fabric.h"
 #include "model.h"
@@ -41,17 +43,7 @@ int main(int argc, char** argv) {
       ("threads", po::value(&threads)->default_value(threads), "intra-op threads")
       ("precision", po::value(&precision)->default_value(precision), "Fabric precision (cpu)");
   po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, flags), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    std::cerr << "error: " << e.what() << "\n" << flags << std::endl;
-    return 2;
-  }
-  if (vm.count("help")) {
-    std::cout << flags << std::endl;
-    return 0;
-  }
+  examples::parse_flags(flags, argc, argv, vm);
   torch::set_num_threads(threads);
 
   auto data = fabric::data::load_fashion_mnist(fabric::data::Split::kTrain);

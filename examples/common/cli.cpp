@@ -1,11 +1,37 @@
 #include "cli.h"
 
 #include <cstdlib>
+#include <exception>
 #include <iostream>
 
 #include <boost/program_options.hpp>
 
 namespace examples {
+
+void parse_flags(const boost::program_options::options_description& flags, int argc, char** argv,
+                 boost::program_options::variables_map& vm) {
+  namespace po = boost::program_options;
+  try {
+    po::store(po::parse_command_line(argc, argv, flags), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    std::cerr << "error: " << e.what() << "\n\n" << flags << std::endl;
+    std::exit(2);
+  }
+  if (vm.count("help")) {
+    std::cout << flags << std::endl;
+    std::exit(0);
+  }
+}
+
+int run_main(int (*run)(int, char**), int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << std::endl;
+    return 1;
+  }
+}
 
 TrainArgs parse_args(int argc, char** argv, const std::string& description, TrainArgs args,
                      const std::vector<ExtraFlag>& extra) {
@@ -50,17 +76,7 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
     }
   }
   po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, flags), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    std::cerr << "error: " << e.what() << "\n\n" << flags << std::endl;
-    std::exit(2);
-  }
-  if (vm.count("help")) {
-    std::cout << flags << std::endl;
-    std::exit(0);
-  }
+  parse_flags(flags, argc, argv, vm);
   // The shared flags' minimums (nothing below them means anything).
   auto reject = [&](const std::string& message) {
     std::cerr << "error: " << message << std::endl;

@@ -9,7 +9,22 @@
 
 #include "fabric/options.h"
 
+namespace boost::program_options {
+class options_description;
+class variables_map;
+}  // namespace boost::program_options
+
 namespace examples {
+
+// Parses argv against `flags` into `vm` (and the flags' targets). --help prints
+// the flags and exits 0; a bad flag prints the error and the flags and exits 2.
+// Used by parse_args and by the benchmarks.
+void parse_flags(const boost::program_options::options_description& flags, int argc, char** argv,
+                 boost::program_options::variables_map& vm);
+
+// An example's main: runs `run`, and turns an exception into "error: ..." on
+// stderr and exit status 1.
+int run_main(int (*run)(int, char**), int argc, char** argv);
 
 struct TrainArgs {
   fabric::FabricOptions fabric;
