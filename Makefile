@@ -24,7 +24,7 @@ build: setup
 run: setup
 	$(BAZEL) build //examples/autoencoder
 	@mkdir -p build
-	./bazel-bin/examples/autoencoder/autoencoder --checkpoint build/autoencoder.pt $(ARGS)
+	./bazel-bin/examples/autoencoder/autoencoder --checkpoint build/autoencoder.pt --log-dir build/logs $(ARGS)
 
 test: setup
 	@scripts/run_tests.sh
@@ -33,6 +33,7 @@ bench: build
 	./bazel-bin/benchmarks/overhead/overhead
 	./bazel-bin/benchmarks/ddp/ddp
 	./bazel-bin/benchmarks/fsdp/fsdp
+	./bazel-bin/benchmarks/fused/fused
 	./bazel-bin/benchmarks/checkpoint/checkpoint --python $(PYTHON)
 
 install: setup

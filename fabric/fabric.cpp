@@ -207,6 +207,11 @@ void Fabric::log_dict(const std::map<std::string, double>& metrics, int64_t step
   for (auto& logger : options_.loggers) logger->log_metrics(metrics, step);
 }
 
+void Fabric::log_hyperparams(const HyperParameters& params) {
+  if (!is_global_zero()) return;
+  for (auto& logger : options_.loggers) logger->log_hyperparams(params);
+}
+
 void Fabric::call(const std::string& hook) {
   for (auto& callback : options_.callbacks) callback->on(hook, *this);
 }

@@ -35,7 +35,10 @@
 #include "fabric/checkpoint.h"
 #include "fabric/connector.h"
 #include "fabric/dataloader.h"
+#include "fabric/csv_logger.h"
 #include "fabric/logger.h"
+#include "fabric/progress_bar.h"
+#include "fabric/tensorboard_logger.h"
 #include "fabric/module_wrapper.h"
 #include "fabric/optimizer_wrapper.h"
 #include "fabric/options.h"
@@ -203,6 +206,8 @@ class Fabric {
   // more than the last step logged".
   void log(const std::string& name, double value, int64_t step = -1);
   void log_dict(const std::map<std::string, double>& metrics, int64_t step = -1);
+  // Sends hyper-parameters to every logger, on global rank zero only.
+  void log_hyperparams(const HyperParameters& params);
   // Calls hook `hook` on every callback, in order.
   void call(const std::string& hook);
 

@@ -1,28 +1,84 @@
 #include "fabric/logger.h"
 
-#include "fabric/filesystem.h"
-
-#include <iomanip>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <stdexcept>
+#include <system_error>
 
 namespace fabric {
 
-CSVLogger::CSVLogger(const std::string& directory) {
-  fs::make_directories(directory);
-  path_ = fs::join(directory, "metrics.csv");
-  out_.open(path_, std::ios::out | std::ios::trunc);
-  if (!out_) throw std::runtime_error("CSVLogger: cannot open " + path_ + " for writing");
-  out_ << "step,name,value\n";
-  out_.flush();
+void Logger::log_hyperparams(const HyperParameters& params) {
+  throw std::runtime_error(name() + " has no place for hyper-parameters (" +
+                           std::to_string(params.size()) +
+                           " given); CSVLogger and TensorBoardLogger record them");
 }
 
-void CSVLogger::log_metrics(const std::map<std::string, double>& metrics, int64_t step) {
-  for (const auto& [name, value] : metrics) {
-    out_ << step << ',' << name << ',' << std::setprecision(17) << value << '\n';
+namespace logging {
+
+std::string version_directory(const std::string& root_dir, const std::string& name,
+                              int64_t version, int64_t* resolved_version) {
+  namespace stdfs = std::filesystem;
+  const stdfs::path versions_root = name.empty() ? stdfs::path(root_dir) : stdfs::path(root_dir) / name;
+  if (version < 0) {
+    version = 0;
+    std::error_code ec;
+    if (stdfs::is_directory(versions_root, ec)) {
+      for (const auto& entry : stdfs::directory_iterator(versions_root, ec)) {
+        const std::string base = entry.path().filename().string();
+        if (!entry.is_directory(ec) || base.rfind("version_", 0) != 0) continue;
+        const std::string digits = base.substr(8);
+        if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) continue;
+        version = std::max<int64_t>(version, std::stoll(digits) + 1);
+      }
+    }
   }
-  out_.flush();
+  if (resolved_version) *resolved_version = version;
+  return (versions_root / ("version_" + std::to_string(version))).string();
 }
 
-void CSVLogger::finalize() { out_.flush(); }
+std::string python_float(double value) {
+  if (std::isnan(value)) return "nan";
+  if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
+  // Shortest round-trip digits and the decimal exponent, then Python's layout:
+  // scientific when the exponent is below -4 or at least 16, else positional
+  // with at least one digit after the point.
+  char buffer[64];
+  const auto end = std::to_chars(buffer, buffer + sizeof(buffer), value,
+                                 std::chars_format::scientific).ptr;
+  std::string text(buffer, end);
+  std::string sign;
+  if (text[0] == '-') {
+    sign = "-";
+    text.erase(0, 1);
+  }
+  const auto e = text.find('e');
+  const int exponent = std::atoi(text.c_str() + e + 1);
+  std::string digits;
+  for (size_t i = 0; i < e; ++i) {
+    if (text[i] != '.') digits += text[i];
+  }
+  std::string out;
+  if (exponent < -4 || exponent >= 16) {
+    out = digits.substr(0, 1);
+    if (digits.size() > 1) out += "." + digits.substr(1);
+    char exp_text[8];
+    std::snprintf(exp_text, sizeof(exp_text), "e%c%02d", exponent < 0 ? '-' : '+', std::abs(exponent));
+    out += exp_text;
+  } else if (exponent >= 0) {
+    const size_t whole = static_cast<size_t>(exponent) + 1;
+    if (digits.size() <= whole) {
+      out = digits + std::string(whole - digits.size(), '0') + ".0";
+    } else {
+      out = digits.substr(0, whole) + "." + digits.substr(whole);
+    }
+  } else {
+    out = "0." + std::string(static_cast<size_t>(-exponent - 1), '0') + digits;
+  }
+  return sign + out;
+}
 
+}  // namespace logging
 }  // namespace fabric

@@ -4,8 +4,9 @@
 #   Debian packages: Bazel (bazel-bootstrap + the mock rule repositories in
 #     bazel-bootstrap-source), CMake, g++, GoogleTest, Boost.Program_options, zlib,
 #     Open MPI, the Fashion-MNIST data and the fortunes text (examples/gpt).
-#   pip: torch==2.11.0 (a CUDA 13.0 build that also runs without a GPU), numpy and
-#     lightning==2.6.6 (Python comparisons in tests and benchmarks), into $PYTHON
+#   pip: torch==2.11.0 (a CUDA 13.0 build that also runs without a GPU), numpy,
+#     lightning==2.6.6 and tensorboard (Python comparisons and read-backs in tests
+#     and benchmarks), into $PYTHON
 #     (default python3).
 # The CUDA 13.0 toolkit is expected on the machine (CMake's find_package(Torch)
 # needs nvcc); it is checked, not installed.
@@ -33,11 +34,11 @@ fi
 # torch and lightning in one pip command, so pip never upgrades torch to satisfy
 # lightning; lightning is used only by tests and benchmarks (Python comparisons).
 LIGHTNING_VERSION=2.6.6
-if ! "$PYTHON" -c "import torch, lightning, numpy, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' and lightning.__version__ == '$LIGHTNING_VERSION' else 1)" \
+if ! "$PYTHON" -c "import torch, lightning, numpy, tensorboard, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' and lightning.__version__ == '$LIGHTNING_VERSION' else 1)" \
     > /dev/null 2>&1; then
   echo "setup: installing torch==$TORCH_VERSION lightning==$LIGHTNING_VERSION into $("$PYTHON" -c 'import sys; print(sys.executable)')"
   "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-    "torch==$TORCH_VERSION" "lightning==$LIGHTNING_VERSION" numpy
+    "torch==$TORCH_VERSION" "lightning==$LIGHTNING_VERSION" numpy tensorboard
 fi
 
 if ! command -v nvcc > /dev/null 2>&1 && [ ! -x /usr/local/cuda/bin/nvcc ]; then

@@ -8,8 +8,14 @@
 #include <cstdlib>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <fcntl.h>
+#include <pty.h>
+#include <sys/wait.h>
+
+#include <fstream>
 #include <map>
 #include <regex>
+#include <sstream>
 
 #include "test_util.h"
 
@@ -181,6 +187,10 @@ TEST(Examples, FlagsBelowTheirMinimumAreErrors) {
       {g_classifier + " --lr -1", "--lr must be positive"},
       {g_gpt + " --n-layer 0", "--n-layer must be at least 1"},
       {g_gpt + " --n-embd 30 --n-head 4", "--n-embd (30) must be a multiple of --n-head (4)"},
+      {g_autoencoder + " --logger wandb", "--logger must be csv, tensorboard or none, got 'wandb'"},
+      {g_autoencoder + " --logger csv none", "--logger none cannot be combined"},
+      {g_classifier + " --progress maybe", "--progress must be auto, on or off, got 'maybe'"},
+      {g_gpt + " --log-every 0", "--log-every must be at least 1"},
   };
   for (const auto& [command, message] : cases) {
     SCOPED_TRACE(command);
@@ -190,6 +200,81 @@ TEST(Examples, FlagsBelowTheirMinimumAreErrors) {
   }
   auto listing = testutil::run_command("ls -A " + dir);
   EXPECT_EQ(listing.output, "") << "files written: " << listing.output;
+}
+
+namespace {
+// Runs `command` with its stdout and stderr on a pseudo-terminal (as in an
+// interactive shell); returns what it printed there.
+testutil::CommandResult run_on_terminal(const std::string& command) {
+  int master = -1;
+  const pid_t child = ::forkpty(&master, nullptr, nullptr, nullptr);
+  if (child == 0) {
+    ::execl("/bin/sh", "sh", "-c", command.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  testutil::CommandResult result;
+  if (child < 0) return result;
+  char buffer[4096];
+  for (;;) {
+    const ssize_t n = ::read(master, buffer, sizeof(buffer));
+    if (n <= 0) break;  // EIO once the child side closes
+    result.output.append(buffer, static_cast<size_t>(n));
+  }
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  ::close(master);
+  result.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return result;
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream content;
+  content << in.rdbuf();
+  return content.str();
+}
+}  // namespace
+
+// --logger csv tensorboard writes Lightning's layout (one version_N for both),
+// the training loss every --log-every steps and the validation loss per epoch.
+TEST(Examples, LoggersWriteTrainAndValidationLosses) {
+  const std::string dir = ::testing::TempDir() + "/example_logs";
+  ASSERT_EQ(testutil::run_command("rm -rf " + dir).status, 0);
+  for (int run = 0; run < 2; ++run) {
+    auto result = testutil::run_command(g_autoencoder + " --max-steps 30 --log-every 10 --epochs 1"
+                                        " --checkpoint '' --logger csv,tensorboard --log-dir " + dir);
+    ASSERT_EQ(result.status, 0) << result.output;
+  }
+  for (const std::string version : {"version_0", "version_1"}) {
+    const std::string run_dir = dir + "/autoencoder/" + version;
+    const auto csv = slurp(run_dir + "/metrics.csv");
+    std::smatch match;
+    ASSERT_TRUE(std::regex_search(csv, match, std::regex("^epoch,step,train_loss,val_loss\r\n"
+                                                         ",10,[0-9.e-]+,\r\n,20,[0-9.e-]+,\r\n"
+                                                         ",30,[0-9.e-]+,\r\n0.0,30,,[0-9.e-]+\r\n$")))
+        << csv;
+    EXPECT_NE(slurp(run_dir + "/hparams.yaml").find("lr: 0.001\n"), std::string::npos);
+    auto listing = testutil::run_command("ls " + run_dir);
+    EXPECT_NE(listing.output.find("events.out.tfevents."), std::string::npos) << listing.output;
+  }
+}
+
+// The progress bar draws on a terminal, not into a pipe, unless asked.
+TEST(Examples, ProgressBarOnlyOnATerminal) {
+  const std::string run = g_autoencoder + " --max-steps 30 --epochs 1 --checkpoint '' --logger none";
+  auto terminal = run_on_terminal(run);
+  ASSERT_EQ(terminal.status, 0) << terminal.output;
+  EXPECT_NE(terminal.output.find("\r"), std::string::npos) << terminal.output;
+  EXPECT_NE(terminal.output.find("30/30 ["), std::string::npos) << terminal.output;
+  EXPECT_NE(terminal.output.find(" steps/s  ETA "), std::string::npos) << terminal.output;
+  auto piped = testutil::run_command(run);
+  ASSERT_EQ(piped.status, 0) << piped.output;
+  EXPECT_EQ(piped.output.find("steps/s"), std::string::npos) << piped.output;
+  EXPECT_NE(piped.output.find("epoch 0: train_loss"), std::string::npos) << piped.output;
+  auto forced = testutil::run_command(run + " --progress on");
+  EXPECT_NE(forced.output.find("30/30 ["), std::string::npos) << forced.output;
+  auto off = run_on_terminal(run + " --progress off");
+  EXPECT_EQ(off.output.find("steps/s"), std::string::npos) << off.output;
 }
 
 int main(int argc, char** argv) {

@@ -34,6 +34,7 @@ int run(int argc, char** argv) {
   examples::TrainArgs defaults;
   defaults.epochs = 5;
   defaults.checkpoint = "autoencoder.pt";
+  defaults.run_name = "autoencoder";
   auto args = examples::parse_args(argc, argv, "Fashion-MNIST autoencoder trained with torchfabric",
                                    defaults);
 
@@ -73,7 +74,15 @@ int run(int argc, char** argv) {
 
   fabric.print("training on ", fabric.device(), " with precision ", fabric.precision().name(),
                ", ", train_loader.size(), " steps per epoch");
-  const int64_t log_every = 100;
+  fabric.log_hyperparams({{"lr", args.lr}, {"batch_size", args.batch_size},
+                          {"epochs", int64_t{args.epochs}}, {"max_steps", args.max_steps},
+                          {"precision", fabric.precision().name()},
+                          {"strategy", fabric.strategy().name()}, {"world_size", int64_t{fabric.world_size()}},
+                          {"seed", static_cast<int64_t>(args.seed)}});
+  const int64_t steps_per_epoch = static_cast<int64_t>(train_loader.size());
+  int64_t last_step = args.epochs * steps_per_epoch;
+  if (args.max_steps >= 0) last_step = std::min(last_step, args.max_steps);
+  fabric::ProgressBar bar({.mode = args.progress, .total = last_step}, fabric.is_global_zero());
   int64_t epoch = start_epoch, batch_in_epoch = skip_batches;
   for (; epoch < args.epochs; ++epoch) {
     if (args.max_steps >= 0 && step >= args.max_steps) break;
@@ -99,11 +108,10 @@ int run(int argc, char** argv) {
       const double value = loss.item<double>();
       train_sum += value;
       ++train_batches;
-      if (step % log_every == 0) {
-        fabric.print("epoch ", epoch, " step ", step, " loss ", std::fixed, std::setprecision(5),
-                     value);
-      }
+      if (step % args.log_every == 0) fabric.log("train_loss", value, step);
+      bar.update(step, {{"loss", value}}, "epoch " + std::to_string(epoch));
     }
+    bar.close();
     skip_batches = 0;
     net->eval();
     torch::NoGradGuard no_grad;
@@ -119,6 +127,8 @@ int run(int argc, char** argv) {
     const double train_loss = fabric.all_reduce(train_sum / std::max<int64_t>(train_batches, 1));
     const double val_total = fabric.all_reduce(val_sum, "sum");
     const double val_elements = fabric.all_reduce(static_cast<double>(val_count), "sum");
+    fabric.log_dict({{"val_loss", val_total / std::max(val_elements, 1.0)}, {"epoch", static_cast<double>(epoch)}},
+                    step);
     fabric.print("epoch ", epoch, ": train_loss ", std::fixed, std::setprecision(5), train_loss,
                  " val_loss ", val_total / std::max(val_elements, 1.0));
     if (args.max_steps >= 0 && step >= args.max_steps) break;

@@ -15,6 +15,7 @@ int run(int argc, char** argv) {
   examples::TrainArgs defaults;
   defaults.epochs = 8;
   defaults.batch_size = 128;
+  defaults.run_name = "classifier";
   auto args = examples::parse_args(argc, argv, "Fashion-MNIST MLP classifier trained with torchfabric",
                                    defaults);
 
@@ -32,6 +33,12 @@ int run(int argc, char** argv) {
       fabric.setup_dataloader(train_set, {.batch_size = args.batch_size, .shuffle = true});
   auto test_loader = fabric.setup_dataloader(test_set, {.batch_size = 1000});
 
+  fabric.log_hyperparams({{"lr", args.lr}, {"batch_size", args.batch_size},
+                          {"epochs", int64_t{args.epochs}}, {"precision", fabric.precision().name()},
+                          {"strategy", fabric.strategy().name()}});
+  int64_t last_step = args.epochs * static_cast<int64_t>(train_loader.size());
+  if (args.max_steps >= 0) last_step = std::min(last_step, args.max_steps);
+  fabric::ProgressBar bar({.mode = args.progress, .total = last_step}, fabric.is_global_zero());
   int64_t step = 0;
   for (int epoch = 0; epoch < args.epochs; ++epoch) {
     if (args.max_steps >= 0 && step >= args.max_steps) break;
@@ -45,9 +52,13 @@ int run(int argc, char** argv) {
       fabric.backward(loss);
       opt.step();
       ++step;
-      loss_sum += loss.item<double>();
+      const double value = loss.item<double>();
+      loss_sum += value;
       ++batches;
+      if (step % args.log_every == 0) fabric.log("train_loss", value, step);
+      bar.update(step, {{"loss", value}}, "epoch " + std::to_string(epoch));
     }
+    bar.close();
     fabric.print("epoch ", epoch, ": train_loss ", std::fixed, std::setprecision(4),
                  loss_sum / std::max<int64_t>(batches, 1));
   }
@@ -64,6 +75,7 @@ int run(int argc, char** argv) {
   // Each rank evaluated its shard (padded to equal length across ranks).
   const double all_correct = fabric.all_reduce(static_cast<double>(correct), "sum");
   const double all_total = fabric.all_reduce(static_cast<double>(total), "sum");
+  fabric.log("test_accuracy", all_correct / all_total, step);
   fabric.print("test accuracy: ", std::fixed, std::setprecision(4), all_correct / all_total);
   return 0;
 }

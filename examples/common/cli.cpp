@@ -1,10 +1,15 @@
 #include "cli.h"
 
+#include <algorithm>
 #include <cstdlib>
+#include <memory>
 #include <exception>
 #include <iostream>
 
 #include <boost/program_options.hpp>
+
+#include "fabric/csv_logger.h"
+#include "fabric/tensorboard_logger.h"
 
 namespace examples {
 
@@ -38,6 +43,9 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
   namespace po = boost::program_options;
   std::string devices = args.fabric.devices.str();
   std::string precision = args.fabric.precision.str();
+  std::string progress = "auto";
+  std::string default_loggers;
+  for (const auto& name : args.loggers) default_loggers += (default_loggers.empty() ? "" : " ") + name;
   po::options_description flags(description + "\n\nOptions");
   flags.add_options()
       ("help,h", "show this help and exit")
@@ -63,7 +71,15 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
       ("checkpoint", po::value(&args.checkpoint)->default_value(args.checkpoint),
        "where to write the final checkpoint (empty: do not write)")
       ("resume", po::value(&args.resume)->default_value(args.resume),
-       "continue training from this checkpoint (model, optimizer, step, epoch, RNG)");
+       "continue training from this checkpoint (model, optimizer, step, epoch, RNG)")
+      ("logger", po::value(&args.loggers)->multitoken()->composing()->default_value(args.loggers, default_loggers),
+       "csv, tensorboard (both allowed, e.g. --logger csv tensorboard) or none")
+      ("log-dir", po::value(&args.log_dir)->default_value(args.log_dir),
+       "loggers write to LOG_DIR/<example>/version_N (Lightning's layout)")
+      ("log-every", po::value(&args.log_every)->default_value(args.log_every),
+       "steps between training-loss entries in the logs")
+      ("progress", po::value(&progress)->default_value(progress),
+       "progress bar on stderr: auto (when stderr is a terminal), on or off");
   for (const auto& flag : extra) {
     if (flag.integer) {
       flags.add_options()(flag.name.c_str(), po::value(flag.integer)->default_value(*flag.integer),
@@ -90,6 +106,43 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
     reject("--max-steps must be -1 (no limit) or at least 1, got " + std::to_string(args.max_steps));
   }
   if (!(args.lr > 0)) reject("--lr must be positive, got " + std::to_string(args.lr));
+  if (args.log_every < 1) reject("--log-every must be at least 1, got " + std::to_string(args.log_every));
+  try {
+    args.progress = fabric::parse_progress_mode(progress);
+  } catch (const std::exception& e) {
+    reject(std::string("--") + e.what());
+  }
+  // --logger takes several names, space- or comma-separated.
+  std::vector<std::string> loggers;
+  for (const auto& entry : args.loggers) {
+    size_t start = 0;
+    while (start <= entry.size()) {
+      const size_t comma = std::min(entry.find(',', start), entry.size());
+      if (comma > start) loggers.push_back(entry.substr(start, comma - start));
+      start = comma + 1;
+    }
+  }
+  // Both loggers share one version_N directory: the next free one, read (not
+  // created) here; only rank zero's loggers ever write.
+  int64_t version = -1;
+  if (!loggers.empty() && loggers.front() != "none") {
+    fabric::logging::version_directory(args.log_dir, args.run_name, -1, &version);
+  }
+  for (const auto& name : loggers) {
+    if (name == "csv") {
+      args.fabric.loggers.push_back(
+          std::make_shared<fabric::CSVLogger>(args.log_dir, args.run_name, version));
+    } else if (name == "tensorboard") {
+      args.fabric.loggers.push_back(
+          std::make_shared<fabric::TensorBoardLogger>(args.log_dir, args.run_name, version));
+    } else if (name != "none") {
+      reject("--logger must be csv, tensorboard or none, got '" + name + "'");
+    }
+  }
+  if (loggers.size() > 1 && std::find(loggers.begin(), loggers.end(), "none") != loggers.end()) {
+    reject("--logger none cannot be combined with other loggers");
+  }
+  args.loggers = loggers;
   for (const auto& flag : extra) {
     if (flag.integer && *flag.integer < flag.min) {
       std::cerr << "error: --" << flag.name << " must be at least " << flag.min << ", got "

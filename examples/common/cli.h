@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "fabric/options.h"
+#include "fabric/progress_bar.h"
 
 namespace boost::program_options {
 class options_description;
@@ -35,6 +36,13 @@ struct TrainArgs {
   double lr = 1e-3;
   std::string checkpoint;
   std::string resume;  // checkpoint to continue from (empty: start fresh)
+  // Logging: parse_args puts one logger per --logger entry into fabric.loggers,
+  // writing to log_dir/run_name/version_N (Lightning's layout).
+  std::string run_name = "run";
+  std::vector<std::string> loggers{"csv"};  // csv, tensorboard or none
+  std::string log_dir = "logs";
+  int64_t log_every = 50;  // steps between training-loss entries
+  fabric::ProgressMode progress = fabric::ProgressMode::kAuto;
 };
 
 // A flag one example adds to the shared ones: exactly one of the targets is set;

@@ -32,6 +32,7 @@
 int run(int argc, char** argv) {
   examples::TrainArgs defaults;
   defaults.epochs = 3;
+  defaults.run_name = "gpt";
   defaults.batch_size = 32;
   defaults.lr = 2e-3;
   GptConfig config;
@@ -104,6 +105,11 @@ int run(int argc, char** argv) {
     return fabric.all_reduce(sum / eval_batches, "mean");
   };
 
+  fabric.log_hyperparams({{"lr", args.lr}, {"batch_size", args.batch_size},
+                          {"n_layer", config.n_layer}, {"block_size", config.block_size},
+                          {"parameters", n_params}, {"precision", fabric.precision().name()},
+                          {"strategy", fabric.strategy().name()}});
+  fabric::ProgressBar bar({.mode = args.progress, .total = total}, fabric.is_global_zero());
   net->train();
   double running = 0;
   int64_t counted = 0;
@@ -117,12 +123,18 @@ int run(int argc, char** argv) {
     fabric.clip_gradients(net, opt, {.max_norm = 1.0});
     opt.step();
     ++step;
-    running += loss.item<double>();
+    const double value = loss.item<double>();
+    running += value;
     ++counted;
+    if (step % args.log_every == 0) fabric.log("train_loss", value, step);
+    bar.update(step, {{"loss", value}});
     if (step % eval_every == 0 || step == total) {
+      bar.close();
       const double train_loss = fabric.all_reduce(running / counted, "mean");
+      const double val_loss = evaluate(val_data);
+      fabric.log("val_loss", val_loss, step);
       fabric.print("step ", step, ": train_loss ", std::fixed, std::setprecision(4), train_loss,
-                   " val_loss ", evaluate(val_data));
+                   " val_loss ", val_loss);
       running = 0;
       counted = 0;
     }

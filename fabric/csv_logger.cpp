@@ -1,0 +1,144 @@
+#include "fabric/csv_logger.h"
+
+#include <cctype>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+
+#include "fabric/filesystem.h"
+
+namespace fabric {
+namespace {
+
+// Python's csv module, QUOTE_MINIMAL.
+std::string csv_field(const std::string& text) {
+  if (text.find_first_of(",\"\r\n") == std::string::npos) return text;
+  std::string out = "\"";
+  for (char c : text) out += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return out + "\"";
+}
+
+// A YAML scalar that yaml.safe_load reads back as the same value and type.
+std::string yaml_scalar(const HyperParameter& value) {
+  if (auto b = std::get_if<bool>(&value)) return *b ? "true" : "false";
+  if (auto i = std::get_if<int64_t>(&value)) return std::to_string(*i);
+  if (auto d = std::get_if<double>(&value)) {
+    if (std::isnan(*d)) return ".nan";
+    if (std::isinf(*d)) return *d > 0 ? ".inf" : "-.inf";
+    std::string text = logging::python_float(*d);
+    // YAML 1.1 (PyYAML) reads 1e-05 as a string: its floats need a point.
+    const auto e = text.find('e');
+    if (e != std::string::npos && text.find('.') == std::string::npos) text.insert(e, ".0");
+    return text;
+  }
+  std::string out = "'";
+  for (char c : std::get<std::string>(value)) out += c == '\'' ? std::string("''") : std::string(1, c);
+  return out + "'";
+}
+
+std::string yaml_key(const std::string& key) {
+  const bool plain = !key.empty() && (std::isalpha(static_cast<unsigned char>(key[0])) || key[0] == '_') &&
+                     key.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                           "0123456789_-./") == std::string::npos &&
+                     key != "true" && key != "false" && key != "yes" && key != "no" &&
+                     key != "on" && key != "off" && key != "null";
+  return plain ? key : yaml_scalar(HyperParameter(key));
+}
+
+// One metrics.csv line: the row's value under each header key, empty if none.
+std::string csv_row(const std::set<std::string>& keys, const std::map<std::string, std::string>& row) {
+  std::string text;
+  bool first = true;
+  for (const auto& key : keys) {
+    if (!first) text += ',';
+    first = false;
+    const auto it = row.find(key);
+    if (it != row.end()) text += csv_field(it->second);
+  }
+  return text + "\r\n";
+}
+
+// Writes `text` to `path` through a temporary file and a rename, so a run killed
+// mid-write leaves the previous file whole.
+void replace_file(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (!f) throw std::runtime_error("CSVLogger: cannot open " + tmp + ": " + std::strerror(errno));
+  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size() && std::fflush(f) == 0;
+  const int error = errno;
+  if (std::fclose(f) != 0 || !ok) {
+    std::remove(tmp.c_str());
+    throw std::runtime_error("CSVLogger: writing " + path + " failed: " + std::strerror(ok ? errno : error));
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    throw std::runtime_error("CSVLogger: cannot replace " + path + ": " + std::strerror(errno));
+  }
+}
+
+}  // namespace
+
+CSVLogger::CSVLogger(std::string root_dir, std::string name, int64_t version)
+    : root_dir_(std::move(root_dir)), name_(std::move(name)), version_(version) {
+  if (root_dir_.empty()) throw std::invalid_argument("CSVLogger: root_dir is empty");
+}
+
+const std::string& CSVLogger::log_dir() {
+  if (log_dir_.empty()) log_dir_ = logging::version_directory(root_dir_, name_, version_, &version_);
+  return log_dir_;
+}
+
+int64_t CSVLogger::version() {
+  log_dir();
+  return version_;
+}
+
+void CSVLogger::log_metrics(const std::map<std::string, double>& metrics, int64_t step) {
+  if (metrics.count("step")) {
+    throw std::invalid_argument(
+        "CSVLogger: a metric cannot be named 'step' (it is metrics.csv's step column); rename it");
+  }
+  std::map<std::string, std::string> row;
+  for (const auto& [key, value] : metrics) row[key] = logging::python_float(value);
+  row["step"] = std::to_string(step);
+  bool new_key = keys_.empty();
+  for (const auto& [key, value] : row) new_key = keys_.insert(key).second || new_key;
+  rows_.push_back(std::move(row));
+  if (new_key) {
+    write_all();
+  } else {
+    append(rows_.back());
+  }
+}
+
+void CSVLogger::write_all() {
+  fs::make_directories(log_dir());
+  std::map<std::string, std::string> header;
+  for (const auto& key : keys_) header[key] = key;
+  std::string text = csv_row(keys_, header);
+  for (const auto& row : rows_) text += csv_row(keys_, row);
+  replace_file(metrics_path(), text);
+}
+
+void CSVLogger::append(const std::map<std::string, std::string>& row) {
+  const std::string text = csv_row(keys_, row);
+  const std::string path = metrics_path();
+  FILE* f = std::fopen(path.c_str(), "ab");
+  if (!f) throw std::runtime_error("CSVLogger: cannot open " + path + ": " + std::strerror(errno));
+  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size() && std::fflush(f) == 0;
+  const int error = errno;
+  if (std::fclose(f) != 0 || !ok) {
+    throw std::runtime_error("CSVLogger: writing " + path + " failed: " + std::strerror(ok ? errno : error));
+  }
+}
+
+void CSVLogger::log_hyperparams(const HyperParameters& params) {
+  for (const auto& [key, value] : params) hparams_[key] = value;
+  fs::make_directories(log_dir());
+  std::string text;
+  for (const auto& [key, value] : hparams_) text += yaml_key(key) + ": " + yaml_scalar(value) + "\n";
+  replace_file(log_dir() + "/hparams.yaml", text);
+}
+
+}  // namespace fabric
