@@ -34,6 +34,7 @@ bench: build
 	./bazel-bin/benchmarks/ddp/ddp
 	./bazel-bin/benchmarks/fsdp/fsdp
 	./bazel-bin/benchmarks/fused/fused
+	./bazel-bin/benchmarks/vs_lightning/vs_lightning --python $(PYTHON)
 	./bazel-bin/benchmarks/checkpoint/checkpoint --python $(PYTHON)
 
 install: setup

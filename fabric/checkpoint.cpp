@@ -1,5 +1,6 @@
 #include "fabric/checkpoint.h"
 
+#include "fabric/filesystem.h"
 #include "fabric/mapped_file.h"
 #include "fabric/pickle_reader.h"
 #include "fabric/serialization.h"
@@ -279,6 +280,15 @@ void atomic_write(const std::string& path,
                   const std::function<void(const std::function<void(const char*, size_t)>& sink)>&
                       produce) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  // Like Lightning's checkpoint IO, a missing parent directory is created.
+  const auto slash = path.find_last_of('/');
+  if (slash != std::string::npos && slash > 0) {
+    try {
+      fs::make_directories(path.substr(0, slash));
+    } catch (const std::exception& e) {
+      throw std::runtime_error("cannot create " + path + ": " + e.what());
+    }
+  }
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) fail("cannot create " + path + ": cannot create", tmp);
   auto abandon = [&](const char* what) {

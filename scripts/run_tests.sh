@@ -35,8 +35,10 @@ if cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$prefix" -DPython3_EXECUTABLE=
   ./build/cmake/fabric_tests --gtest_output="xml:$results/cmake/fabric_tests.xml" > build/cmake-fabric_tests.log 2>&1 \
     || grep -E "FAILED|Failure" -A3 build/cmake-fabric_tests.log | head -40
   [ -f "$results/cmake/fabric_tests.xml" ] || failures+=(--failure "cmake fabric_tests crashed (build/cmake-fabric_tests.log)")
-  ./build/cmake/example_tests build/cmake/autoencoder build/cmake/classifier build/cmake/gpt \
-    --gtest_output="xml:$results/cmake/example_tests.xml" > build/cmake-example_tests.log 2>&1 \
+  # The examples write their logs (--logger csv) and checkpoints into the current
+  # directory: run them in build/cmake, not in the source tree.
+  (cd build/cmake && ./example_tests ./autoencoder ./classifier ./gpt ./custom_trainer \
+    --gtest_output="xml:$PWD/../../$results/cmake/example_tests.xml" > ../cmake-example_tests.log 2>&1) \
     || grep -E "FAILED|Failure" -A3 build/cmake-example_tests.log | head -40
   [ -f "$results/cmake/example_tests.xml" ] || failures+=(--failure "cmake example_tests crashed (build/cmake-example_tests.log)")
   ./build/cmake/ddp_tests build/cmake/ddp_worker build/cmake/fabric-run build/cmake/fsdp_worker \

@@ -1086,3 +1086,15 @@ TEST(Checkpoint, ForgedSizesDoNotAllocateWhatTheyClaim) {
     EXPECT_LT(grew_kib, 256 * 1024);  // far below any claim
   }
 }
+
+// As Lightning's checkpoint IO does, a save creates missing parent directories.
+TEST(Checkpoint, SaveCreatesMissingParentDirectories) {
+  fabric::Fabric fabric({.accelerator = "cpu"});
+  const std::string root = dir() + "/new_parent";
+  fabric::fs::remove_all(root);
+  const std::string path = root + "/a/b/w.pt";
+  fabric.save(path, {{"w", torch::arange(4)}});
+  fabric::State state{{"w", torch::zeros({4}, torch::kLong)}};
+  fabric.load(path, state);
+  EXPECT_TRUE(torch::equal(state.at("w").to_tensor(), torch::arange(4)));
+}

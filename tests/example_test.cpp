@@ -1,6 +1,6 @@
 // Runs the example programs end to end: the autoencoder in every precision mode
 // for a few steps, and the classifier to its reported test accuracy.
-// argv[1], argv[2], argv[3]: paths of the autoencoder, classifier and gpt binaries.
+// argv[1..4]: paths of the autoencoder, classifier, gpt and custom_trainer binaries.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -20,7 +20,7 @@
 #include "test_util.h"
 
 namespace {
-std::string g_autoencoder, g_classifier, g_gpt;
+std::string g_autoencoder, g_classifier, g_gpt, g_custom_trainer;
 
 std::string absolute(const char* path) {
   char resolved[PATH_MAX];
@@ -277,14 +277,82 @@ TEST(Examples, ProgressBarOnlyOnATerminal) {
   EXPECT_EQ(off.output.find("steps/s"), std::string::npos) << off.output;
 }
 
+// The custom trainer (examples/custom_trainer) with accumulation, clipping,
+// validation every N steps, checkpoints and the schedule, on one device and on
+// two DDP ranks.
+TEST(Examples, CustomTrainerTrainsOnOneDeviceAndTwoDdpRanks) {
+  const std::string dir = ::testing::TempDir() + "/custom_trainer";
+  ASSERT_EQ(testutil::run_command("rm -rf " + dir).status, 0);
+  for (const std::string ranks : {"1", "2"}) {
+    SCOPED_TRACE(ranks);
+    const std::string run_dir = dir + "/ranks" + ranks;
+    auto result = testutil::run_command(
+        g_custom_trainer + " --devices " + ranks + " --strategy " + (ranks == "1" ? "auto" : "ddp") +
+        " --max-steps 200 --accumulate 2 --val-every 50 --checkpoint-every 100 --warmup 20"
+        " --log-every 10 --logger csv --log-dir " + run_dir + "/logs --checkpoint-dir " + run_dir + "/ckpt");
+    ASSERT_EQ(result.status, 0) << result.output;
+    // Validation at steps 50, 100, 150 and 200 (not again at the cut epoch's end).
+    const std::regex validation("step [0-9]+: val_loss");
+    EXPECT_EQ(std::distance(std::sregex_iterator(result.output.begin(), result.output.end(), validation),
+                            std::sregex_iterator()),
+              4) << result.output;
+    for (const char* step : {"step 50: val_loss", "step 100: val_loss", "step 150: val_loss", "step 200: val_loss"}) {
+      EXPECT_NE(result.output.find(step), std::string::npos) << result.output;
+    }
+    std::smatch match;
+    const auto last = last_line(result.output);
+    ASSERT_TRUE(std::regex_match(last, match, std::regex("test accuracy: ([0-9.]+)"))) << result.output;
+    EXPECT_GT(std::stod(match[1]), 0.7) << result.output;
+    auto listing = testutil::run_command("ls " + run_dir + "/ckpt");
+    EXPECT_EQ(listing.output, "step-100.ckpt\nstep-200.ckpt\n");
+    // The schedule: the logged lr rises through the warm-up, then decays.
+    const auto csv = slurp(run_dir + "/logs/custom_trainer/version_0/metrics.csv");
+    std::vector<double> lrs;
+    const std::regex train_row("\\n([0-9.e-]+),[0-9]+,[0-9.e-]+,");
+    for (std::sregex_iterator it(csv.begin(), csv.end(), train_row), end;
+         it != end; ++it) {
+      lrs.push_back(std::stod((*it)[1]));
+    }
+    ASSERT_EQ(lrs.size(), 20u) << csv;
+    EXPECT_LT(lrs[0], lrs[1]);
+    EXPECT_NEAR(*std::max_element(lrs.begin(), lrs.end()), 1e-3, 1e-4);
+    EXPECT_LT(lrs.back(), lrs[3]);
+  }
+}
+
+// Killed at step 90 (SIGKILL, no clean-up), a rerun continues from the newest
+// checkpoint (step 80) and ends with the weights of an uninterrupted run.
+TEST(Examples, CustomTrainerResumesAfterAKillToTheSameWeights) {
+  const std::string dir = ::testing::TempDir() + "/custom_trainer_resume";
+  ASSERT_EQ(testutil::run_command("rm -rf " + dir + " && mkdir -p " + dir).status, 0);
+  const std::string common = g_custom_trainer + " --max-steps 120 --accumulate 2 --checkpoint-every 40"
+                             " --val-every 0 --logger none";
+  auto whole = testutil::run_command(common + " --checkpoint-dir " + dir + "/a --checkpoint " + dir + "/a.pt");
+  ASSERT_EQ(whole.status, 0) << whole.output;
+  auto killed = testutil::run_command(common + " --checkpoint-dir " + dir + "/b --kill-at-step 90");
+  EXPECT_NE(killed.status, 0) << killed.output;
+  EXPECT_EQ(killed.output.find("test accuracy"), std::string::npos) << killed.output;
+  auto resumed = testutil::run_command(common + " --checkpoint-dir " + dir + "/b --checkpoint " + dir + "/b.pt");
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resumed from " + dir + "/b/step-80.ckpt at step 80"), std::string::npos)
+      << resumed.output;
+  EXPECT_EQ(last_line(resumed.output), last_line(whole.output));
+  auto compare = testutil::run_command(
+      testutil::python() + " -c \"import torch; a = torch.load('" + dir + "/a.pt')['model']; b = torch.load('" +
+      dir + "/b.pt')['model']; print('max diff', max((a[k] - b[k]).abs().max().item() for k in a), len(a))\"");
+  ASSERT_EQ(compare.status, 0) << compare.output;
+  EXPECT_EQ(compare.output, "max diff 0.0 6\n") << compare.output;
+}
+
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  if (argc < 4) {
-    std::fprintf(stderr, "usage: %s AUTOENCODER CLASSIFIER GPT\n", argv[0]);
+  if (argc < 5) {
+    std::fprintf(stderr, "usage: %s AUTOENCODER CLASSIFIER GPT CUSTOM_TRAINER\n", argv[0]);
     return 2;
   }
   g_autoencoder = absolute(argv[1]);
   g_classifier = absolute(argv[2]);
   g_gpt = absolute(argv[3]);
+  g_custom_trainer = absolute(argv[4]);
   return RUN_ALL_TESTS();
 }

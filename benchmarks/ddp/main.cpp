@@ -1,14 +1,18 @@
-// DDP scaling on the CPU: training throughput of the classifier MLP with 2 ranks
-// against 1 rank, the same per-rank batch, the cores split evenly between ranks;
-// and how much of the gradient all-reduce time ran while backward was still
-// computing (the overlap DDP's bucketing is for).
-//   ddp                     runs both configurations and compares them
+// DDP scaling on the CPU: training throughput of the classifier MLP, the same
+// per-rank batch, and how much of the gradient all-reduce time ran while backward
+// was still computing (the overlap DDP's bucketing is for).
+//   ddp scaling 2x1-thread/1x1-thread: X   equal resources per rank (the standard
+//       way): 2 ranks of 1 thread against 1 rank of 1 thread; ideal 2.0
+//   ddp 2-rank/1-rank throughput: X        the machine's cores split between the
+//       ranks: 2 ranks of 1 thread against 1 rank of 2 threads
+// Each configuration runs --rounds times, alternated; medians are compared.
+//   ddp                     runs the configurations and compares them
 //   ddp --worker ...        one configuration (started by the driver)
-// Last line: `ddp 2-rank/1-rank throughput: X`.
 #include <torch/torch.h>
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <iomanip>
@@ -28,7 +32,7 @@
 
 namespace {
 
-int worker(int devices, int64_t batch, int steps, int cores) {
+int worker(int devices, int64_t batch, int steps, int cores, bool no_sync) {
   fabric::Fabric fabric({.accelerator = "cpu", .devices = devices});
   fabric.launch();
   torch::set_num_threads(std::max(1, cores / static_cast<int>(fabric.world_size())));
@@ -40,6 +44,7 @@ int worker(int devices, int64_t batch, int steps, int cores) {
   auto y = torch::randint(0, 10, {batch}, gen, torch::kLong);
   auto step = [&, &net = net, &opt = opt] {
     opt.zero_grad();
+    auto skip = fabric.no_backward_sync(net, no_sync);  // --no-sync: the ceiling without all-reduce
     fabric.backward(torch::cross_entropy_loss(net(x), y));
     opt.step();
   };
@@ -63,8 +68,8 @@ int worker(int devices, int64_t batch, int steps, int cores) {
 }
 
 double run_worker(const std::string& self, int devices, int64_t batch, int steps, int cores,
-                  double& hidden) {
-  const std::string cmd = self + " --worker --devices " + std::to_string(devices) +
+                  double& hidden, bool no_sync = false) {
+  const std::string cmd = self + " --worker" + (no_sync ? " --no-sync" : "") + " --devices " + std::to_string(devices) +
                           " --batch-size " + std::to_string(batch) + " --steps " +
                           std::to_string(steps) + " --cores " + std::to_string(cores);
   const auto [status, output] = benchmarks::run_command(cmd);
@@ -78,29 +83,54 @@ double run_worker(const std::string& self, int devices, int64_t batch, int steps
   return std::stod(m[1]);
 }
 
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   namespace po = boost::program_options;
-  int devices = 1, steps = 200, cores = static_cast<int>(std::thread::hardware_concurrency());
+  int devices = 1, steps = 200, rounds = 5, cores = static_cast<int>(std::thread::hardware_concurrency());
   int64_t batch = 64;
   po::options_description flags("DDP 2-rank vs 1-rank throughput on the CPU");
+  bool no_sync = false;
   flags.add_options()("help,h", "show this help")("worker", "run one configuration")
+      ("no-sync", po::bool_switch(&no_sync), "worker: skip the gradient all-reduce (no_backward_sync)")
       ("devices", po::value(&devices)->default_value(devices), "ranks (worker)")
       ("batch-size", po::value(&batch)->default_value(batch), "per-rank batch")
       ("steps", po::value(&steps)->default_value(steps), "timed steps")
+      ("rounds", po::value(&rounds)->default_value(rounds), "runs of each configuration (medians)")
       ("cores", po::value(&cores)->default_value(cores), "cores shared by the ranks");
   po::variables_map vm;
   examples::parse_flags(flags, argc, argv, vm);
   try {
-    if (vm.count("worker")) return worker(devices, batch, steps, cores);
+    if (vm.count("worker")) return worker(devices, batch, steps, cores, no_sync);
     const std::string self = fabric::launchers::own_command_line().front();
-    double hidden1 = 0, hidden2 = 0;
-    const double one = run_worker(self, 1, batch, steps, cores, hidden1);
-    const double two = run_worker(self, 2, batch, steps, cores, hidden2);
+    if (rounds < 1 || steps < 1 || batch < 1 || cores < 1) {
+      std::cerr << "error: --rounds, --steps, --batch-size and --cores must be at least 1" << std::endl;
+      return 2;
+    }
+    // 1 rank x 1 thread, 1 rank x all cores, 2 ranks x (cores / 2) threads.
+    // And 2 ranks x 1 thread without the all-reduce: what the machine allows two
+    // processes side by side (shared caches and memory bandwidth), the ceiling.
+    std::vector<double> one_thread, one_rank, two_ranks, two_unsynced, hidden;
+    for (int r = 0; r < rounds; ++r) {
+      double unused = 0, h = 0;
+      one_thread.push_back(run_worker(self, 1, batch, steps, 1, unused));
+      two_ranks.push_back(run_worker(self, 2, batch, steps, 2, h));
+      two_unsynced.push_back(run_worker(self, 2, batch, steps, 2, unused, /*no_sync=*/true));
+      hidden.push_back(h);
+      one_rank.push_back(run_worker(self, 1, batch, steps, cores, unused));
+    }
+    const double two = median(two_ranks);
     std::cout << std::fixed << std::setprecision(3)
-              << "share of all-reduce time hidden behind backward (2 ranks): " << hidden2 << "\n"
-              << "ddp 2-rank/1-rank throughput: " << two / one << std::endl;
+              << "share of all-reduce time hidden behind backward (2 ranks): " << median(hidden) << "\n"
+              << "2 ranks without all-reduce (ceiling) 2x1-thread/1x1-thread: "
+              << median(two_unsynced) / median(one_thread) << "\n"
+              << "ddp scaling 2x1-thread/1x1-thread: " << two / median(one_thread) << "\n"
+              << "ddp 2-rank/1-rank throughput: " << two / median(one_rank) << std::endl;
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << std::endl;

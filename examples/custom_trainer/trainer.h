@@ -1,0 +1,213 @@
+// A trainer of one's own, built only on Fabric's public API: what Lightning's
+// "build your own trainer" example does, in C++. Copy it and change what your
+// project needs; nothing in torchfabric depends on it.
+//
+//   Trainer<ClassifierImpl> trainer(fabric, {.max_epochs = 5, .accumulate_grad_batches = 2});
+//   trainer.fit(net, opt, train_loader, &val_loader, training_step, validation_step);
+//
+// fit() runs epochs of optimizer steps until max_epochs or max_steps, with
+//   - gradient accumulation: the backward passes of a window run inside
+//     fabric.no_backward_sync (no all-reduce), the last one synchronises;
+//   - gradient clipping by total norm (fabric.clip_gradients unscales first);
+//   - a learning-rate schedule: a function of the optimizer step, applied to
+//     every parameter group before each step (stateless, so resuming needs
+//     nothing but the step);
+//   - validation every N steps and at each epoch's end, unless it just ran (mean
+//     loss over all ranks);
+//   - checkpoints every N steps and at the end in checkpoint_dir (step-N.ckpt,
+//     written atomically by fabric.save), and on start the newest one there is
+//     loaded: model, optimizer, step, epoch, position in the epoch, RNG state;
+//   - callbacks through fabric.call (on_train_start, on_train_epoch_start,
+//     on_train_batch_end, on_validation_end, on_train_epoch_end, on_train_end),
+//     metrics through fabric.log (train_loss, lr, val_loss), and the progress bar.
+// It works unchanged with every strategy and precision Fabric offers.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <regex>
+#include <string>
+
+#include "fabric/fabric.h"
+
+struct TrainerOptions {
+  int64_t max_epochs = 10;
+  int64_t max_steps = -1;                // optimizer steps; < 0: no limit
+  int64_t accumulate_grad_batches = 1;   // batches per optimizer step
+  std::optional<double> gradient_clip_norm;  // clip the total gradient norm to this
+  int64_t val_every_n_steps = 0;         // 0: only at each epoch's end
+  int64_t log_every_n_steps = 50;
+  std::string checkpoint_dir;            // empty: no checkpoints, no resume
+  int64_t checkpoint_every_n_steps = 0;  // 0: only at the end
+  std::function<double(int64_t step)> lr_schedule;  // empty: keep the optimizer's lr
+  fabric::ProgressMode progress = fabric::ProgressMode::kAuto;
+};
+
+template <typename Model>
+class Trainer {
+ public:
+  using Batch = torch::data::Example<>;
+  // The loss of one batch; the trainer calls backward on it.
+  using StepFn = std::function<torch::Tensor(fabric::FabricModule<Model>&, const Batch&)>;
+
+  Trainer(fabric::Fabric& fabric, TrainerOptions options) : fabric_(fabric), options_(std::move(options)) {
+    if (options_.accumulate_grad_batches < 1) {
+      throw std::invalid_argument("accumulate_grad_batches must be at least 1, got " +
+                                  std::to_string(options_.accumulate_grad_batches));
+    }
+    if (options_.max_epochs < 1) {
+      throw std::invalid_argument("max_epochs must be at least 1, got " + std::to_string(options_.max_epochs));
+    }
+  }
+
+  int64_t global_step() const { return step_; }
+
+  template <typename Loader>
+  void fit(fabric::FabricModule<Model>& model, fabric::FabricOptimizer& optimizer, Loader& train_loader,
+           Loader* val_loader, const StepFn& training_step, const StepFn& validation_step) {
+    resume(model, optimizer);
+    const int64_t steps_per_epoch =
+        static_cast<int64_t>(train_loader.size()) / options_.accumulate_grad_batches;
+    int64_t last_step = options_.max_epochs * steps_per_epoch;
+    if (options_.max_steps >= 0) last_step = std::min(last_step, options_.max_steps);
+    fabric::ProgressBar bar({.mode = options_.progress, .total = last_step}, fabric_.is_global_zero());
+    fabric_.call("on_train_start");
+    while (!done(last_step) && epoch_ < options_.max_epochs) {
+      fabric_.call("on_train_epoch_start");
+      model->train();
+      train_loader.set_epoch(epoch_);
+      int64_t batch_index = 0;
+      for (auto& batch : train_loader) {
+        if (batch_index++ < batches_done_) continue;  // trained on before a resume
+        // A window's last batch synchronises gradients; a window cut short by the
+        // epoch's end is dropped (as Lightning drops an incomplete last window).
+        const int64_t in_window = batches_done_ % options_.accumulate_grad_batches;
+        if (batches_done_ + (options_.accumulate_grad_batches - in_window) >
+            steps_per_epoch * options_.accumulate_grad_batches) {
+          break;
+        }
+        const bool accumulating = in_window + 1 < options_.accumulate_grad_batches;
+        torch::Tensor loss;
+        {
+          auto no_sync = fabric_.no_backward_sync(model, accumulating);
+          loss = training_step(model, batch);
+          fabric_.backward(loss / static_cast<double>(options_.accumulate_grad_batches));
+        }
+        ++batches_done_;
+        if (accumulating) continue;
+        optimizer_step(model, optimizer);
+        const double value = loss.template item<double>();
+        if (step_ % options_.log_every_n_steps == 0) {
+          fabric_.log_dict({{"train_loss", value}, {"lr", current_lr(optimizer)}}, step_);
+        }
+        bar.update(step_, {{"loss", value}}, "epoch " + std::to_string(epoch_));
+        fabric_.call("on_train_batch_end");
+        if (val_loader && options_.val_every_n_steps > 0 && step_ % options_.val_every_n_steps == 0) {
+          bar.close();
+          validate(model, *val_loader, validation_step);
+        }
+        if (options_.checkpoint_every_n_steps > 0 && step_ % options_.checkpoint_every_n_steps == 0) {
+          save(model, optimizer);
+        }
+        if (done(last_step)) break;
+      }
+      bar.close();
+      const bool finished_epoch = !done(last_step) || batches_done_ >= steps_per_epoch * options_.accumulate_grad_batches;
+      if (val_loader && validated_at_ != step_) validate(model, *val_loader, validation_step);
+      fabric_.call("on_train_epoch_end");
+      if (finished_epoch) {
+        ++epoch_;
+        batches_done_ = 0;
+      }
+    }
+    if (!options_.checkpoint_dir.empty()) save(model, optimizer);
+    fabric_.call("on_train_end");
+  }
+
+  // The mean validation loss over every rank's batches.
+  template <typename Loader>
+  double validate(fabric::FabricModule<Model>& model, Loader& loader, const StepFn& validation_step) {
+    torch::NoGradGuard no_grad;
+    model->eval();
+    double sum = 0;
+    int64_t count = 0;
+    for (auto& batch : loader) {
+      sum += validation_step(model, batch).template item<double>();
+      ++count;
+    }
+    model->train();
+    const double loss = fabric_.all_reduce(sum, "sum") / std::max(1.0, fabric_.all_reduce(static_cast<double>(count), "sum"));
+    fabric_.log("val_loss", loss, step_);
+    validated_at_ = step_;
+    fabric_.print("epoch ", epoch_, " step ", step_, ": val_loss ", loss);
+    fabric_.call("on_validation_end");
+    return loss;
+  }
+
+ private:
+  bool done(int64_t last_step) const { return step_ >= last_step; }
+
+  void optimizer_step(fabric::FabricModule<Model>& model, fabric::FabricOptimizer& optimizer) {
+    if (options_.gradient_clip_norm) {
+      fabric_.clip_gradients(model, optimizer, {.max_norm = *options_.gradient_clip_norm});
+    }
+    if (options_.lr_schedule) {
+      const double lr = options_.lr_schedule(step_);
+      for (auto& group : optimizer.optimizer()->param_groups()) group.options().set_lr(lr);
+    }
+    optimizer.step();
+    optimizer.zero_grad();
+    ++step_;
+  }
+
+  static double current_lr(fabric::FabricOptimizer& optimizer) {
+    return optimizer.optimizer()->param_groups().front().options().get_lr();
+  }
+
+  fabric::State state(fabric::FabricModule<Model>& model, fabric::FabricOptimizer& optimizer) {
+    return {{"model", model}, {"optimizer", optimizer}, {"step", step_}, {"epoch", epoch_},
+            {"batches_done", batches_done_}, {"rng", fabric::RngState::capture()}};
+  }
+
+  void save(fabric::FabricModule<Model>& model, fabric::FabricOptimizer& optimizer) {
+    if (options_.checkpoint_dir.empty()) return;
+    const auto path = options_.checkpoint_dir + "/step-" + std::to_string(step_) + ".ckpt";
+    fabric_.save(path, state(model, optimizer));
+  }
+
+  // Loads the newest step-N.ckpt in checkpoint_dir, if there is one.
+  void resume(fabric::FabricModule<Model>& model, fabric::FabricOptimizer& optimizer) {
+    if (options_.checkpoint_dir.empty()) return;
+    namespace stdfs = std::filesystem;
+    std::error_code ec;
+    int64_t newest = -1;
+    std::string path;
+    const std::regex name("step-([0-9]+)\\.ckpt");
+    for (const auto& entry : stdfs::directory_iterator(options_.checkpoint_dir, ec)) {
+      std::smatch match;
+      const std::string file = entry.path().filename().string();
+      if (std::regex_match(file, match, name) && std::stoll(match[1]) > newest) {
+        newest = std::stoll(match[1]);
+        path = entry.path().string();
+      }
+    }
+    if (newest < 0) return;
+    fabric::State loaded{{"model", model}, {"optimizer", optimizer}, {"step", 0}, {"epoch", 0},
+                         {"batches_done", 0}, {"rng", fabric::RngState()}};
+    fabric_.load(path, loaded);
+    step_ = loaded.at("step").to_int();
+    epoch_ = loaded.at("epoch").to_int();
+    batches_done_ = loaded.at("batches_done").to_int();
+    fabric_.print("resumed from ", path, " at step ", step_);
+  }
+
+  fabric::Fabric& fabric_;
+  TrainerOptions options_;
+  int64_t step_ = 0, epoch_ = 0;
+  int64_t batches_done_ = 0;  // batches of the current epoch already trained on
+  int64_t validated_at_ = -1;  // the step of the last validation
+};
