@@ -10,7 +10,7 @@
 
 #include <c10/core/Device.h>
 
-#include "fabric/accelerator.h"
+#include "accelerators/accelerator.h"
 #include "fabric/options.h"
 #include "launchers/cluster_environment.h"
 #include "strategies/topology.h"

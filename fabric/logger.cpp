@@ -64,7 +64,7 @@ std::string python_float(double value) {
   if (exponent < -4 || exponent >= 16) {
     out = digits.substr(0, 1);
     if (digits.size() > 1) out += "." + digits.substr(1);
-    char exp_text[8];
+    char exp_text[16];
     std::snprintf(exp_text, sizeof(exp_text), "e%c%02d", exponent < 0 ? '-' : '+', std::abs(exponent));
     out += exp_text;
   } else if (exponent >= 0) {

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "accelerators/devices.h"
 #include "strategies/options.h"
 
 namespace fabric {
@@ -23,31 +24,6 @@ class Precision;
 }
 class Callback;
 class Logger;
-
-// `devices`: a count ("2", 2, -1 for all), a list of indices ({0, 1}, "0,1"), or
-// "auto". Implicit constructors let the option be written as in Python.
-class Devices {
- public:
-  enum class Kind { kAuto, kCount, kList };
-
-  Devices() = default;  // "auto"
-  Devices(int count);   // NOLINT(google-explicit-constructor)
-  Devices(const char* spec);         // NOLINT
-  Devices(const std::string& spec);  // NOLINT
-  Devices(std::vector<int> indices);  // NOLINT
-  Devices(std::initializer_list<int> indices);  // NOLINT
-
-  Kind kind() const { return kind_; }
-  int count() const { return count_; }  // kCount only; -1 means "all"
-  const std::vector<int>& indices() const { return indices_; }  // kList only
-  // The spelling used in messages and to compare with LT_DEVICES: "auto", "2", "[0, 1]".
-  std::string str() const;
-
- private:
-  Kind kind_ = Kind::kAuto;
-  int count_ = 0;
-  std::vector<int> indices_;
-};
 
 // `precision`: a name ("bf16-mixed") or one of Lightning's integer aliases (32, 64, 16).
 class PrecisionArg {

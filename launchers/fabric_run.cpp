@@ -19,7 +19,7 @@
 
 #include <boost/program_options.hpp>
 
-#include "fabric/accelerator.h"
+#include "accelerators/accelerator.h"
 #include "launchers/mpirun.h"
 #include "launchers/supervisor.h"
 

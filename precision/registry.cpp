@@ -5,7 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include "precision/mixed_precision.h"
-#include "precision/quoted_list.h"
+#include "util/quoted_list.h"
 #include "precision/true_precision.h"
 
 namespace fabric::precision {

@@ -23,7 +23,7 @@
 #include <torch/optim/optimizer.h>
 
 #include "optim/codec.h"
-#include "precision/quoted_list.h"
+#include "util/quoted_list.h"
 #include "precision/grad_scaler.h"
 #include "strategies/auto_wrap.h"
 

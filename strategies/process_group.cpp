@@ -14,7 +14,7 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
-#include "precision/quoted_list.h"
+#include "util/quoted_list.h"
 #include "strategies/mpi_backend.h"
 #include "strategies/nccl_backend.h"
 

@@ -2,7 +2,7 @@
 
 #include <stdexcept>
 
-#include "precision/quoted_list.h"
+#include "util/quoted_list.h"
 #include "strategies/ddp.h"
 #include "strategies/fsdp.h"
 #include "strategies/single_device.h"

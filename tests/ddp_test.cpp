@@ -20,7 +20,7 @@
 #include <unistd.h>
 
 #include "ddp_model.h"
-#include "fabric/accelerator.h"
+#include "accelerators/accelerator.h"
 #include "fabric/filesystem.h"
 #include "mpi_test_util.h"
 #include "test_util.h"

@@ -10,7 +10,7 @@
 #include <map>
 #include <iterator>
 
-#include "fabric/accelerator.h"
+#include "accelerators/accelerator.h"
 #include "fabric/checkpoint.h"
 #include "fabric/filesystem.h"
 #include "fsdp_model.h"

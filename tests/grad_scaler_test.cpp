@@ -7,7 +7,7 @@
 
 #include <limits>
 
-#include "fabric/accelerator.h"
+#include "accelerators/accelerator.h"
 #include "fabric/fabric.h"
 #include "precision/mixed_precision.h"
 #include "precision/scopes.h"

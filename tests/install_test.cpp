@@ -1,7 +1,8 @@
 // The installed package (CMake build only: `cmake --install` into a prefix, as
 // `make install PREFIX=...` does): a project outside the source tree finds it
 // with find_package(TorchFabric 0.2), links TorchFabric::torchfabric, builds and
-// trains; a newer version than installed is refused at configure time.
+// trains; a newer version than installed is refused at configure time; and a
+// Bazel workspace depends on the source tree through deps.bzl.
 // Arguments: INSTALL_PREFIX DOWNSTREAM_SOURCE_DIR BUILD_DIR.
 #include <cstdio>
 #include <fstream>
@@ -22,6 +23,20 @@ std::string torch_prefix() {
   }
   return r.output;
 }
+// What tests/downstream/cmake/main.cpp prints after fitting y = 3x - 1.
+void expect_fitted(const std::string& output) {
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(
+      output, m,
+      std::regex("downstream: loss ([0-9.]+) -> ([0-9.]+), weight ([-0-9.]+), "
+                 "bias ([-0-9.]+), step 200, loaded equal")))
+      << output;
+  EXPECT_GT(std::stod(m[1]), 0.5);   // from a random start
+  EXPECT_LT(std::stod(m[2]), 1e-3);  // fitted
+  EXPECT_NEAR(std::stod(m[3]), 3.0, 0.05);
+  EXPECT_NEAR(std::stod(m[4]), -1.0, 0.05);
+}
+
 }  // namespace
 
 TEST(Install, ADownstreamProjectFindsBuildsAndTrains) {
@@ -38,16 +53,7 @@ TEST(Install, ADownstreamProjectFindsBuildsAndTrains) {
   ASSERT_EQ(r.status, 0) << r.output;
   r = testutil::run_command(build + "/downstream " + build + "/downstream.pt");
   ASSERT_EQ(r.status, 0) << r.output;
-  std::smatch m;
-  ASSERT_TRUE(std::regex_search(
-      r.output, m,
-      std::regex("downstream: loss ([0-9.]+) -> ([0-9.]+), weight ([-0-9.]+), "
-                 "bias ([-0-9.]+), step 200, loaded equal")))
-      << r.output;
-  EXPECT_GT(std::stod(m[1]), 0.5);   // y = 3x - 1 from a random start
-  EXPECT_LT(std::stod(m[2]), 1e-3);  // fitted
-  EXPECT_NEAR(std::stod(m[3]), 3.0, 0.05);
-  EXPECT_NEAR(std::stod(m[4]), -1.0, 0.05);
+  expect_fitted(r.output);
 }
 
 TEST(Install, ANewerVersionThanInstalledIsRefused) {
@@ -60,6 +66,30 @@ TEST(Install, ANewerVersionThanInstalledIsRefused) {
                                        " -DCMAKE_PREFIX_PATH='" + prefix + "'");
   EXPECT_NE(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("99.0"), std::string::npos) << r.output;
+}
+
+// A Bazel workspace outside the tree depends on torchfabric through
+// local_repository + torchfabric_dependencies() (deps.bzl) and an import of its
+// .bazelrc, as the README shows, and builds and runs the same program (Bazel
+// 4.2.3, offline). Its build compiles torchfabric again (another output base).
+TEST(Install, ABazelWorkspaceDependsOnTorchfabric) {
+  const std::string repo = TORCHFABRIC_SOURCE_DIR;
+  const std::string dir = build + "-bazel";
+  ASSERT_EQ(testutil::run_command("rm -rf " + dir + " && mkdir -p " + dir + " && cp " + repo +
+                                  "/tests/downstream/bazel/BUILD.bazel " + source + "/main.cpp " + dir)
+                .status,
+            0);
+  std::ofstream(dir + "/WORKSPACE")
+      << "workspace(name = \"downstream\")\n\n"
+         "local_repository(name = \"torchfabric\", path = \"" << repo << "\")\n\n"
+         "load(\"@torchfabric//:deps.bzl\", \"torchfabric_dependencies\")\n\n"
+         "torchfabric_dependencies()\n";
+  std::ofstream(dir + "/.bazelrc") << "import " << repo << "/.bazelrc\n";
+  auto r = testutil::run_command("cd " + dir + " && bazel build //:downstream");
+  if (r.status == 0) r = testutil::run_command(dir + "/bazel-bin/downstream " + dir + "/downstream.pt");
+  testutil::run_command("cd " + dir + " && bazel shutdown");  // its server is not needed again
+  ASSERT_EQ(r.status, 0) << r.output;
+  expect_fitted(r.output);
 }
 
 int main(int argc, char** argv) {

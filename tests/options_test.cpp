@@ -4,7 +4,7 @@
 
 #include <c10/util/Exception.h>
 
-#include "fabric/accelerator.h"
+#include "accelerators/accelerator.h"
 #include "launchers/cluster_environment.h"
 #include "fabric/fabric.h"
 #include "test_util.h"

@@ -5,7 +5,7 @@
 
 #include <ATen/autocast_mode.h>
 
-#include "fabric/accelerator.h"
+#include "accelerators/accelerator.h"
 #include "fabric/fabric.h"
 #include "precision/mixed_precision.h"
 #include "precision/registry.h"

@@ -69,3 +69,16 @@ torch_repository = repository_rule(
     environ = ["PYTHON", "PATH", "CUDA_HOME"],
     local = True,
 )
+
+def _coverage_tools_stub_impl(ctx):
+    ctx.file("WORKSPACE", "workspace(name = \"remote_coverage_tools\")\n")
+    ctx.file("BUILD", """# Stand-in for the coverage tools Bazel would download: torchfabric does not run
+# `bazel coverage`, but Bazel 4 resolves this repository for every test.
+package(default_visibility = ["//visibility:public"])
+
+filegroup(name = "coverage_report_generator", srcs = [])
+
+filegroup(name = "lcov_merger", srcs = [])
+""")
+
+coverage_tools_stub = repository_rule(implementation = _coverage_tools_stub_impl, local = True)

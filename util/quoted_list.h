@@ -1,5 +1,5 @@
-// "'a', 'b', 'c'": how option values are listed in error messages. Lives in the
-// lowest layer (precision) so strategies and fabric can share it.
+// "'a', 'b', 'c'": how option values are listed in error messages, by every
+// layer (precision, strategies, fabric).
 #pragma once
 
 #include <string>

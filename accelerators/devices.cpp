@@ -1,4 +1,4 @@
-#include "fabric/options.h"
+#include "accelerators/devices.h"
 
 #include <cctype>
 #include <stdexcept>

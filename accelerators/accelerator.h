@@ -9,7 +9,7 @@
 
 #include <c10/core/Device.h>
 
-#include "fabric/options.h"
+#include "accelerators/devices.h"
 
 namespace fabric {
 

@@ -1,4 +1,4 @@
-#include "fabric/accelerator.h"
+#include "accelerators/accelerator.h"
 
 #include <stdexcept>
 
