@@ -2,6 +2,8 @@
 #   make run    build, then train the Fashion-MNIST autoencoder (the main job)
 #   make test   build with Bazel and CMake, run every test; last line `N passed, N failed`
 #   make bench  build, then run the benchmarks (results: docs/benchmarks.md)
+#   make gpu-check  on a machine with an NVIDIA GPU: CMake build, every test (none
+#               may skip), the GPU benchmarks; without a GPU it says so, exit 0
 #   make install PREFIX=DIR  install headers, libraries, fabric-run and the CMake
 #               package (find_package(TorchFabric)) into DIR (CMake build)
 # ARGS="..." passes extra flags to the example, e.g. make run ARGS="--max-steps 50".
@@ -11,7 +13,7 @@ ARGS ?=
 PREFIX ?= /usr/local
 export PYTHON
 
-.PHONY: all setup build run test bench install clean
+.PHONY: all setup build run test bench install clean gpu-check
 all: build
 
 setup:
@@ -36,6 +38,10 @@ bench: build
 	./bazel-bin/benchmarks/fused/fused
 	./bazel-bin/benchmarks/vs_lightning/vs_lightning --python $(PYTHON)
 	./bazel-bin/benchmarks/checkpoint/checkpoint --python $(PYTHON)
+
+# No set-up: the GPU machines have CMake, nvcc and torch but no network (see the script).
+gpu-check:
+	@scripts/gpu_check.sh
 
 install: setup
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"

@@ -2,8 +2,9 @@
 """Counts GoogleTest results from JUnit XML files and prints one line per failed
 or skipped test, then the totals; the last line is `N passed, N failed`.
 
-usage: summarize_tests.py [--failure NAME]... XML_OR_DIR...
+usage: summarize_tests.py [--skipped-fail] [--failure NAME]... XML_OR_DIR...
   --failure NAME   count a step that produced no XML (a build that failed) as failed
+  --skipped-fail   count skipped tests as failed (make gpu-check: nothing may skip)
 """
 import os
 import sys
@@ -22,11 +23,13 @@ def xml_files(paths):
 
 
 def main(argv):
-    failures, paths = [], []
+    failures, paths, skipped_fail = [], [], False
     it = iter(argv)
     for arg in it:
         if arg == "--failure":
             failures.append(next(it))
+        elif arg == "--skipped-fail":
+            skipped_fail = True
         else:
             paths.append(arg)
     passed, failed, skipped = 0, [], []
@@ -45,6 +48,9 @@ def main(argv):
             else:
                 passed += 1
     failed += failures
+    if skipped_fail:
+        failed += [f"{name} (skipped)" for name in skipped]
+        skipped = []
     for name in skipped:
         print(f"SKIPPED {name}")
     for name in failed:

@@ -16,6 +16,7 @@
 #include <iostream>
 
 #include <boost/program_options.hpp>
+#include <torch/cuda.h>
 
 #include "cli.h"
 #include "data.h"
@@ -29,9 +30,18 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+torch::Device g_device = torch::kCPU;
+
+// Waits for queued GPU work, so timings cover it.
+void sync() {
+  if (g_device.is_cuda()) torch::cuda::synchronize();
+}
+
 double seconds_of(const std::function<void()>& work, int repeats) {
+  sync();
   const auto start = std::chrono::steady_clock::now();
   for (int i = 0; i < repeats; ++i) work();
+  sync();
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / repeats;
 }
 
@@ -72,22 +82,34 @@ int run(int argc, char** argv) {
   config.n_layer = 8;
   int steps = 20, rounds = 5;
   int64_t batch = 8;
+  std::string device = "cpu";
   po::options_description flags("Fused optimizer steps against LibTorch's loops\n\nOptions");
   flags.add_options()("help,h", "show this help and exit")
       ("n-layer", po::value(&config.n_layer)->default_value(config.n_layer), "GPT blocks")
       ("steps", po::value(&steps)->default_value(steps), "steps per round")
       ("rounds", po::value(&rounds)->default_value(rounds), "rounds (medians reported)")
-      ("batch-size", po::value(&batch)->default_value(batch), "GPT batch size for the end-to-end steps");
+      ("batch-size", po::value(&batch)->default_value(batch), "GPT batch size for the end-to-end steps")
+      ("device", po::value(&device)->default_value(device), "cpu or cuda");
   po::variables_map vm;
   examples::parse_flags(flags, argc, argv, vm);
   if (steps < 1 || rounds < 1 || batch < 1 || config.n_layer < 1) {
     std::cerr << "error: --steps, --rounds, --batch-size and --n-layer must be at least 1" << std::endl;
     return 2;
   }
+  if (device != "cpu" && device != "cuda") {
+    std::cerr << "error: --device must be cpu or cuda, got '" << device << "'" << std::endl;
+    return 2;
+  }
+  if (device == "cuda" && !torch::cuda::is_available()) {
+    std::cerr << "error: --device cuda, but LibTorch sees no CUDA GPU" << std::endl;
+    return 2;
+  }
+  g_device = torch::Device(device);
   torch::manual_seed(0);
   Gpt model(config);
+  model->to(g_device);
   std::cout << "gpt: " << model->num_parameters() << " parameters in " << model->parameters().size()
-            << " tensors, " << torch::get_num_threads() << " threads" << std::endl;
+            << " tensors on " << g_device << ", " << torch::get_num_threads() << " threads" << std::endl;
 
   using namespace torch::optim;
   using fabric::optim::FusedAdam;
@@ -109,13 +131,14 @@ int run(int argc, char** argv) {
   auto train = [&](const Make& make) {
     torch::manual_seed(0);
     auto net = std::make_shared<GptImpl>(config);
+    net->to(g_device);
     auto optimizer = make(net->parameters());
     auto gen = at::make_generator<at::CPUGeneratorImpl>(1);
     return [=]() mutable {
       auto [x, y] = get_batch(text, batch, config.block_size, gen);
       optimizer->zero_grad();
-      auto logits = net->forward(x);
-      torch::cross_entropy_loss(logits.view({-1, config.vocab_size}), y.view({-1})).backward();
+      auto logits = net->forward(x.to(g_device));
+      torch::cross_entropy_loss(logits.view({-1, config.vocab_size}), y.to(g_device).view({-1})).backward();
       optimizer->step();
     };
   };
