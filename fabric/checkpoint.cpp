@@ -289,11 +289,12 @@ void atomic_write(const std::string& path,
       throw std::runtime_error("cannot create " + path + ": " + e.what());
     }
   }
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) fail("cannot create " + path + ": cannot create", tmp);
   auto abandon = [&](const char* what) {
     const int saved = errno;
     ::close(fd);
+    fd = -1;  // closed once, whoever catches the error
     ::unlink(tmp.c_str());
     errno = saved;
     fail(std::string("cannot save ") + path + " (nothing was changed there): " + what, tmp);
@@ -321,8 +322,10 @@ void atomic_write(const std::string& path,
       }
     });
   } catch (...) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
+    if (fd >= 0) {
+      ::close(fd);
+      ::unlink(tmp.c_str());
+    }
     throw;
   }
   if (::fsync(fd) != 0) abandon("cannot fsync");

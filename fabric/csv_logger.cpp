@@ -39,11 +39,14 @@ std::string yaml_scalar(const HyperParameter& value) {
 }
 
 std::string yaml_key(const std::string& key) {
+  std::string lower;
+  for (char c : key) lower += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  // Words YAML 1.1 reads as booleans or null, in any case, stay quoted.
   const bool plain = !key.empty() && (std::isalpha(static_cast<unsigned char>(key[0])) || key[0] == '_') &&
                      key.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                                            "0123456789_-./") == std::string::npos &&
-                     key != "true" && key != "false" && key != "yes" && key != "no" &&
-                     key != "on" && key != "off" && key != "null";
+                     lower != "true" && lower != "false" && lower != "yes" && lower != "no" &&
+                     lower != "on" && lower != "off" && lower != "null" && lower != "y" && lower != "n";
   return plain ? key : yaml_scalar(HyperParameter(key));
 }
 
@@ -102,11 +105,11 @@ void CSVLogger::log_metrics(const std::map<std::string, double>& metrics, int64_
   std::map<std::string, std::string> row;
   for (const auto& [key, value] : metrics) row[key] = logging::python_float(value);
   row["step"] = std::to_string(step);
-  bool new_key = keys_.empty();
-  for (const auto& [key, value] : row) new_key = keys_.insert(key).second || new_key;
+  for (const auto& [key, value] : row) needs_rewrite_ = keys_.insert(key).second || needs_rewrite_;
   rows_.push_back(std::move(row));
-  if (new_key) {
-    write_all();
+  if (needs_rewrite_) {
+    write_all();  // cleared only once the whole file is written
+    needs_rewrite_ = false;
   } else {
     append(rows_.back());
   }

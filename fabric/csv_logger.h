@@ -44,6 +44,7 @@ class CSVLogger : public Logger {
   // Every row so far: a new metric name means a new header and every row again.
   std::vector<std::map<std::string, std::string>> rows_;
   HyperParameters hparams_;
+  bool needs_rewrite_ = true;  // the header changed (or the file is not written yet)
 };
 
 }  // namespace fabric

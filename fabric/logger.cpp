@@ -1,12 +1,13 @@
 #include "fabric/logger.h"
 
+#include "fabric/filesystem.h"
+
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <stdexcept>
-#include <system_error>
 
 namespace fabric {
 
@@ -20,23 +21,23 @@ namespace logging {
 
 std::string version_directory(const std::string& root_dir, const std::string& name,
                               int64_t version, int64_t* resolved_version) {
-  namespace stdfs = std::filesystem;
-  const stdfs::path versions_root = name.empty() ? stdfs::path(root_dir) : stdfs::path(root_dir) / name;
+  const std::string versions_root = name.empty() ? root_dir : fs::join(root_dir, name);
   if (version < 0) {
     version = 0;
-    std::error_code ec;
-    if (stdfs::is_directory(versions_root, ec)) {
-      for (const auto& entry : stdfs::directory_iterator(versions_root, ec)) {
-        const std::string base = entry.path().filename().string();
-        if (!entry.is_directory(ec) || base.rfind("version_", 0) != 0) continue;
-        const std::string digits = base.substr(8);
-        if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) continue;
-        version = std::max<int64_t>(version, std::stoll(digits) + 1);
+    for (const auto& entry : fs::list_directory(versions_root)) {
+      if (entry.rfind("version_", 0) != 0) continue;
+      const std::string digits = entry.substr(8);
+      // Not a version of ours: no digits, other characters, or too many digits.
+      if (digits.empty() || digits.size() > 18 ||
+          digits.find_first_not_of("0123456789") != std::string::npos ||
+          !fs::is_directory(fs::join(versions_root, entry))) {
+        continue;
       }
+      version = std::max<int64_t>(version, std::stoll(digits) + 1);
     }
   }
   if (resolved_version) *resolved_version = version;
-  return (versions_root / ("version_" + std::to_string(version))).string();
+  return fs::join(versions_root, "version_" + std::to_string(version));
 }
 
 std::string python_float(double value) {

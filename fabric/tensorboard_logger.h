@@ -37,7 +37,8 @@ class TensorBoardLogger : public Logger {
   void log_metrics(const std::map<std::string, double>& metrics, int64_t step) override;
   void log_hyperparams(const HyperParameters& params) override;
   // `bins` equal-width buckets from the smallest to the largest value (numpy's
-  // histogram). Non-finite values or an empty tensor are an error.
+  // histogram). Non-finite values or an empty tensor are an error. Not routed
+  // through Fabric: call it on global rank zero only.
   void log_histogram(const std::string& tag, const at::Tensor& values, int64_t step,
                      int64_t bins = 30);
   void finalize() override;

@@ -7,7 +7,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros_like.h>
-#include <torch/autograd.h>
+#include <ATen/core/grad_mode.h>
 
 #include <map>
 #include <stdexcept>
@@ -144,20 +144,22 @@ at::Tensor FusedSGD::step(LossClosure closure) {
       // Parameters whose momentum buffer starts now (the kernel copies the
       // gradient in) are stepped apart from those that have one.
       std::map<std::pair<Key, bool>, std::vector<at::Tensor>> params, grads, buffers;
+      // New buffers join the state only once the kernel has filled them.
+      std::vector<std::pair<void*, at::Tensor>> started;
       for (auto& p : group.params()) {
         if (!p.grad().defined()) continue;
         check_dense(p.grad(), "FusedSGD");
         bool first = false;
         at::Tensor buffer;
         if (momentum) {
-          auto& slot = state_[p.unsafeGetTensorImpl()];
-          if (!slot) {
-            auto fresh = std::make_unique<torch::optim::SGDParamState>();
-            fresh->momentum_buffer(at::empty_like(p, at::MemoryFormat::Preserve));
-            slot = std::move(fresh);
+          const auto it = state_.find(p.unsafeGetTensorImpl());
+          if (it == state_.end()) {
+            buffer = at::empty_like(p, at::MemoryFormat::Preserve);
+            started.emplace_back(p.unsafeGetTensorImpl(), buffer);
             first = true;
+          } else {
+            buffer = static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer();
           }
-          buffer = static_cast<torch::optim::SGDParamState&>(*slot).momentum_buffer();
         }
         const auto key = std::make_pair(key_of(p), first);
         params[key].push_back(p);
@@ -168,6 +170,11 @@ at::Tensor FusedSGD::step(LossClosure closure) {
         at::_fused_sgd_(list, grads[key], momentum ? buffers[key] : std::vector<at::Tensor>{},
                         options.weight_decay(), options.momentum(), options.lr(), options.dampening(),
                         options.nesterov(), /*maximize=*/false, /*is_first_step=*/key.second);
+      }
+      for (auto& [impl, buffer] : started) {
+        auto fresh = std::make_unique<torch::optim::SGDParamState>();
+        fresh->momentum_buffer(buffer);
+        state_[impl] = std::move(fresh);
       }
     }
   });

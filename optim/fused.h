@@ -20,6 +20,7 @@
 #include <torch/optim/sgd.h>
 
 #include <unordered_map>
+#include <vector>
 
 namespace fabric::optim {
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # `make gpu-check`: everything a machine with an NVIDIA GPU can tell us, in one
 # command, on a bare copy of the working tree (no Bazel, no network needed):
-# the CMake build, every test with the CUDA ones required to run (a skipped test
-# is a failure here), then the benchmarks that use the GPU. Last line of the tests:
+# the CMake build, the three test programs (fabric_tests, example_tests,
+# ddp_tests; the install tests are left to `make test`) with the CUDA tests
+# required to run (a skipped test is a failure here), then the benchmarks that
+# use the GPU. Last line of the tests:
 # `N passed, N failed`; then the benchmark ratios. Without a GPU it says so and
 # exits 0.
 # Needs, besides CMake, nvcc and python3 with torch 2.11: GoogleTest, Boost
@@ -43,6 +45,10 @@ if cmake -S . -B "$build" "${extra[@]}" -DPython3_EXECUTABLE="$(command -v "$PYT
      --gtest_output="xml:$PWD/../../$results/example_tests.xml" > ../gpu-example_tests.log 2>&1)
   "$build/ddp_tests" "$build/ddp_worker" "$build/fabric-run" "$build/fsdp_worker" \
     "$build/consolidate_checkpoint" --gtest_output="xml:$results/ddp_tests.xml" > build/gpu-ddp_tests.log 2>&1
+  # A program that crashed wrote no results: that is a failure, not silence.
+  for t in fabric_tests example_tests ddp_tests; do
+    [ -f "$results/$t.xml" ] || failures+=(--failure "$t crashed (build/gpu-$t.log)")
+  done
 else
   tail -30 build/gpu-configure.log build/gpu-build.log
   failures+=(--failure "cmake configure/build (build/gpu-configure.log, build/gpu-build.log)")

@@ -8,7 +8,6 @@
 #include <cstdlib>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <fcntl.h>
 #include <pty.h>
 #include <sys/wait.h>
 
@@ -227,12 +226,6 @@ testutil::CommandResult run_on_terminal(const std::string& command) {
   return result;
 }
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream content;
-  content << in.rdbuf();
-  return content.str();
-}
 }  // namespace
 
 // --logger csv tensorboard writes Lightning's layout (one version_N for both),
@@ -247,13 +240,13 @@ TEST(Examples, LoggersWriteTrainAndValidationLosses) {
   }
   for (const std::string version : {"version_0", "version_1"}) {
     const std::string run_dir = dir + "/autoencoder/" + version;
-    const auto csv = slurp(run_dir + "/metrics.csv");
+    const auto csv = testutil::read_file(run_dir + "/metrics.csv");
     std::smatch match;
     ASSERT_TRUE(std::regex_search(csv, match, std::regex("^epoch,step,train_loss,val_loss\r\n"
                                                          ",10,[0-9.e-]+,\r\n,20,[0-9.e-]+,\r\n"
                                                          ",30,[0-9.e-]+,\r\n0.0,30,,[0-9.e-]+\r\n$")))
         << csv;
-    EXPECT_NE(slurp(run_dir + "/hparams.yaml").find("lr: 0.001\n"), std::string::npos);
+    EXPECT_NE(testutil::read_file(run_dir + "/hparams.yaml").find("lr: 0.001\n"), std::string::npos);
     auto listing = testutil::run_command("ls " + run_dir);
     EXPECT_NE(listing.output.find("events.out.tfevents."), std::string::npos) << listing.output;
   }
@@ -305,8 +298,10 @@ TEST(Examples, CustomTrainerTrainsOnOneDeviceAndTwoDdpRanks) {
     EXPECT_GT(std::stod(match[1]), 0.7) << result.output;
     auto listing = testutil::run_command("ls " + run_dir + "/ckpt");
     EXPECT_EQ(listing.output, "step-100.ckpt\nstep-200.ckpt\n");
+    // Only global rank zero wrote logs: one version directory.
+    EXPECT_EQ(testutil::run_command("ls " + run_dir + "/logs/custom_trainer").output, "version_0\n");
     // The schedule: the logged lr rises through the warm-up, then decays.
-    const auto csv = slurp(run_dir + "/logs/custom_trainer/version_0/metrics.csv");
+    const auto csv = testutil::read_file(run_dir + "/logs/custom_trainer/version_0/metrics.csv");
     std::vector<double> lrs;
     const std::regex train_row("\\n([0-9.e-]+),[0-9]+,[0-9.e-]+,");
     for (std::sregex_iterator it(csv.begin(), csv.end(), train_row), end;

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "fabric/data/tensor_dataset.h"
+#include "fabric/csv_logger.h"
 #include "fabric/fabric.h"
 #include "fabric/filesystem.h"
 #include "test_util.h"

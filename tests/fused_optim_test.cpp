@@ -87,6 +87,10 @@ void expect_same_run(const Make& fused, const Make& loop, torch::Dtype dtype = t
       auto& other = dynamic_cast<torch::optim::AdamWParamState&>(sb);
       EXPECT_EQ(adamw->step(), other.step());
       EXPECT_LE(max_diff({adamw->exp_avg(), adamw->exp_avg_sq()}, {other.exp_avg(), other.exp_avg_sq()}), 1e-6);
+      EXPECT_EQ(adamw->max_exp_avg_sq().defined(), other.max_exp_avg_sq().defined());
+      if (adamw->max_exp_avg_sq().defined()) {
+        EXPECT_LE(max_diff({adamw->max_exp_avg_sq()}, {other.max_exp_avg_sq()}), 1e-6);
+      }
     } else {
       auto& sgd = dynamic_cast<torch::optim::SGDParamState&>(sa);
       EXPECT_LE(max_diff({sgd.momentum_buffer()},
@@ -126,6 +130,33 @@ TEST(FusedOptim, SgdMatchesLibTorchSgd) {
     expect_same_run([&](auto p) { return std::make_shared<fabric::optim::FusedSGD>(p, options); },
                     [&](auto p) { return std::make_shared<torch::optim::SGD>(p, options); });
   }
+}
+
+// Float and double parameters in one group (two kernel calls), and two groups with
+// their own learning rates.
+TEST(FusedOptim, MixedDtypesAndGroupsMatchLibTorch) {
+  auto make = [] {
+    auto f = make_params(torch::kFloat), d = make_params(torch::kDouble);
+    return std::vector<torch::Tensor>{f[0], d[1], f[2], d[3], f[4]};
+  };
+  auto groups = [](const std::vector<torch::Tensor>& p) {
+    return std::vector<torch::optim::OptimizerParamGroup>{
+        torch::optim::OptimizerParamGroup({p[0], p[1], p[2]}, std::make_unique<torch::optim::AdamOptions>(1e-2)),
+        torch::optim::OptimizerParamGroup({p[3], p[4]}, std::make_unique<torch::optim::AdamOptions>(
+                                                            torch::optim::AdamOptions(3e-2).weight_decay(0.1)))};
+  };
+  auto a = make(), b = make();
+  fabric::optim::FusedAdam fused(groups(a));
+  torch::optim::Adam loop(groups(b));
+  for (int step = 0; step < 20; ++step) {
+    set_grads(a, step);
+    set_grads(b, step);
+    fused.step();
+    loop.step();
+  }
+  EXPECT_LE(max_diff(a, b), 1e-6);
+  EXPECT_GT(max_diff(a, make()), 1e-3) << "nothing moved";
+  EXPECT_EQ(a[1].scalar_type(), torch::kDouble);
 }
 
 TEST(FusedOptim, SparseGradientsAreRefused) {

@@ -13,18 +13,14 @@
 
 #include <torch/torch.h>
 
+#include "fabric/csv_logger.h"
 #include "fabric/fabric.h"
 #include "fabric/filesystem.h"
+#include "fabric/progress_bar.h"
+#include "fabric/tensorboard_logger.h"
 #include "test_util.h"
 
 namespace {
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream content;
-  content << in.rdbuf();
-  return content.str();
-}
 
 std::string fresh_dir(const std::string& name) {
   const auto dir = ::testing::TempDir() + "/" + name;
@@ -113,8 +109,8 @@ TEST(Logger, CsvFilesMatchLightningCsvLogger) {
   ASSERT_EQ(result.status, 0) << result.output;
   EXPECT_NE(result.output.find("lightning/lightning_logs/version_0"), std::string::npos) << result.output;
   EXPECT_NE(result.output.find("hparams ok"), std::string::npos) << result.output;
-  const auto ours = read_text(dir + "/ours/lightning_logs/version_0/metrics.csv");
-  const auto theirs = read_text(dir + "/lightning/lightning_logs/version_0/metrics.csv");
+  const auto ours = testutil::read_file(dir + "/ours/lightning_logs/version_0/metrics.csv");
+  const auto theirs = testutil::read_file(dir + "/lightning/lightning_logs/version_0/metrics.csv");
   ASSERT_FALSE(theirs.empty());
   EXPECT_EQ(ours, theirs);
 }
@@ -217,7 +213,7 @@ TEST(Logger, AKilledRunKeepsWhatItLogged) {
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
   ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
-  EXPECT_EQ(read_text(dir + "/lightning_logs/version_0/metrics.csv"),
+  EXPECT_EQ(testutil::read_file(dir + "/lightning_logs/version_0/metrics.csv"),
             "loss,step\r\n1.0,0\r\n0.5,1\r\n0.3333333333333333,2\r\n");
   const auto result = run_python(dir, R"(import glob
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

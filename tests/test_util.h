@@ -41,6 +41,9 @@ struct CommandResult {
 };
 CommandResult run_command(const std::string& command);
 
+// The whole content of a file ("" when it cannot be read).
+std::string read_file(const std::string& path);
+
 // The python3 that holds pip's torch (set at build time, overridable by $PYTHON).
 std::string python();
 

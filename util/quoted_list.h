@@ -1,5 +1,5 @@
-// "'a', 'b', 'c'": how option values are listed in error messages, by every
-// layer (precision, strategies, fabric).
+// "'a', 'b', 'c'": how option values are listed in error messages (precision,
+// strategies).
 #pragma once
 
 #include <string>

@@ -3,8 +3,8 @@
 // was still computing (the overlap DDP's bucketing is for).
 //   ddp scaling 2x1-thread/1x1-thread: X   equal resources per rank (the standard
 //       way): 2 ranks of 1 thread against 1 rank of 1 thread; ideal 2.0
-//   ddp 2-rank/1-rank throughput: X        the machine's cores split between the
-//       ranks: 2 ranks of 1 thread against 1 rank of 2 threads
+//   ddp 2-rank/1-rank throughput: X        2 ranks of 1 thread against 1 rank with
+//       --cores threads (default: every core; on the 2-core machine, 2 threads)
 // Each configuration runs --rounds times, alternated; medians are compared.
 //   ddp                     runs the configurations and compares them
 //   ddp --worker ...        one configuration (started by the driver)
@@ -22,6 +22,7 @@
 
 #include <boost/program_options.hpp>
 
+#include "benchmarks/common/median.h"
 #include "cli.h"
 #include "benchmarks/common/run_command.h"
 
@@ -83,11 +84,6 @@ double run_worker(const std::string& self, int devices, int64_t batch, int steps
   return std::stod(m[1]);
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -124,13 +120,13 @@ int main(int argc, char** argv) {
       hidden.push_back(h);
       one_rank.push_back(run_worker(self, 1, batch, steps, cores, unused));
     }
-    const double two = median(two_ranks);
+    const double two = benchmarks::median(two_ranks);
     std::cout << std::fixed << std::setprecision(3)
-              << "share of all-reduce time hidden behind backward (2 ranks): " << median(hidden) << "\n"
+              << "share of all-reduce time hidden behind backward (2 ranks): " << benchmarks::median(hidden) << "\n"
               << "2 ranks without all-reduce (ceiling) 2x1-thread/1x1-thread: "
-              << median(two_unsynced) / median(one_thread) << "\n"
-              << "ddp scaling 2x1-thread/1x1-thread: " << two / median(one_thread) << "\n"
-              << "ddp 2-rank/1-rank throughput: " << two / median(one_rank) << std::endl;
+              << benchmarks::median(two_unsynced) / benchmarks::median(one_thread) << "\n"
+              << "ddp scaling 2x1-thread/1x1-thread: " << two / benchmarks::median(one_thread) << "\n"
+              << "ddp 2-rank/1-rank throughput: " << two / benchmarks::median(one_rank) << std::endl;
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << std::endl;

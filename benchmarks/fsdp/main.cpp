@@ -22,6 +22,7 @@
 
 #include <boost/program_options.hpp>
 
+#include "benchmarks/common/median.h"
 #include "benchmarks/common/run_command.h"
 #include "cli.h"
 #include "optim/state_bytes.h"
@@ -84,11 +85,6 @@ std::pair<double, double> run_worker(const std::string& self, const std::string&
   return {std::stod(m[1]), std::stod(m[2])};
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -130,8 +126,8 @@ int main(int argc, char** argv) {
       ddp_time.push_back(dt), ddp_mem.push_back(dm), fsdp_time.push_back(ft), fsdp_mem.push_back(fm);
     }
     std::cout << std::fixed << std::setprecision(3)
-              << "fsdp/ddp per-rank memory: " << median(fsdp_mem) / median(ddp_mem) << "\n"
-              << "fsdp/ddp step time: " << median(fsdp_time) / median(ddp_time) << std::endl;
+              << "fsdp/ddp per-rank memory: " << benchmarks::median(fsdp_mem) / benchmarks::median(ddp_mem) << "\n"
+              << "fsdp/ddp step time: " << benchmarks::median(fsdp_time) / benchmarks::median(ddp_time) << std::endl;
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << std::endl;

@@ -18,17 +18,13 @@
 #include <boost/program_options.hpp>
 #include <torch/cuda.h>
 
+#include "benchmarks/common/median.h"
 #include "cli.h"
 #include "data.h"
 #include "model.h"
 #include "optim/fused.h"
 
 namespace {
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 torch::Device g_device = torch::kCPU;
 
@@ -68,7 +64,7 @@ double step_ratio(const std::string& name, Gpt& model, const Make& loop, const M
     loop_times.push_back(seconds_of([&] { loop_opt->step(); }, steps));
     fused_times.push_back(seconds_of([&] { fused_opt->step(); }, steps));
   }
-  const double l = median(loop_times), f = median(fused_times);
+  const double l = benchmarks::median(loop_times), f = benchmarks::median(fused_times);
   std::cout << std::fixed << std::setprecision(3) << name << ": loop " << l * 1e3 << " ms, fused "
             << f * 1e3 << " ms per step" << std::endl;
   return f / l;
@@ -152,7 +148,7 @@ int run(int argc, char** argv) {
     loop_times.push_back(seconds_of(loop_step, train_steps));
     fused_times.push_back(seconds_of(fused_step, train_steps));
   }
-  const double loop_rate = 1 / median(loop_times), fused_rate = 1 / median(fused_times);
+  const double loop_rate = 1 / benchmarks::median(loop_times), fused_rate = 1 / benchmarks::median(fused_times);
   std::cout << std::fixed << std::setprecision(2) << "gpt training: loop " << loop_rate
             << " steps/s, fused " << fused_rate << " steps/s" << std::endl;
   std::cout << std::setprecision(3) << "fused/loop adam step time: " << adam << "\n"

@@ -12,6 +12,7 @@
 
 #include <boost/program_options.hpp>
 
+#include "benchmarks/common/median.h"
 #include "cli.h"
 
 #include "fabric/data/fashion_mnist.h"
@@ -21,12 +22,6 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 }  // namespace
 
@@ -100,7 +95,7 @@ int main(int argc, char** argv) {
       }
     }
   }
-  const double fabric_ms = median(fabric_times) * 1e3, raw_ms = median(raw_times) * 1e3;
+  const double fabric_ms = benchmarks::median(fabric_times) * 1e3, raw_ms = benchmarks::median(raw_times) * 1e3;
   std::cout << std::fixed << std::setprecision(3) << "precision " << precision << ", batch "
             << batch_size << ", threads " << threads << ", " << rounds << " rounds x " << steps
             << " steps, interleaved\n"

@@ -1,6 +1,8 @@
 // torchfabric against Python Lightning Fabric 2.6, side by side: the same model,
 // random data (a TensorDataset of 2048 examples behind a shuffled loader), SGD,
-// batch size, fp32 and 1 thread, each side in its own process
+// batch size, fp32 and 1 thread, each side in its own process: the classifier
+// MLP at batch 64 and 4, Lightning's parity ConvNet at batch 4, the GPT example
+// (defaults, tied head) at batch 8 on random byte windows
 // (vs_lightning.py here is the Python side), alternated round by round and the
 // medians compared. Per model, then the smallest ratio:
 //   torchfabric/lightning steps/s: X (mlp, batch 64)
@@ -15,15 +17,18 @@
 #include <iomanip>
 #include <iostream>
 #include <regex>
+#include <type_traits>
 
 #include <boost/program_options.hpp>
 
+#include "benchmarks/common/median.h"
 #include "benchmarks/common/run_command.h"
 #include "cli.h"
 #include "fabric/data/tensor_dataset.h"
 #include "fabric/fabric.h"
 #include "launchers/mpirun.h"
-#include "model.h"
+#include "examples/classifier/model.h"
+#include "examples/gpt/model.h"
 
 namespace {
 
@@ -43,14 +48,27 @@ struct ConvNetImpl : torch::nn::Module {
 };
 
 template <typename Model>
+std::shared_ptr<Model> make() {
+  if constexpr (std::is_same_v<Model, GptImpl>) {
+    return std::make_shared<GptImpl>(GptConfig{});  // the example's defaults
+  } else {
+    return std::make_shared<Model>();
+  }
+}
+
+template <typename Model>
 double train(const std::string& name, int64_t batch_size, int steps) {
   fabric::Fabric fabric({.accelerator = "cpu", .devices = 1, .precision = "32-true"});
   fabric.launch();
   torch::manual_seed(0);
-  const std::vector<int64_t> shape = name == "mlp" ? std::vector<int64_t>{2048, 784}
-                                                   : std::vector<int64_t>{2048, 3, 32, 32};
-  fabric::data::TensorDataset data(torch::randn(shape), torch::randint(0, 10, {2048}));
-  auto model = std::make_shared<Model>();
+  auto data = name == "gpt"  // random byte windows and their next-byte targets
+                  ? fabric::data::TensorDataset(torch::randint(0, 256, {2048, 64}),
+                                                torch::randint(0, 256, {2048, 64}))
+                  : fabric::data::TensorDataset(
+                        torch::randn(name == "mlp" ? std::vector<int64_t>{2048, 784}
+                                                   : std::vector<int64_t>{2048, 3, 32, 32}),
+                        torch::randint(0, 10, {2048}));
+  auto model = make<Model>();
   auto optimizer = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.01));
   auto [net, opt] = fabric.setup(model, optimizer);
   auto loader = fabric.setup_dataloader(data, {.batch_size = batch_size, .shuffle = true});
@@ -60,7 +78,8 @@ double train(const std::string& name, int64_t batch_size, int steps) {
     while (done < count) {
       for (auto& batch : loader) {
         opt.zero_grad();
-        auto loss = torch::cross_entropy_loss(net(batch.data), batch.target);
+        auto out = net(batch.data);
+        auto loss = torch::cross_entropy_loss(out.reshape({-1, out.size(-1)}), batch.target.reshape({-1}));
         fabric.backward(loss);
         opt.step();
         if (++done == count) return;
@@ -71,11 +90,6 @@ double train(const std::string& name, int64_t batch_size, int steps) {
   const auto start = std::chrono::steady_clock::now();
   run(steps);
   return steps / std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 double steps_per_second(const std::string& command) {
@@ -101,7 +115,7 @@ int run(int argc, char** argv) {
       ("python", po::value(&python)->default_value(python), "python3 with torch and lightning")
       ("script", po::value(&script)->default_value(script), "the Python side")
       ("worker", po::bool_switch(&worker), "run one side (C++) and print steps/s")
-      ("model", po::value(&model)->default_value(model), "with --worker: mlp or convnet")
+      ("model", po::value(&model)->default_value(model), "with --worker: mlp, convnet or gpt")
       ("batch-size", po::value(&batch_size)->default_value(batch_size), "with --worker")
       ("steps", po::value(&steps)->default_value(steps), "with --worker: timed steps");
   po::variables_map vm;
@@ -117,8 +131,10 @@ int run(int argc, char** argv) {
       rate = train<ClassifierImpl>(model, batch_size, steps);
     } else if (model == "convnet") {
       rate = train<ConvNetImpl>(model, batch_size, steps);
+    } else if (model == "gpt") {
+      rate = train<GptImpl>(model, batch_size, steps);
     } else {
-      std::cerr << "error: --model must be mlp or convnet, got '" << model << "'" << std::endl;
+      std::cerr << "error: --model must be mlp, convnet or gpt, got '" << model << "'" << std::endl;
       return 2;
     }
     std::cout << "steps/s: " << std::fixed << std::setprecision(3) << rate << std::endl;
@@ -130,7 +146,7 @@ int run(int argc, char** argv) {
     int64_t batch;
     int steps;
   };
-  const std::vector<Case> cases{{"mlp", 64, 300}, {"mlp", 4, 1500}, {"convnet", 4, 1500}};
+  const std::vector<Case> cases{{"mlp", 64, 300}, {"mlp", 4, 1500}, {"convnet", 4, 1500}, {"gpt", 8, 60}};
   const std::string self = fabric::launchers::own_command_line().front();
   double smallest = 1e30;
   for (const auto& c : cases) {
@@ -142,10 +158,10 @@ int run(int argc, char** argv) {
       theirs.push_back(steps_per_second(python + " " + script + args));
       if (r % 2 == 1) ours.push_back(steps_per_second(self + " --worker" + args));
     }
-    const double ratio = median(ours) / median(theirs);
+    const double ratio = benchmarks::median(ours) / benchmarks::median(theirs);
     smallest = std::min(smallest, ratio);
     std::cout << std::fixed << std::setprecision(1) << c.model << " batch " << c.batch << ": torchfabric "
-              << median(ours) << " steps/s, lightning " << median(theirs) << " steps/s" << std::endl;
+              << benchmarks::median(ours) << " steps/s, lightning " << benchmarks::median(theirs) << " steps/s" << std::endl;
     std::cout << std::setprecision(3) << "torchfabric/lightning steps/s: " << ratio << " (" << c.model
               << ", batch " << c.batch << ")" << std::endl;
   }

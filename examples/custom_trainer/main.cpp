@@ -92,8 +92,8 @@ int run(int argc, char** argv) {
                          .progress = args.progress};
   if (clip_norm > 0) options.gradient_clip_norm = clip_norm;
   // Linear warm-up to --lr, then cosine decay to a tenth of it at the last step.
-  int64_t total = args.epochs * (static_cast<int64_t>(train_loader.size()) / accumulate);
-  if (args.max_steps >= 0) total = std::min(total, args.max_steps);
+  const int64_t total = Trainer<ClassifierImpl>(fabric, options).last_step(
+      static_cast<int64_t>(train_loader.size()));
   const double peak = args.lr;
   options.lr_schedule = [=](int64_t step) {
     if (step < warmup) return peak * static_cast<double>(step + 1) / static_cast<double>(warmup);

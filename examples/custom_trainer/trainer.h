@@ -26,13 +26,14 @@
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <filesystem>
 #include <functional>
 #include <optional>
 #include <regex>
 #include <string>
 
 #include "fabric/fabric.h"
+#include "fabric/filesystem.h"
+#include "fabric/progress_bar.h"
 
 struct TrainerOptions {
   int64_t max_epochs = 10;
@@ -62,9 +63,20 @@ class Trainer {
     if (options_.max_epochs < 1) {
       throw std::invalid_argument("max_epochs must be at least 1, got " + std::to_string(options_.max_epochs));
     }
+    if (options_.log_every_n_steps < 1) {
+      throw std::invalid_argument("log_every_n_steps must be at least 1, got " +
+                                  std::to_string(options_.log_every_n_steps));
+    }
   }
 
   int64_t global_step() const { return step_; }
+
+  // The optimizer step fit() stops at: max_epochs full epochs of whole
+  // accumulation windows, capped by max_steps.
+  int64_t last_step(int64_t batches_per_epoch) const {
+    int64_t last = options_.max_epochs * (batches_per_epoch / options_.accumulate_grad_batches);
+    return options_.max_steps >= 0 ? std::min(last, options_.max_steps) : last;
+  }
 
   template <typename Loader>
   void fit(fabric::FabricModule<Model>& model, fabric::FabricOptimizer& optimizer, Loader& train_loader,
@@ -72,8 +84,7 @@ class Trainer {
     resume(model, optimizer);
     const int64_t steps_per_epoch =
         static_cast<int64_t>(train_loader.size()) / options_.accumulate_grad_batches;
-    int64_t last_step = options_.max_epochs * steps_per_epoch;
-    if (options_.max_steps >= 0) last_step = std::min(last_step, options_.max_steps);
+    const int64_t last_step = this->last_step(static_cast<int64_t>(train_loader.size()));
     fabric::ProgressBar bar({.mode = options_.progress, .total = last_step}, fabric_.is_global_zero());
     fabric_.call("on_train_start");
     while (!done(last_step) && epoch_ < options_.max_epochs) {
@@ -124,7 +135,7 @@ class Trainer {
         batches_done_ = 0;
       }
     }
-    if (!options_.checkpoint_dir.empty()) save(model, optimizer);
+    if (saved_at_ != step_) save(model, optimizer);
     fabric_.call("on_train_end");
   }
 
@@ -177,22 +188,20 @@ class Trainer {
     if (options_.checkpoint_dir.empty()) return;
     const auto path = options_.checkpoint_dir + "/step-" + std::to_string(step_) + ".ckpt";
     fabric_.save(path, state(model, optimizer));
+    saved_at_ = step_;
   }
 
   // Loads the newest step-N.ckpt in checkpoint_dir, if there is one.
   void resume(fabric::FabricModule<Model>& model, fabric::FabricOptimizer& optimizer) {
     if (options_.checkpoint_dir.empty()) return;
-    namespace stdfs = std::filesystem;
-    std::error_code ec;
     int64_t newest = -1;
     std::string path;
-    const std::regex name("step-([0-9]+)\\.ckpt");
-    for (const auto& entry : stdfs::directory_iterator(options_.checkpoint_dir, ec)) {
+    const std::regex name("step-([0-9]{1,18})\\.ckpt");
+    for (const auto& file : fabric::fs::list_directory(options_.checkpoint_dir)) {
       std::smatch match;
-      const std::string file = entry.path().filename().string();
       if (std::regex_match(file, match, name) && std::stoll(match[1]) > newest) {
         newest = std::stoll(match[1]);
-        path = entry.path().string();
+        path = fabric::fs::join(options_.checkpoint_dir, file);
       }
     }
     if (newest < 0) return;
@@ -210,4 +219,5 @@ class Trainer {
   int64_t step_ = 0, epoch_ = 0;
   int64_t batches_done_ = 0;  // batches of the current epoch already trained on
   int64_t validated_at_ = -1;  // the step of the last validation
+  int64_t saved_at_ = -1;      // the step of the last checkpoint
 };
