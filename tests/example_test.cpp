@@ -143,6 +143,14 @@ TEST(Examples, ClassifierReachesEightyFivePercent) {
   const std::string last = last_line(result.output);
   ASSERT_TRUE(std::regex_match(last, match, std::regex("test accuracy: ([0-9.]+)"))) << result.output;
   EXPECT_GE(std::stod(match[1]), 0.85) << result.output;
+  // A validation loss per epoch (8 epochs), lower at the end than after the first.
+  std::vector<double> val;
+  const std::regex epoch_line("epoch [0-9]+: train_loss [0-9.]+ val_loss ([0-9.]+)");
+  for (std::sregex_iterator it(result.output.begin(), result.output.end(), epoch_line), end; it != end; ++it) {
+    val.push_back(std::stod((*it)[1]));
+  }
+  ASSERT_EQ(val.size(), 8u) << result.output;
+  EXPECT_LT(val.back(), val.front()) << result.output;
 }
 
 // The GPT example on the fortunes text: a short run's loss falls from ln(256)

@@ -59,8 +59,22 @@ int run(int argc, char** argv) {
       bar.update(step, {{"loss", value}}, "epoch " + std::to_string(epoch));
     }
     bar.close();
+    // Validation loss per epoch, on the test images (the example has no separate
+    // validation split), over every rank's shard.
+    net->eval();
+    double val_sum = 0, val_count = 0;
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& batch : test_loader) {
+        val_sum += torch::cross_entropy_loss(net(batch.data), batch.target, {}, torch::Reduction::Sum)
+                       .item<double>();
+        val_count += static_cast<double>(batch.target.size(0));
+      }
+    }
+    const double val_loss = fabric.all_reduce(val_sum, "sum") / std::max(1.0, fabric.all_reduce(val_count, "sum"));
+    fabric.log("val_loss", val_loss, step);
     fabric.print("epoch ", epoch, ": train_loss ", std::fixed, std::setprecision(4),
-                 loss_sum / std::max<int64_t>(batches, 1));
+                 loss_sum / std::max<int64_t>(batches, 1), " val_loss ", val_loss);
   }
 
   net->eval();
