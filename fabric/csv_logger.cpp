@@ -83,19 +83,7 @@ void replace_file(const std::string& path, const std::string& text) {
 }  // namespace
 
 CSVLogger::CSVLogger(std::string root_dir, std::string name, int64_t version)
-    : root_dir_(std::move(root_dir)), name_(std::move(name)), version_(version) {
-  if (root_dir_.empty()) throw std::invalid_argument("CSVLogger: root_dir is empty");
-}
-
-const std::string& CSVLogger::log_dir() {
-  if (log_dir_.empty()) log_dir_ = logging::version_directory(root_dir_, name_, version_, &version_);
-  return log_dir_;
-}
-
-int64_t CSVLogger::version() {
-  log_dir();
-  return version_;
-}
+    : VersionedLogger("CSVLogger", std::move(root_dir), std::move(name), version) {}
 
 void CSVLogger::log_metrics(const std::map<std::string, double>& metrics, int64_t step) {
   if (metrics.count("step")) {

@@ -13,11 +13,11 @@
 #include <string>
 #include <vector>
 
-#include "fabric/logger.h"
+#include "fabric/versioned_logger.h"
 
 namespace fabric {
 
-class CSVLogger : public Logger {
+class CSVLogger : public VersionedLogger {
  public:
   // version < 0: one more than the largest version_N in root_dir/name, chosen
   // when first written. An empty name puts version_N directly in root_dir.
@@ -29,17 +29,12 @@ class CSVLogger : public Logger {
   void log_hyperparams(const HyperParameters& params) override;
   std::string name() const override { return "CSVLogger"; }
 
-  // root_dir/name/version_N (resolves the version on first use).
-  const std::string& log_dir();
-  int64_t version();
   std::string metrics_path() { return log_dir() + "/metrics.csv"; }
 
  private:
   void write_all();
   void append(const std::map<std::string, std::string>& row);
 
-  std::string root_dir_, name_, log_dir_;
-  int64_t version_;
   std::set<std::string> keys_;  // sorted, as Lightning sorts its header
   // Every row so far: a new metric name means a new header and every row again.
   std::vector<std::map<std::string, std::string>> rows_;

@@ -1,6 +1,7 @@
 #include "fabric/logger.h"
 
 #include "fabric/filesystem.h"
+#include "fabric/versioned_logger.h"
 
 #include <algorithm>
 #include <charconv>
@@ -8,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
+#include <utility>
 
 namespace fabric {
 
@@ -15,6 +17,22 @@ void Logger::log_hyperparams(const HyperParameters& params) {
   throw std::runtime_error(name() + " has no place for hyper-parameters (" +
                            std::to_string(params.size()) +
                            " given); CSVLogger and TensorBoardLogger record them");
+}
+
+VersionedLogger::VersionedLogger(const std::string& kind, std::string root_dir, std::string name,
+                                 int64_t version)
+    : root_dir_(std::move(root_dir)), name_(std::move(name)), version_(version) {
+  if (root_dir_.empty()) throw std::invalid_argument(kind + ": root_dir is empty");
+}
+
+const std::string& VersionedLogger::log_dir() {
+  if (log_dir_.empty()) log_dir_ = logging::version_directory(root_dir_, name_, version_, &version_);
+  return log_dir_;
+}
+
+int64_t VersionedLogger::version() {
+  log_dir();
+  return version_;
 }
 
 namespace logging {

@@ -105,22 +105,10 @@ Proto hparams_value(const std::string& tag, int data_field, const Proto& data) {
 }  // namespace
 
 TensorBoardLogger::TensorBoardLogger(std::string root_dir, std::string name, int64_t version)
-    : root_dir_(std::move(root_dir)), name_(std::move(name)), version_(version) {
-  if (root_dir_.empty()) throw std::invalid_argument("TensorBoardLogger: root_dir is empty");
-}
+    : VersionedLogger("TensorBoardLogger", std::move(root_dir), std::move(name), version) {}
 
 TensorBoardLogger::~TensorBoardLogger() {
   if (file_) std::fclose(file_);
-}
-
-const std::string& TensorBoardLogger::log_dir() {
-  if (log_dir_.empty()) log_dir_ = logging::version_directory(root_dir_, name_, version_, &version_);
-  return log_dir_;
-}
-
-int64_t TensorBoardLogger::version() {
-  log_dir();
-  return version_;
 }
 
 const std::string& TensorBoardLogger::path() {

@@ -16,7 +16,7 @@
 #include <map>
 #include <string>
 
-#include "fabric/logger.h"
+#include "fabric/versioned_logger.h"
 
 namespace at {
 class Tensor;
@@ -24,7 +24,7 @@ class Tensor;
 
 namespace fabric {
 
-class TensorBoardLogger : public Logger {
+class TensorBoardLogger : public VersionedLogger {
  public:
   // version < 0: one more than the largest version_N in root_dir/name, chosen
   // when first written. An empty name puts version_N directly in root_dir.
@@ -44,16 +44,13 @@ class TensorBoardLogger : public Logger {
   void finalize() override;
   std::string name() const override { return "TensorBoardLogger"; }
 
-  const std::string& log_dir();
-  int64_t version();
   // The event file (opened on first use).
   const std::string& path();
 
  private:
   void write_event(const std::string& event);
 
-  std::string root_dir_, name_, log_dir_, path_;
-  int64_t version_;
+  std::string path_;
   std::FILE* file_ = nullptr;
 };
 
