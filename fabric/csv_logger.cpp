@@ -7,7 +7,7 @@
 #include <cstring>
 #include <stdexcept>
 
-#include "fabric/filesystem.h"
+#include "fabric/checkpoint.h"
 
 namespace fabric {
 namespace {
@@ -63,23 +63,6 @@ std::string csv_row(const std::set<std::string>& keys, const std::map<std::strin
   return text + "\r\n";
 }
 
-// Writes `text` to `path` through a temporary file and a rename, so a run killed
-// mid-write leaves the previous file whole.
-void replace_file(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (!f) throw std::runtime_error("CSVLogger: cannot open " + tmp + ": " + std::strerror(errno));
-  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size() && std::fflush(f) == 0;
-  const int error = errno;
-  if (std::fclose(f) != 0 || !ok) {
-    std::remove(tmp.c_str());
-    throw std::runtime_error("CSVLogger: writing " + path + " failed: " + std::strerror(ok ? errno : error));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    throw std::runtime_error("CSVLogger: cannot replace " + path + ": " + std::strerror(errno));
-  }
-}
-
 }  // namespace
 
 CSVLogger::CSVLogger(std::string root_dir, std::string name, int64_t version)
@@ -104,12 +87,12 @@ void CSVLogger::log_metrics(const std::map<std::string, double>& metrics, int64_
 }
 
 void CSVLogger::write_all() {
-  fs::make_directories(log_dir());
   std::map<std::string, std::string> header;
   for (const auto& key : keys_) header[key] = key;
   std::string text = csv_row(keys_, header);
   for (const auto& row : rows_) text += csv_row(keys_, row);
-  replace_file(metrics_path(), text);
+  // Through a temporary file and a rename: a run killed mid-write keeps the previous file.
+  atomic_write(metrics_path(), [&](const auto& sink) { sink(text.data(), text.size()); });
 }
 
 void CSVLogger::append(const std::map<std::string, std::string>& row) {
@@ -126,10 +109,9 @@ void CSVLogger::append(const std::map<std::string, std::string>& row) {
 
 void CSVLogger::log_hyperparams(const HyperParameters& params) {
   for (const auto& [key, value] : params) hparams_[key] = value;
-  fs::make_directories(log_dir());
   std::string text;
   for (const auto& [key, value] : hparams_) text += yaml_key(key) + ": " + yaml_scalar(value) + "\n";
-  replace_file(log_dir() + "/hparams.yaml", text);
+  atomic_write(log_dir() + "/hparams.yaml", [&](const auto& sink) { sink(text.data(), text.size()); });
 }
 
 }  // namespace fabric
