@@ -17,6 +17,7 @@
 #include <torch/optim/optimizer.h>
 #include <torch/utils.h>
 
+#include "accelerators/cpu_memory.h"
 #include "launchers/mpirun.h"
 #include "launchers/local_ranks.h"
 #include "precision/registry.h"
@@ -46,6 +47,7 @@ Fabric::Fabric(FabricOptions options) : options_(std::move(options)) {
     if (name == "16-mixed" || name == "16-true") args.fsdp.reduce_dtype = "fp16";
   }
   strategy_ = strategies::make_strategy(connection.strategy, args);
+  if (options_.retain_cpu_memory) accelerators::retain_freed_cpu_memory();
 }
 
 Fabric::~Fabric() {

@@ -10,6 +10,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include <map>
+#include <optional>
 #include <stdexcept>
 #include <tuple>
 
@@ -37,12 +38,26 @@ std::vector<at::Tensor> pick(const std::vector<at::Tensor>& all, const std::vect
   return out;
 }
 
+// `t` on `device`, or nothing when `t` is undefined (the kernels' optional
+// grad_scale and found_inf).
+std::optional<at::Tensor> on(const at::Tensor& t, const at::Device& device) {
+  if (!t.defined()) return std::nullopt;
+  return t.to(device);
+}
+
+bool skip_flag_set(const at::Tensor& found_inf) {
+  return found_inf.defined() && found_inf.item<double>() != 0;
+}
+
 // The Adam/AdamW step shared by both (their options and states are distinct
-// types with the same fields); `decoupled` picks AdamW's weight decay.
+// types with the same fields); `decoupled` picks AdamW's weight decay. With a
+// nonzero `found_inf` the kernels change nothing and the step counts go back.
 template <typename Options, typename State>
 void adam_step(torch::optim::Optimizer& optimizer,
                ska::flat_hash_map<void*, std::unique_ptr<torch::optim::OptimizerParamState>>& state,
-               StepTensors& step_tensors, bool decoupled, const char* name) {
+               StepTensors& step_tensors, bool decoupled, const char* name,
+               const at::Tensor& grad_scale = {}, const at::Tensor& found_inf = {}) {
+  std::vector<at::Tensor> stepped;
   for (auto& group : optimizer.param_groups()) {
     const auto& options = static_cast<const Options&>(group.options());
     std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
@@ -69,6 +84,7 @@ void adam_step(torch::optim::Optimizer& optimizer,
       steps.push_back(s.step());
     }
     if (params.empty()) continue;
+    stepped.insert(stepped.end(), params.begin(), params.end());
     const auto state_steps = step_tensors.get(params, steps);
     std::map<Key, std::vector<size_t>> buckets;
     for (size_t i = 0; i < params.size(); ++i) buckets[key_of(params[i])].push_back(i);
@@ -77,14 +93,30 @@ void adam_step(torch::optim::Optimizer& optimizer,
       const auto p = pick(params, index), g = pick(grads, index), m = pick(exp_avgs, index),
                  v = pick(exp_avg_sqs, index), s = pick(state_steps, index);
       const auto vmax = options.amsgrad() ? pick(max_exp_avg_sqs, index) : std::vector<at::Tensor>{};
+      const auto device = p.front().device();
       if (decoupled) {
         at::_fused_adamw_(p, g, m, v, vmax, s, options.lr(), beta1, beta2, options.weight_decay(),
-                          options.eps(), options.amsgrad(), /*maximize=*/false);
+                          options.eps(), options.amsgrad(), /*maximize=*/false, on(grad_scale, device),
+                          on(found_inf, device));
       } else {
         at::_fused_adam_(p, g, m, v, vmax, s, options.lr(), beta1, beta2, options.weight_decay(),
-                         options.eps(), options.amsgrad(), /*maximize=*/false);
+                         options.eps(), options.amsgrad(), /*maximize=*/false, on(grad_scale, device),
+                         on(found_inf, device));
       }
     }
+  }
+  if (!skip_flag_set(found_inf)) return;
+  // Skipped: the steps counted above did not happen (a first step leaves no state,
+  // as LibTorch's Adam, which is not called at all on such a step).
+  for (const auto& p : stepped) {
+    auto it = state.find(p.unsafeGetTensorImpl());
+    auto& s = static_cast<State&>(*it->second);
+    if (s.step() <= 1) {
+      state.erase(it);
+    } else {
+      s.step(s.step() - 1);
+    }
+    step_tensors.forget(p);
   }
 }
 
@@ -122,6 +154,8 @@ std::vector<at::Tensor> StepTensors::get(const std::vector<at::Tensor>& params,
   return out;
 }
 
+void StepTensors::forget(const at::Tensor& param) { entries_.erase(param.unsafeGetTensorImpl()); }
+
 at::Tensor FusedAdam::step(LossClosure closure) {
   return with_closure(closure, [&] {
     adam_step<torch::optim::AdamOptions, torch::optim::AdamParamState>(*this, state_, steps_,
@@ -136,48 +170,70 @@ at::Tensor FusedAdamW::step(LossClosure closure) {
   });
 }
 
+void FusedAdam::step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+  at::NoGradGuard no_grad;
+  adam_step<torch::optim::AdamOptions, torch::optim::AdamParamState>(*this, state_, steps_, false,
+                                                                     "FusedAdam", grad_scale, found_inf);
+}
+
+void FusedAdamW::step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+  at::NoGradGuard no_grad;
+  adam_step<torch::optim::AdamWOptions, torch::optim::AdamWParamState>(*this, state_, steps_, true,
+                                                                       "FusedAdamW", grad_scale, found_inf);
+}
+
 at::Tensor FusedSGD::step(LossClosure closure) {
-  return with_closure(closure, [&] {
-    for (auto& group : param_groups_) {
-      const auto& options = static_cast<const torch::optim::SGDOptions&>(group.options());
-      const bool momentum = options.momentum() != 0;
-      // Parameters whose momentum buffer starts now (the kernel copies the
-      // gradient in) are stepped apart from those that have one.
-      std::map<std::pair<Key, bool>, std::vector<at::Tensor>> params, grads, buffers;
-      // New buffers join the state only once the kernel has filled them.
-      std::vector<std::pair<void*, at::Tensor>> started;
-      for (auto& p : group.params()) {
-        if (!p.grad().defined()) continue;
-        check_dense(p.grad(), "FusedSGD");
-        bool first = false;
-        at::Tensor buffer;
-        if (momentum) {
-          const auto it = state_.find(p.unsafeGetTensorImpl());
-          if (it == state_.end()) {
-            buffer = at::empty_like(p, at::MemoryFormat::Preserve);
-            started.emplace_back(p.unsafeGetTensorImpl(), buffer);
-            first = true;
-          } else {
-            buffer = static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer();
-          }
+  return with_closure(closure, [&] { fused_step({}, {}); });
+}
+
+void FusedSGD::step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+  at::NoGradGuard no_grad;
+  fused_step(grad_scale, found_inf);
+}
+
+void FusedSGD::fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+  for (auto& group : param_groups_) {
+    const auto& options = static_cast<const torch::optim::SGDOptions&>(group.options());
+    const bool momentum = options.momentum() != 0;
+    // Parameters whose momentum buffer starts now (the kernel copies the
+    // gradient in) are stepped apart from those that have one.
+    std::map<std::pair<Key, bool>, std::vector<at::Tensor>> params, grads, buffers;
+    // New buffers join the state only once the kernel has filled them.
+    std::vector<std::pair<void*, at::Tensor>> started;
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      check_dense(p.grad(), "FusedSGD");
+      bool first = false;
+      at::Tensor buffer;
+      if (momentum) {
+        const auto it = state_.find(p.unsafeGetTensorImpl());
+        if (it == state_.end()) {
+          buffer = at::empty_like(p, at::MemoryFormat::Preserve);
+          started.emplace_back(p.unsafeGetTensorImpl(), buffer);
+          first = true;
+        } else {
+          buffer = static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer();
         }
-        const auto key = std::make_pair(key_of(p), first);
-        params[key].push_back(p);
-        grads[key].push_back(p.grad());
-        if (momentum) buffers[key].push_back(buffer);
       }
-      for (auto& [key, list] : params) {
-        at::_fused_sgd_(list, grads[key], momentum ? buffers[key] : std::vector<at::Tensor>{},
-                        options.weight_decay(), options.momentum(), options.lr(), options.dampening(),
-                        options.nesterov(), /*maximize=*/false, /*is_first_step=*/key.second);
-      }
-      for (auto& [impl, buffer] : started) {
-        auto fresh = std::make_unique<torch::optim::SGDParamState>();
-        fresh->momentum_buffer(buffer);
-        state_[impl] = std::move(fresh);
-      }
+      const auto key = std::make_pair(key_of(p), first);
+      params[key].push_back(p);
+      grads[key].push_back(p.grad());
+      if (momentum) buffers[key].push_back(buffer);
     }
-  });
+    for (auto& [key, list] : params) {
+      const auto device = list.front().device();
+      at::_fused_sgd_(list, grads[key], momentum ? buffers[key] : std::vector<at::Tensor>{},
+                      options.weight_decay(), options.momentum(), options.lr(), options.dampening(),
+                      options.nesterov(), /*maximize=*/false, /*is_first_step=*/key.second,
+                      on(grad_scale, device), on(found_inf, device));
+    }
+    if (skip_flag_set(found_inf)) continue;  // skipped: the kernel filled no new buffer
+    for (auto& [impl, buffer] : started) {
+      auto fresh = std::make_unique<torch::optim::SGDParamState>();
+      fresh->momentum_buffer(buffer);
+      state_[impl] = std::move(fresh);
+    }
+  }
 }
 
 }  // namespace fabric::optim

@@ -13,11 +13,19 @@
 // Parameters are grouped by device and dtype for the kernels (CPU and CUDA;
 // float, double, half, bfloat16). Sparse gradients are an error. Options
 // LibTorch's optimizers lack (maximize, capturable) are not offered.
+//
+// Under loss scaling ("16-mixed", or a MixedPrecision plugin with a GradScaler)
+// they take the scale and the inf/nan flag into the kernel (precision::AmpScalingStep,
+// as Python's fused optimizers do): GradScaler then only checks the gradients,
+// the kernel divides them by the scale as it reads them, and a step with inf/nan
+// gradients changes nothing (parameters, state, step counts).
 #pragma once
 
 #include <torch/optim/adam.h>
 #include <torch/optim/adamw.h>
 #include <torch/optim/sgd.h>
+
+#include "precision/amp_scaling_step.h"
 
 #include <unordered_map>
 #include <vector>
@@ -31,6 +39,8 @@ class StepTensors {
   // Tensors holding `steps[i]` on `params[i]`'s device.
   std::vector<at::Tensor> get(const std::vector<at::Tensor>& params,
                               const std::vector<int64_t>& steps);
+  // Drops `param`'s cached tensor (its step went back: a skipped step).
+  void forget(const at::Tensor& param);
 
  private:
   struct Entry {
@@ -40,28 +50,34 @@ class StepTensors {
   std::unordered_map<const void*, Entry> entries_;
 };
 
-class FusedAdam : public torch::optim::Adam {
+class FusedAdam : public torch::optim::Adam, public precision::AmpScalingStep {
  public:
   using torch::optim::Adam::Adam;
   at::Tensor step(LossClosure closure = nullptr) override;
+  void step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
 
  private:
   StepTensors steps_;
 };
 
-class FusedAdamW : public torch::optim::AdamW {
+class FusedAdamW : public torch::optim::AdamW, public precision::AmpScalingStep {
  public:
   using torch::optim::AdamW::AdamW;
   at::Tensor step(LossClosure closure = nullptr) override;
+  void step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
 
  private:
   StepTensors steps_;
 };
 
-class FusedSGD : public torch::optim::SGD {
+class FusedSGD : public torch::optim::SGD, public precision::AmpScalingStep {
  public:
   using torch::optim::SGD::SGD;
   at::Tensor step(LossClosure closure = nullptr) override;
+  void step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
+
+ private:
+  void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf);
 };
 
 }  // namespace fabric::optim

@@ -7,8 +7,11 @@
 #include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
 #include <ATen/ops/_amp_update_scale.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/optim/optimizer.h>
+
+#include "precision/amp_scaling_step.h"
 
 namespace fabric::precision {
 
@@ -47,21 +50,37 @@ at::Tensor GradScaler::scale(const at::Tensor& loss) {
 
 void GradScaler::unscale_(torch::optim::Optimizer& optimizer) {
   if (!options_.enabled) return;
-  auto& state = per_optimizer_[&optimizer];
-  if (state.stage == Stage::kUnscaled) {
+  const auto stage = per_optimizer_[&optimizer].stage;
+  if (stage == Stage::kUnscaled) {
     throw std::logic_error(
         "GradScaler: unscale_() was already called on this optimizer since the last "
         "update(); gradients would be unscaled twice");
   }
-  if (state.stage == Stage::kStepped) {
+  if (stage == Stage::kStepped) {
     throw std::logic_error("GradScaler: unscale_() was called after step() in the same iteration");
   }
+  check(optimizer, /*unscale=*/true);
+}
+
+void GradScaler::prepare_step(torch::optim::Optimizer& optimizer) {
+  if (!options_.enabled) return;
+  const auto stage = per_optimizer_[&optimizer].stage;
+  if (stage == Stage::kStepped) {
+    throw std::logic_error(
+        "GradScaler: step() was already called on this optimizer since the last update()");
+  }
+  if (stage != Stage::kReady) return;
+  check(optimizer, /*unscale=*/dynamic_cast<AmpScalingStep*>(&optimizer) == nullptr);
+}
+
+void GradScaler::check(torch::optim::Optimizer& optimizer, bool unscale) {
   if (!scale_.defined()) {
     throw std::logic_error(
-        "GradScaler: unscale_() called before any loss was scaled; call fabric.backward(loss) "
-        "first");
+        "GradScaler: unscale_() or step() called before any loss was scaled; call "
+        "fabric.backward(loss) first");
   }
-  const auto inv_scale = scale_.to(at::kDouble).reciprocal().to(at::kFloat);
+  const auto inv_scale = unscale ? scale_.to(at::kDouble).reciprocal().to(at::kFloat)
+                                 : at::ones_like(scale_);
 
   // The fused kernel wants gradients of one device and dtype per call.
   std::map<std::pair<std::string, int>, std::vector<at::Tensor>> groups;
@@ -92,9 +111,10 @@ void GradScaler::unscale_(torch::optim::Optimizer& optimizer) {
     auto& found = found_inf.at(key.first);
     at::_amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale.to(found.device()));
   }
+  auto& state = per_optimizer_[&optimizer];
   state.found_inf_per_device.clear();
   for (auto& [name, found] : found_inf) state.found_inf_per_device.push_back(found);
-  state.stage = Stage::kUnscaled;
+  state.stage = unscale ? Stage::kUnscaled : Stage::kChecked;
 }
 
 bool GradScaler::step(torch::optim::Optimizer& optimizer) {
@@ -103,22 +123,26 @@ bool GradScaler::step(torch::optim::Optimizer& optimizer) {
     last_step_skipped_ = false;
     return true;
   }
-  auto& state = per_optimizer_[&optimizer];
-  if (state.stage == Stage::kStepped) {
-    throw std::logic_error(
-        "GradScaler: step() was already called on this optimizer since the last update()");
-  }
-  if (state.stage == Stage::kReady) unscale_(optimizer);
+  prepare_step(optimizer);
   auto& current = per_optimizer_[&optimizer];
   if (current.found_inf_per_device.empty()) {
     throw std::logic_error(
         "GradScaler: no gradients were found for this optimizer; run fabric.backward(loss) "
         "before optimizer.step()");
   }
-  double found = 0;
-  for (const auto& f : current.found_inf_per_device) found += f.item<double>();
-  last_step_skipped_ = found != 0;
-  if (!last_step_skipped_) optimizer.step();
+  at::Tensor found = current.found_inf_per_device[0].to(scale_.device());
+  for (size_t i = 1; i < current.found_inf_per_device.size(); ++i) {
+    found = found.add(current.found_inf_per_device[i].to(scale_.device()));
+  }
+  if (auto* fused = dynamic_cast<AmpScalingStep*>(&optimizer)) {
+    // The kernel divides by the scale (unless unscale_() already did) and skips
+    // itself on inf/nan; the flag is read on the host only afterwards.
+    fused->step_with_amp_scaling(current.stage == Stage::kChecked ? scale_ : at::Tensor(), found);
+    last_step_skipped_ = found.item<double>() != 0;
+  } else {
+    last_step_skipped_ = found.item<double>() != 0;
+    if (!last_step_skipped_) optimizer.step();
+  }
   current.stage = Stage::kStepped;
   return !last_step_skipped_;
 }

@@ -5,7 +5,10 @@
 // gradients is skipped and the scale multiplied by `backoff_factor`; after
 // `growth_interval` clean steps in a row it is multiplied by `growth_factor`
 // (at::_amp_update_scale_). The scale lives on the loss's device, so no host sync
-// happens except the one that decides whether to step.
+// happens except the one that decides whether to step. An optimizer that unscales
+// inside its own step (precision::AmpScalingStep: fabric::optim::FusedAdam, ...)
+// gets the scale and the inf/nan flag instead of unscaled gradients, as Python's
+// fused optimizers do: its gradients are only checked, not rewritten, before it.
 #pragma once
 
 #include <cstdint>
@@ -37,7 +40,13 @@ class GradScaler {
   // Divides the optimizer's gradients by the scale in place and records whether
   // any is inf/nan. At most once per optimizer between update()s.
   void unscale_(torch::optim::Optimizer& optimizer);
-  // Unscales if not yet done, then steps unless an inf/nan was found.
+  // The inf/nan check step() needs, done ahead of it (a sharding strategy agrees
+  // on the flags in between): unscale_() for most optimizers; for an
+  // AmpScalingStep optimizer only the check, its step unscales. Nothing when
+  // unscale_() or prepare_step() already ran in this iteration.
+  void prepare_step(torch::optim::Optimizer& optimizer);
+  // prepare_step() if not yet done, then steps unless an inf/nan was found (an
+  // AmpScalingStep optimizer is handed the flag and skips itself).
   // Returns true when the optimizer stepped.
   bool step(torch::optim::Optimizer& optimizer);
   // Updates the scale from this iteration's inf/nan checks; call once per iteration.
@@ -62,13 +71,17 @@ class GradScaler {
   void load(double scale, int64_t growth_tracker);
 
  private:
-  enum class Stage { kReady, kUnscaled, kStepped };
+  // kChecked: checked for inf/nan, still scaled (an AmpScalingStep optimizer).
+  enum class Stage { kReady, kChecked, kUnscaled, kStepped };
   struct OptimizerState {
     Stage stage = Stage::kReady;
     std::vector<at::Tensor> found_inf_per_device;
   };
 
   void lazy_init(const c10::Device& device);
+  // Records the inf/nan flags of the optimizer's gradients; divides them by the
+  // scale when `unscale`.
+  void check(torch::optim::Optimizer& optimizer, bool unscale);
 
   GradScalerOptions options_;
   at::Tensor scale_;           // float32, shape [1]

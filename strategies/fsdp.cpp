@@ -579,7 +579,7 @@ at::Tensor FSDPStrategy::optimizer_step(torch::optim::Optimizer& optimizer,
   if (auto* scaler = precision.scaler(); scaler && scaler->is_enabled() && sharded()) {
     // Each rank checked only its gradient pieces for inf/nan: agree (max) before
     // the step, so every rank skips the same steps and the scale stays equal.
-    scaler->unscale_(optimizer);
+    scaler->prepare_step(optimizer);  // (an AmpScalingStep optimizer: checked only)
     auto& found = scaler->found_inf(optimizer);
     double any = 0;
     for (const auto& f : found) any = std::max(any, f.item<double>());

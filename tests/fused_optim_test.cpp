@@ -4,6 +4,7 @@
 #include <cmath>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <regex>
 
 #include <torch/torch.h>
@@ -11,6 +12,7 @@
 #include "fabric/fabric.h"
 #include "fabric/filesystem.h"
 #include "optim/fused.h"
+#include "precision/grad_scaler.h"
 #include "test_util.h"
 
 namespace {
@@ -56,16 +58,55 @@ double max_diff(const std::vector<torch::Tensor>& a, const std::vector<torch::Te
 
 using Make = std::function<std::shared_ptr<torch::optim::Optimizer>(std::vector<torch::Tensor>)>;
 
+std::vector<torch::Tensor> defined_grads(const std::vector<torch::Tensor>& params) {
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : params) {
+    if (p.grad().defined()) grads.push_back(p.grad());
+  }
+  return grads;
+}
+
 // 20 steps of both on the same grads; returns the largest parameter difference
-// and checks the state tensors (by the Adam/SGD state types).
-void expect_same_run(const Make& fused, const Make& loop, torch::Dtype dtype = torch::kFloat) {
+// and checks the state tensors (by the Adam/SGD state types). `scaled`: each side
+// steps through its own GradScaler (the fused side through the kernels'
+// grad_scale/found_inf, the loop side unscaled first), the gradients multiplied by
+// the current scale, with inf in a gradient at steps 0, 5 and 12.
+void expect_same_run(const Make& fused, const Make& loop, torch::Dtype dtype = torch::kFloat,
+                     bool scaled = false) {
   auto a = make_params(dtype), b = make_params(dtype);
   auto fa = fused(a), lb = loop(b);
+  fabric::precision::GradScaler scaler_a({.init_scale = 1000.0, .growth_interval = 3}),
+      scaler_b({.init_scale = 1000.0, .growth_interval = 3});
+  scaler_a.scale(torch::ones({1}));  // the scale's device: the CPU
+  scaler_b.scale(torch::ones({1}));
+  int skipped = 0;
   for (int step = 0; step < 20; ++step) {
     set_grads(a, step);
     set_grads(b, step);
-    fa->step();
-    lb->step();
+    if (!scaled) {
+      fa->step();
+      lb->step();
+      continue;
+    }
+    ASSERT_EQ(scaler_a.get_scale(), scaler_b.get_scale());
+    for (auto* side : {&a, &b}) {
+      for (auto& g : defined_grads(*side)) g.mul_(scaler_a.get_scale());
+      if (step == 0 || step == 5 || step == 12) {
+        (*side)[0].grad().view({-1})[3] = std::numeric_limits<double>::infinity();
+      }
+    }
+    const bool stepped_a = scaler_a.step(*fa), stepped_b = scaler_b.step(*lb);
+    ASSERT_EQ(stepped_a, stepped_b) << "step " << step;
+    skipped += stepped_a ? 0 : 1;
+    // After a step both hold the unscaled gradients (the kernel wrote them back).
+    if (stepped_a) EXPECT_LE(max_diff(defined_grads(a), defined_grads(b)), 1e-6) << "step " << step;
+    scaler_a.update();
+    scaler_b.update();
+  }
+  if (scaled) {
+    EXPECT_EQ(skipped, 3);
+    EXPECT_EQ(scaler_a.get_scale(), scaler_b.get_scale());
+    EXPECT_NE(scaler_a.get_scale(), 1000.0) << "the scale never moved";
   }
   EXPECT_LE(max_diff(a, b), 1e-6);
   EXPECT_GT(max_diff(a, make_params(dtype)), 1e-3) << "nothing moved";
@@ -267,4 +308,53 @@ print('param diff %.3g state diff %.3g' % (diff, state_diff))
     EXPECT_LE(std::stod(match[1]), 1e-6) << result.output;
     EXPECT_LE(std::stod(match[2]), 1e-6) << result.output;
   }
+}
+
+// Loss scaling: the fused optimizers take the scale and the inf/nan flag into
+// their kernels; parameters, state and step counts equal LibTorch's optimizers
+// behind GradScaler's separate unscale (skipped steps, a skipped first step and
+// scale changes included).
+TEST(FusedOptim, GradScalerStepsThroughTheKernels) {
+  expect_same_run(
+      [](auto p) { return std::make_shared<fabric::optim::FusedAdam>(p, torch::optim::AdamOptions(1e-2).weight_decay(0.05)); },
+      [](auto p) { return std::make_shared<torch::optim::Adam>(p, torch::optim::AdamOptions(1e-2).weight_decay(0.05)); },
+      torch::kFloat, /*scaled=*/true);
+  expect_same_run(
+      [](auto p) { return std::make_shared<fabric::optim::FusedAdamW>(p, torch::optim::AdamWOptions(1e-2).amsgrad(true)); },
+      [](auto p) { return std::make_shared<torch::optim::AdamW>(p, torch::optim::AdamWOptions(1e-2).amsgrad(true)); },
+      torch::kFloat, /*scaled=*/true);
+  expect_same_run(
+      [](auto p) { return std::make_shared<fabric::optim::FusedSGD>(p, torch::optim::SGDOptions(0.05).momentum(0.9)); },
+      [](auto p) { return std::make_shared<torch::optim::SGD>(p, torch::optim::SGDOptions(0.05).momentum(0.9)); },
+      torch::kFloat, /*scaled=*/true);
+
+  // prepare_step() only checks a fused optimizer's gradients (the kernel unscales
+  // them) and unscales a per-parameter optimizer's; an explicit unscale_() (for
+  // clipping) before a fused step is not undone or repeated.
+  for (const bool fused : {true, false}) {
+    auto params = make_params();
+    set_grads(params, 2);
+    const auto expected = params[0].grad().clone();
+    std::shared_ptr<torch::optim::Optimizer> optimizer =
+        fused ? std::shared_ptr<torch::optim::Optimizer>(std::make_shared<fabric::optim::FusedSGD>(params, torch::optim::SGDOptions(0.1)))
+              : std::make_shared<torch::optim::SGD>(params, torch::optim::SGDOptions(0.1));
+    fabric::precision::GradScaler scaler({.init_scale = 8.0});
+    scaler.scale(torch::ones({1}));
+    for (auto& g : defined_grads(params)) g.mul_(8.0);
+    scaler.prepare_step(*optimizer);
+    EXPECT_TRUE(torch::equal(params[0].grad(), fused ? expected * 8 : expected)) << fused;
+    scaler.step(*optimizer);
+    EXPECT_TRUE(torch::allclose(params[0].grad(), expected)) << fused;
+  }
+  auto params = make_params();
+  const auto start = params[0].detach().clone();
+  set_grads(params, 2);
+  const auto grad = params[0].grad().clone();
+  fabric::optim::FusedSGD optimizer(params, torch::optim::SGDOptions(0.1));
+  fabric::precision::GradScaler scaler({.init_scale = 8.0});
+  scaler.scale(torch::ones({1}));
+  for (auto& g : defined_grads(params)) g.mul_(8.0);
+  scaler.unscale_(optimizer);
+  scaler.step(optimizer);
+  EXPECT_TRUE(torch::allclose(params[0].detach(), start - 0.1 * grad));
 }

@@ -18,6 +18,7 @@
 #include <iomanip>
 #include <iostream>
 #include <regex>
+#include <sstream>
 #include <thread>
 
 #include <boost/program_options.hpp>
@@ -33,8 +34,10 @@
 
 namespace {
 
-int worker(int devices, int64_t batch, int steps, int cores, bool no_sync) {
-  fabric::Fabric fabric({.accelerator = "cpu", .devices = devices});
+int worker(int devices, int64_t batch, int steps, int cores, bool no_sync,
+           const fabric::strategies::DDPOptions& ddp_options, bool retain_cpu_memory) {
+  fabric::Fabric fabric({.accelerator = "cpu", .devices = devices, .ddp = ddp_options,
+                         .retain_cpu_memory = retain_cpu_memory});
   fabric.launch();
   torch::set_num_threads(std::max(1, cores / static_cast<int>(fabric.world_size())));
   torch::manual_seed(0);
@@ -58,19 +61,24 @@ int worker(int devices, int64_t batch, int steps, int cores, bool no_sync) {
   fabric.barrier();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const double throughput = static_cast<double>(fabric.world_size() * batch * steps) / seconds;
-  double hidden = 0;
+  double hidden = 0, comm_ms = 0;
   if (ddp && ddp->stats().comm_seconds > 0) {
     hidden = fabric.all_reduce(ddp->stats().hidden_seconds / ddp->stats().comm_seconds);
+    comm_ms = fabric.all_reduce(ddp->stats().comm_seconds * 1e3 / steps);
   }
   fabric.print(std::fixed, std::setprecision(3), "ranks ", fabric.world_size(), ", threads/rank ",
                torch::get_num_threads(), ", per-rank batch ", batch, ", throughput: ", throughput,
-               " samples/s, all-reduce hidden behind backward: ", hidden);
+               " samples/s, all-reduce hidden behind backward: ", hidden, " (all-reduce ",
+               comm_ms, " ms a step)");
   return 0;
 }
 
+// The DDP flags the driver passes on to every worker.
+std::string ddp_flags;
+
 double run_worker(const std::string& self, int devices, int64_t batch, int steps, int cores,
                   double& hidden, bool no_sync = false) {
-  const std::string cmd = self + " --worker" + (no_sync ? " --no-sync" : "") + " --devices " + std::to_string(devices) +
+  const std::string cmd = self + " --worker" + ddp_flags + (no_sync ? " --no-sync" : "") + " --devices " + std::to_string(devices) +
                           " --batch-size " + std::to_string(batch) + " --steps " +
                           std::to_string(steps) + " --cores " + std::to_string(cores);
   const auto [status, output] = benchmarks::run_command(cmd);
@@ -92,17 +100,31 @@ int main(int argc, char** argv) {
   int64_t batch = 64;
   po::options_description flags("DDP 2-rank vs 1-rank throughput on the CPU");
   bool no_sync = false;
+  fabric::strategies::DDPOptions ddp;
+  bool malloc_defaults = false;
   flags.add_options()("help,h", "show this help")("worker", "run one configuration")
       ("no-sync", po::bool_switch(&no_sync), "worker: skip the gradient all-reduce (no_backward_sync)")
       ("devices", po::value(&devices)->default_value(devices), "ranks (worker)")
       ("batch-size", po::value(&batch)->default_value(batch), "per-rank batch")
       ("steps", po::value(&steps)->default_value(steps), "timed steps")
       ("rounds", po::value(&rounds)->default_value(rounds), "runs of each configuration (medians)")
-      ("cores", po::value(&cores)->default_value(cores), "cores shared by the ranks");
+      ("cores", po::value(&cores)->default_value(cores), "cores shared by the ranks")
+      ("bucket-cap-mb", po::value(&ddp.bucket_cap_mb)->default_value(ddp.bucket_cap_mb), "DDP bucket size")
+      ("first-bucket-cap-mb", po::value(&ddp.first_bucket_cap_mb)->default_value(ddp.first_bucket_cap_mb),
+       "DDP first bucket size")
+      ("bucket-view", po::bool_switch(&ddp.gradient_as_bucket_view), "DDP gradient_as_bucket_view")
+      ("malloc-defaults", po::bool_switch(&malloc_defaults), "FabricOptions::retain_cpu_memory = false");
   po::variables_map vm;
   examples::parse_flags(flags, argc, argv, vm);
   try {
-    if (vm.count("worker")) return worker(devices, batch, steps, cores, no_sync);
+    if (vm.count("worker")) return worker(devices, batch, steps, cores, no_sync, ddp, !malloc_defaults);
+    {
+      std::ostringstream passed;
+      passed << " --bucket-cap-mb " << ddp.bucket_cap_mb << " --first-bucket-cap-mb " << ddp.first_bucket_cap_mb
+             << (ddp.gradient_as_bucket_view ? " --bucket-view" : "")
+             << (malloc_defaults ? " --malloc-defaults" : "");
+      ddp_flags = passed.str();
+    }
     const std::string self = fabric::launchers::own_command_line().front();
     if (rounds < 1 || steps < 1 || batch < 1 || cores < 1) {
       std::cerr << "error: --rounds, --steps, --batch-size and --cores must be at least 1" << std::endl;

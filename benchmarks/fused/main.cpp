@@ -5,6 +5,8 @@
 //   fused/loop adamw step time: X
 //   fused/loop sgd step time: X      (momentum 0.9)
 //   fused/loop gpt steps/s: X        (whole training steps with AdamW)
+//   in-kernel/separate unscale adam step time: X  (FusedAdam behind a GradScaler:
+//       the scale handed to the kernel against unscale_() first, a pass of its own)
 #include <torch/torch.h>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -23,6 +25,7 @@
 #include "data.h"
 #include "model.h"
 #include "optim/fused.h"
+#include "precision/grad_scaler.h"
 
 namespace {
 
@@ -68,6 +71,47 @@ double step_ratio(const std::string& name, Gpt& model, const Make& loop, const M
   std::cout << std::fixed << std::setprecision(3) << name << ": loop " << l * 1e3 << " ms, fused "
             << f * 1e3 << " ms per step" << std::endl;
   return f / l;
+}
+
+// FusedAdam behind a GradScaler (scale 1024), the gradients multiplied by the
+// scale before each step as a scaled backward leaves them: the kernel unscaling
+// them (GradScaler::step) against unscale_() first and the kernel without a scale.
+double scaled_ratio(Gpt& model, int steps, int rounds) {
+  struct Side {
+    std::vector<torch::Tensor> params, grads;
+    std::shared_ptr<fabric::optim::FusedAdam> optimizer;
+    fabric::precision::GradScaler scaler{{.init_scale = 1024.0}};
+  };
+  auto make = [&] {
+    auto side = std::make_unique<Side>();
+    for (auto& p : model->parameters()) {
+      auto q = p.detach().clone().set_requires_grad(true);
+      q.mutable_grad() = torch::randn_like(q) * 1e-3;
+      side->params.push_back(q);
+      side->grads.push_back(q.grad());
+    }
+    side->optimizer = std::make_shared<fabric::optim::FusedAdam>(side->params, torch::optim::AdamOptions(1e-3));
+    side->scaler.scale(torch::ones({1}, g_device));
+    return side;
+  };
+  auto in_kernel = make(), separate = make();
+  auto step = [](Side& side, bool unscale_first) {
+    torch::_foreach_mul_(side.grads, 1024.0);
+    if (unscale_first) side.scaler.unscale_(*side.optimizer);
+    side.scaler.step(*side.optimizer);
+    side.scaler.update();
+  };
+  step(*in_kernel, false);
+  step(*separate, true);
+  std::vector<double> kernel_times, separate_times;
+  for (int r = 0; r < rounds; ++r) {
+    kernel_times.push_back(seconds_of([&] { step(*in_kernel, false); }, steps));
+    separate_times.push_back(seconds_of([&] { step(*separate, true); }, steps));
+  }
+  const double k = benchmarks::median(kernel_times), s = benchmarks::median(separate_times);
+  std::cout << std::fixed << std::setprecision(3) << "adam with loss scaling: separate unscale " << s * 1e3
+            << " ms, in-kernel " << k * 1e3 << " ms per step" << std::endl;
+  return k / s;
 }
 
 }  // namespace
@@ -122,6 +166,8 @@ int run(int argc, char** argv) {
       "sgd", model, [](auto p) { return std::make_shared<SGD>(p, SGDOptions(1e-2).momentum(0.9)); },
       [](auto p) { return std::make_shared<FusedSGD>(p, SGDOptions(1e-2).momentum(0.9)); }, steps, rounds);
 
+  const double scaled = scaled_ratio(model, steps, rounds);
+
   // Whole training steps: two identical models, AdamW loop vs fused.
   auto text = load_fortunes();
   auto train = [&](const Make& make) {
@@ -154,7 +200,8 @@ int run(int argc, char** argv) {
   std::cout << std::setprecision(3) << "fused/loop adam step time: " << adam << "\n"
             << "fused/loop adamw step time: " << adamw << "\n"
             << "fused/loop sgd step time: " << sgd << "\n"
-            << "fused/loop gpt steps/s: " << fused_rate / loop_rate << std::endl;
+            << "fused/loop gpt steps/s: " << fused_rate / loop_rate << "\n"
+            << "in-kernel/separate unscale adam step time: " << scaled << std::endl;
   return 0;
 }
 
