@@ -6,6 +6,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mul.h>
 #include <c10/util/strides.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
@@ -110,7 +111,9 @@ void DDPStrategy::setup_module(torch::nn::Module& module) {
             const auto& grad = bucket.params[i].grad();
             auto slice = bucket.flat.narrow(0, bucket.offsets[i], bucket.params[i].numel());
             if (grad.defined()) {
-              slice.copy_(grad.reshape({-1}));
+              // The average's division on the way in, as PyTorch's reducer does:
+              // one pass over the gradient instead of a copy and a division.
+              at::mul_out(slice, grad.reshape({-1}), 1.0 / static_cast<double>(topology_.world_size));
             } else {
               slice.zero_();
             }
@@ -131,7 +134,6 @@ void DDPStrategy::launch_full_buckets(ModuleState& state) {
   while (state.next_launch < state.buckets.size() &&
          state.buckets[state.next_launch].pending == 0) {
     auto& next = state.buckets[state.next_launch++];
-    next.flat.div_(static_cast<double>(topology_.world_size));
     std::vector<at::Tensor> one = {next.flat};
     next.work = backend().allreduce(one, c10d::AllreduceOptions());
   }

@@ -11,6 +11,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "fabric/sharded.h"
+#include "optim/fused.h"
 
 struct FsdpBlockImpl : torch::nn::Module {
   explicit FsdpBlockImpl(int64_t width = 7)
@@ -67,6 +68,15 @@ inline std::pair<torch::Tensor, torch::Tensor> fsdp_global_batch(int step) {
 // The optimizers the tests compare: "adam", "adamw", "sgd" (with momentum).
 inline std::shared_ptr<torch::optim::Optimizer> fsdp_optimizer(const std::string& name,
                                                                std::vector<torch::Tensor> params) {
+  // fused_adam, fused_adamw, fused_sgd: the same options in optim/fused.h's kernels
+  if (name == "fused_adamw") {
+    return std::make_shared<fabric::optim::FusedAdamW>(
+        params, torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
+  }
+  if (name == "fused_sgd") {
+    return std::make_shared<fabric::optim::FusedSGD>(params, torch::optim::SGDOptions(0.05).momentum(0.9));
+  }
+  if (name == "fused_adam") return std::make_shared<fabric::optim::FusedAdam>(params, 1e-2);
   if (name == "adamw") {
     return std::make_shared<torch::optim::AdamW>(
         params, torch::optim::AdamWOptions(1e-2).weight_decay(0.1));

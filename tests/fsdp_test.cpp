@@ -139,6 +139,21 @@ TEST(FsdpUnits, Fp16LossScalingSkipsTheSameStepOnEveryRank) {
   run_worker("fp16_inf", "inf", "--fp16-scaler");
 }
 
+// The fused optimizers on FSDP's shards and under DDP: the same parameters as
+// LibTorch's per-parameter optimizers in one process; and with fp16 loss scaling
+// through their kernels (GradScaler::prepare_step only checks a fused optimizer's
+// gradient shards), an inf in one rank's shard skips the step on every rank.
+TEST(FsdpUnits, FusedOptimizersOnShardsEqualOneProcess) {
+  for (const char* optimizer : {"adam", "adamw", "sgd"}) {
+    SCOPED_TRACE(optimizer);
+    const auto reference = one_process(optimizer);
+    const std::string fused = std::string("fused_") + optimizer;
+    expect_close(reference.params, run_worker("fsdp_" + fused, "train", "--optimizer " + fused));
+    expect_close(reference.params, run_worker("ddp_" + fused, "train", "--optimizer " + fused + " --strategy ddp"));
+  }
+  run_worker("fp16_inf_fused", "inf", "--fp16-scaler --optimizer fused_adam");
+}
+
 // Ranks that run different units get an error naming them, not a hang.
 TEST(FsdpUnits, DifferentUnitsOnDifferentRanksIsAnError) {
   const std::string dir = ::testing::TempDir() + "/fsdp_units_mismatch";
