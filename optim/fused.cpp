@@ -45,18 +45,25 @@ std::optional<at::Tensor> on(const at::Tensor& t, const at::Device& device) {
   return t.to(device);
 }
 
-bool skip_flag_set(const at::Tensor& found_inf) {
-  return found_inf.defined() && found_inf.item<double>() != 0;
+// The kernels skip only on a flag of exactly 1; a flag summed over devices may be
+// 2 or more, so any nonzero value becomes 1.
+at::Tensor as_skip_flag(const at::Tensor& found_inf) {
+  if (!found_inf.defined()) return {};
+  return found_inf.ne(0).to(at::kFloat);
 }
+
+bool skip_flag_set(const at::Tensor& flag) { return flag.defined() && flag.item<double>() != 0; }
 
 // The Adam/AdamW step shared by both (their options and states are distinct
 // types with the same fields); `decoupled` picks AdamW's weight decay. With a
 // nonzero `found_inf` the kernels change nothing and the step counts go back.
+// Returns whether the step was taken.
 template <typename Options, typename State>
-void adam_step(torch::optim::Optimizer& optimizer,
+bool adam_step(torch::optim::Optimizer& optimizer,
                ska::flat_hash_map<void*, std::unique_ptr<torch::optim::OptimizerParamState>>& state,
                StepTensors& step_tensors, bool decoupled, const char* name,
-               const at::Tensor& grad_scale = {}, const at::Tensor& found_inf = {}) {
+               const at::Tensor& grad_scale = {}, const at::Tensor& found = {}) {
+  const auto found_inf = as_skip_flag(found);
   std::vector<at::Tensor> stepped;
   for (auto& group : optimizer.param_groups()) {
     const auto& options = static_cast<const Options&>(group.options());
@@ -105,7 +112,7 @@ void adam_step(torch::optim::Optimizer& optimizer,
       }
     }
   }
-  if (!skip_flag_set(found_inf)) return;
+  if (!skip_flag_set(found_inf)) return true;
   // Skipped: the steps counted above did not happen (a first step leaves no state,
   // as LibTorch's Adam, which is not called at all on such a step).
   for (const auto& p : stepped) {
@@ -118,6 +125,7 @@ void adam_step(torch::optim::Optimizer& optimizer,
     }
     step_tensors.forget(p);
   }
+  return false;
 }
 
 template <typename Step>
@@ -170,15 +178,15 @@ at::Tensor FusedAdamW::step(LossClosure closure) {
   });
 }
 
-void FusedAdam::step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+bool FusedAdam::step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
   at::NoGradGuard no_grad;
-  adam_step<torch::optim::AdamOptions, torch::optim::AdamParamState>(*this, state_, steps_, false,
+  return adam_step<torch::optim::AdamOptions, torch::optim::AdamParamState>(*this, state_, steps_, false,
                                                                      "FusedAdam", grad_scale, found_inf);
 }
 
-void FusedAdamW::step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+bool FusedAdamW::step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
   at::NoGradGuard no_grad;
-  adam_step<torch::optim::AdamWOptions, torch::optim::AdamWParamState>(*this, state_, steps_, true,
+  return adam_step<torch::optim::AdamWOptions, torch::optim::AdamWParamState>(*this, state_, steps_, true,
                                                                        "FusedAdamW", grad_scale, found_inf);
 }
 
@@ -186,20 +194,21 @@ at::Tensor FusedSGD::step(LossClosure closure) {
   return with_closure(closure, [&] { fused_step({}, {}); });
 }
 
-void FusedSGD::step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+bool FusedSGD::step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
   at::NoGradGuard no_grad;
-  fused_step(grad_scale, found_inf);
+  return fused_step(grad_scale, found_inf);
 }
 
-void FusedSGD::fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+bool FusedSGD::fused_step(const at::Tensor& grad_scale, const at::Tensor& found) {
+  const auto found_inf = as_skip_flag(found);
+  // New buffers join the state only once the kernel has filled them.
+  std::vector<std::pair<void*, at::Tensor>> started;
   for (auto& group : param_groups_) {
     const auto& options = static_cast<const torch::optim::SGDOptions&>(group.options());
     const bool momentum = options.momentum() != 0;
     // Parameters whose momentum buffer starts now (the kernel copies the
     // gradient in) are stepped apart from those that have one.
     std::map<std::pair<Key, bool>, std::vector<at::Tensor>> params, grads, buffers;
-    // New buffers join the state only once the kernel has filled them.
-    std::vector<std::pair<void*, at::Tensor>> started;
     for (auto& p : group.params()) {
       if (!p.grad().defined()) continue;
       check_dense(p.grad(), "FusedSGD");
@@ -227,13 +236,14 @@ void FusedSGD::fused_step(const at::Tensor& grad_scale, const at::Tensor& found_
                       options.nesterov(), /*maximize=*/false, /*is_first_step=*/key.second,
                       on(grad_scale, device), on(found_inf, device));
     }
-    if (skip_flag_set(found_inf)) continue;  // skipped: the kernel filled no new buffer
-    for (auto& [impl, buffer] : started) {
-      auto fresh = std::make_unique<torch::optim::SGDParamState>();
-      fresh->momentum_buffer(buffer);
-      state_[impl] = std::move(fresh);
-    }
   }
+  if (skip_flag_set(found_inf)) return false;  // skipped: the kernels filled no new buffer
+  for (auto& [impl, buffer] : started) {
+    auto fresh = std::make_unique<torch::optim::SGDParamState>();
+    fresh->momentum_buffer(buffer);
+    state_[impl] = std::move(fresh);
+  }
+  return true;
 }
 
 }  // namespace fabric::optim

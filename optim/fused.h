@@ -17,8 +17,8 @@
 // Under loss scaling ("16-mixed", or a MixedPrecision plugin with a GradScaler)
 // they take the scale and the inf/nan flag into the kernel (precision::AmpScalingStep,
 // as Python's fused optimizers do): GradScaler then only checks the gradients,
-// the kernel divides them by the scale as it reads them, and a step with inf/nan
-// gradients changes nothing (parameters, state, step counts).
+// the kernel divides them by the scale, and a step with inf/nan gradients changes
+// nothing (parameters, state, step counts).
 #pragma once
 
 #include <torch/optim/adam.h>
@@ -54,7 +54,7 @@ class FusedAdam : public torch::optim::Adam, public precision::AmpScalingStep {
  public:
   using torch::optim::Adam::Adam;
   at::Tensor step(LossClosure closure = nullptr) override;
-  void step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
+  bool step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
 
  private:
   StepTensors steps_;
@@ -64,7 +64,7 @@ class FusedAdamW : public torch::optim::AdamW, public precision::AmpScalingStep 
  public:
   using torch::optim::AdamW::AdamW;
   at::Tensor step(LossClosure closure = nullptr) override;
-  void step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
+  bool step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
 
  private:
   StepTensors steps_;
@@ -74,10 +74,10 @@ class FusedSGD : public torch::optim::SGD, public precision::AmpScalingStep {
  public:
   using torch::optim::SGD::SGD;
   at::Tensor step(LossClosure closure = nullptr) override;
-  void step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
+  bool step_with_amp_scaling(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
 
  private:
-  void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf);
+  bool fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf);
 };
 
 }  // namespace fabric::optim

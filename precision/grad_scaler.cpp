@@ -7,6 +7,7 @@
 #include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
 #include <ATen/ops/_amp_update_scale.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/maximum.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/optim/optimizer.h>
@@ -54,12 +55,22 @@ void GradScaler::unscale_(torch::optim::Optimizer& optimizer) {
   if (stage == Stage::kUnscaled) {
     throw std::logic_error(
         "GradScaler: unscale_() was already called on this optimizer since the last "
-        "update(); gradients would be unscaled twice");
+        "update() (or prepare_step() unscaled its gradients); gradients would be unscaled "
+        "twice");
   }
   if (stage == Stage::kStepped) {
     throw std::logic_error("GradScaler: unscale_() was called after step() in the same iteration");
   }
+  // Checked already (an AmpScalingStep optimizer): the flags, perhaps agreed
+  // between ranks since, are kept and only widened by this unscale's own check.
+  const auto previous = per_optimizer_[&optimizer].found_inf_per_device;
   check(optimizer, /*unscale=*/true);
+  if (stage == Stage::kChecked) {
+    auto& found = per_optimizer_[&optimizer].found_inf_per_device;
+    for (size_t i = 0; i < found.size() && i < previous.size(); ++i) {
+      found[i] = at::maximum(found[i], previous[i].to(found[i].device()));
+    }
+  }
 }
 
 void GradScaler::prepare_step(torch::optim::Optimizer& optimizer) {
@@ -130,15 +141,17 @@ bool GradScaler::step(torch::optim::Optimizer& optimizer) {
         "GradScaler: no gradients were found for this optimizer; run fabric.backward(loss) "
         "before optimizer.step()");
   }
+  // One flag over the devices, 1 where any found inf/nan (the fused kernels skip
+  // on exactly 1).
   at::Tensor found = current.found_inf_per_device[0].to(scale_.device());
   for (size_t i = 1; i < current.found_inf_per_device.size(); ++i) {
-    found = found.add(current.found_inf_per_device[i].to(scale_.device()));
+    found = at::maximum(found, current.found_inf_per_device[i].to(scale_.device()));
   }
   if (auto* fused = dynamic_cast<AmpScalingStep*>(&optimizer)) {
     // The kernel divides by the scale (unless unscale_() already did) and skips
-    // itself on inf/nan; the flag is read on the host only afterwards.
-    fused->step_with_amp_scaling(current.stage == Stage::kChecked ? scale_ : at::Tensor(), found);
-    last_step_skipped_ = found.item<double>() != 0;
+    // itself on inf/nan.
+    last_step_skipped_ =
+        !fused->step_with_amp_scaling(current.stage == Stage::kChecked ? scale_ : at::Tensor(), found);
   } else {
     last_step_skipped_ = found.item<double>() != 0;
     if (!last_step_skipped_) optimizer.step();

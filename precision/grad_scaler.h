@@ -4,11 +4,12 @@
 // (at::_amp_foreach_non_finite_check_and_unscale_); a step with non-finite
 // gradients is skipped and the scale multiplied by `backoff_factor`; after
 // `growth_interval` clean steps in a row it is multiplied by `growth_factor`
-// (at::_amp_update_scale_). The scale lives on the loss's device, so no host sync
-// happens except the one that decides whether to step. An optimizer that unscales
-// inside its own step (precision::AmpScalingStep: fabric::optim::FusedAdam, ...)
-// gets the scale and the inf/nan flag instead of unscaled gradients, as Python's
-// fused optimizers do: its gradients are only checked, not rewritten, before it.
+// (at::_amp_update_scale_). The scale lives on the loss's device; step() reads the
+// inf/nan flag on the host once (to decide, or to learn, whether the step was
+// taken). An optimizer that unscales inside its own step
+// (precision::AmpScalingStep: fabric::optim::FusedAdam, ...) gets the scale and
+// the flag instead of unscaled gradients, as Python's fused optimizers do; on a
+// skipped step its gradients stay scaled.
 #pragma once
 
 #include <cstdint>
@@ -54,9 +55,9 @@ class GradScaler {
 
   double get_scale() const;
   int64_t growth_tracker() const;
-  // The inf/nan flags unscale_() recorded for this optimizer (one float per
-  // device; nonzero: found). A sharding strategy all-reduces them (max) so that
-  // every rank skips the same steps. Empty before unscale_().
+  // The inf/nan flags unscale_() or prepare_step() recorded for this optimizer
+  // (one float per device; nonzero: found). A sharding strategy all-reduces them
+  // (max) so that every rank skips the same steps. Empty before either.
   std::vector<at::Tensor>& found_inf(torch::optim::Optimizer& optimizer) {
     return per_optimizer_[&optimizer].found_inf_per_device;
   }

@@ -65,7 +65,8 @@ inline std::pair<torch::Tensor, torch::Tensor> fsdp_global_batch(int step) {
   return {torch::randn({16, 5}, gen), torch::randn({16, 3}, gen)};
 }
 
-// The optimizers the tests compare: "adam", "adamw", "sgd" (with momentum).
+// The optimizers the tests compare: "adam", "adamw", "sgd" (with momentum), and
+// "fused_adam", "fused_adamw", "fused_sgd" with the same options.
 inline std::shared_ptr<torch::optim::Optimizer> fsdp_optimizer(const std::string& name,
                                                                std::vector<torch::Tensor> params) {
   // fused_adam, fused_adamw, fused_sgd: the same options in optim/fused.h's kernels

@@ -1,5 +1,5 @@
 // The program the fsdp tests start under `mpirun -np 2` (tests/fsdp_test.cpp).
-//   fsdp_worker MODE OUTDIR [--strategy fsdp|ddp] [--sharding S] [--optimizer adam|adamw|sgd]
+//   fsdp_worker MODE OUTDIR [--strategy fsdp|ddp] [--sharding S] [--optimizer adam|adamw|sgd|fused_adam|fused_adamw|fused_sgd]
 //               [--precision P] [--no-reshard] [--sequential] [--auto-wrap] [--width N]
 //               [--state-dict full|sharded] [--from CHECKPOINT] [--fp16-scaler]
 //               [--reduce-dtype fp32|bf16|fp16] [--accelerator cpu|cuda] [--devices N]

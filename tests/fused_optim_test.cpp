@@ -346,6 +346,23 @@ TEST(FusedOptim, GradScalerStepsThroughTheKernels) {
     scaler.step(*optimizer);
     EXPECT_TRUE(torch::allclose(params[0].grad(), expected)) << fused;
   }
+  // A flag summed over devices (2: inf on two of them) skips too: ATen's kernels
+  // skip only on exactly 1.
+  for (const bool adam : {true, false}) {
+    auto params = make_params();
+    const auto start = params[0].detach().clone();
+    set_grads(params, 2);
+    std::shared_ptr<fabric::precision::AmpScalingStep> optimizer;
+    if (adam) {
+      optimizer = std::make_shared<fabric::optim::FusedAdam>(params, torch::optim::AdamOptions(0.1));
+    } else {
+      optimizer = std::make_shared<fabric::optim::FusedSGD>(params, torch::optim::SGDOptions(0.1).momentum(0.9));
+    }
+    EXPECT_FALSE(optimizer->step_with_amp_scaling(torch::full({1}, 4.0), torch::full({1}, 2.0))) << adam;
+    EXPECT_TRUE(torch::equal(params[0].detach(), start)) << adam;
+    EXPECT_TRUE(optimizer->step_with_amp_scaling(torch::full({1}, 4.0), torch::zeros({1}))) << adam;
+    EXPECT_FALSE(torch::equal(params[0].detach(), start)) << adam;
+  }
   auto params = make_params();
   const auto start = params[0].detach().clone();
   set_grads(params, 2);
