@@ -34,6 +34,7 @@ test: setup
 bench: build
 	./bazel-bin/benchmarks/overhead/overhead
 	./bazel-bin/benchmarks/ddp/ddp
+	./bazel-bin/benchmarks/ddp/ddp --batch-size 256
 	./bazel-bin/benchmarks/fsdp/fsdp
 	./bazel-bin/benchmarks/fused/fused
 	./bazel-bin/benchmarks/vs_lightning/vs_lightning --python $(PYTHON)

@@ -147,7 +147,8 @@ int main(int argc, char** argv) {
               << "share of all-reduce time hidden behind backward (2 ranks): " << benchmarks::median(hidden) << "\n"
               << "2 ranks without all-reduce (ceiling) 2x1-thread/1x1-thread: "
               << benchmarks::median(two_unsynced) / benchmarks::median(one_thread) << "\n"
-              << "ddp scaling 2x1-thread/1x1-thread: " << two / benchmarks::median(one_thread) << "\n"
+              << "ddp scaling 2x1-thread/1x1-thread: " << two / benchmarks::median(one_thread)
+              << " (per-rank batch " << batch << ")\n"
               << "ddp 2-rank/1-rank throughput: " << two / benchmarks::median(one_rank) << std::endl;
     return 0;
   } catch (const std::exception& e) {
