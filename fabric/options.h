@@ -67,8 +67,8 @@ struct FabricOptions {
   // Keep freed host memory in the process for the next step instead of handing it
   // back to the system between steps (accelerators/cpu_memory.h): no page faults on
   // reused activation memory, and a resident size that stays near its peak.
-  // Process-wide, applied when the Fabric is constructed; the MALLOC_*_ environment
-  // variables, when set, win.
+  // Process-wide and lasting, applied when the Fabric is constructed; the user's
+  // MALLOC_*_ environment variables or glibc.malloc tunables, when set, win.
   bool retain_cpu_memory = true;
 };
 
