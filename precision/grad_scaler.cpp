@@ -61,16 +61,7 @@ void GradScaler::unscale_(torch::optim::Optimizer& optimizer) {
   if (stage == Stage::kStepped) {
     throw std::logic_error("GradScaler: unscale_() was called after step() in the same iteration");
   }
-  // Checked already (an AmpScalingStep optimizer): the flags, perhaps agreed
-  // between ranks since, are kept and only widened by this unscale's own check.
-  const auto previous = per_optimizer_[&optimizer].found_inf_per_device;
   check(optimizer, /*unscale=*/true);
-  if (stage == Stage::kChecked) {
-    auto& found = per_optimizer_[&optimizer].found_inf_per_device;
-    for (size_t i = 0; i < found.size() && i < previous.size(); ++i) {
-      found[i] = at::maximum(found[i], previous[i].to(found[i].device()));
-    }
-  }
 }
 
 void GradScaler::prepare_step(torch::optim::Optimizer& optimizer) {
@@ -122,9 +113,17 @@ void GradScaler::check(torch::optim::Optimizer& optimizer, bool unscale) {
     auto& found = found_inf.at(key.first);
     at::_amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale.to(found.device()));
   }
+  // Flags recorded earlier in this iteration (unscale_() after prepare_step() on an
+  // AmpScalingStep optimizer; a strategy may have agreed on them between ranks
+  // since) are kept and only widened by this check.
   auto& state = per_optimizer_[&optimizer];
+  const auto previous = std::move(state.found_inf_per_device);
   state.found_inf_per_device.clear();
   for (auto& [name, found] : found_inf) state.found_inf_per_device.push_back(found);
+  for (size_t i = 0; i < previous.size() && i < state.found_inf_per_device.size(); ++i) {
+    auto& found = state.found_inf_per_device[i];
+    found = at::maximum(found, previous[i].to(found.device()));
+  }
   state.stage = unscale ? Stage::kUnscaled : Stage::kChecked;
 }
 

@@ -46,20 +46,22 @@ double seconds_of(const std::function<void()>& work, int repeats) {
 
 using Make = std::function<std::shared_ptr<torch::optim::Optimizer>(std::vector<torch::Tensor>)>;
 
+// Copies of the model's parameters, each with a small random gradient.
+std::vector<torch::Tensor> copy_with_grads(Gpt& model) {
+  std::vector<torch::Tensor> params;
+  for (auto& p : model->parameters()) {
+    auto q = p.detach().clone().set_requires_grad(true);
+    q.mutable_grad() = torch::randn_like(q) * 1e-3;
+    params.push_back(q);
+  }
+  return params;
+}
+
 // Step time of `fused` over `loop` on copies of the model's parameters with
 // the same gradients.
 double step_ratio(const std::string& name, Gpt& model, const Make& loop, const Make& fused,
                   int steps, int rounds) {
-  auto copy = [&] {
-    std::vector<torch::Tensor> params;
-    for (auto& p : model->parameters()) {
-      auto q = p.detach().clone().set_requires_grad(true);
-      q.mutable_grad() = torch::randn_like(q) * 1e-3;
-      params.push_back(q);
-    }
-    return params;
-  };
-  auto loop_opt = loop(copy()), fused_opt = fused(copy());
+  auto loop_opt = loop(copy_with_grads(model)), fused_opt = fused(copy_with_grads(model));
   loop_opt->step();  // state allocated before timing
   fused_opt->step();
   std::vector<double> loop_times, fused_times;
@@ -84,12 +86,8 @@ double scaled_ratio(Gpt& model, int steps, int rounds) {
   };
   auto make = [&] {
     auto side = std::make_unique<Side>();
-    for (auto& p : model->parameters()) {
-      auto q = p.detach().clone().set_requires_grad(true);
-      q.mutable_grad() = torch::randn_like(q) * 1e-3;
-      side->params.push_back(q);
-      side->grads.push_back(q.grad());
-    }
+    side->params = copy_with_grads(model);
+    for (auto& q : side->params) side->grads.push_back(q.grad());
     side->optimizer = std::make_shared<fabric::optim::FusedAdam>(side->params, torch::optim::AdamOptions(1e-3));
     side->scaler.scale(torch::ones({1}, g_device));
     return side;
