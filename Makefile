@@ -6,14 +6,17 @@
 #               may skip), the GPU benchmarks; without a GPU it says so, exit 0
 #   make install PREFIX=DIR  install headers, libraries, fabric-run and the CMake
 #               package (find_package(TorchFabric)) into DIR (CMake build)
+#   make fuzz   build the libFuzzer targets of tests/fuzz/ (clang) and run each for
+#               FUZZ_SECONDS (60); findings in build/fuzz/findings-*
 # ARGS="..." passes extra flags to the example, e.g. make run ARGS="--max-steps 50".
 PYTHON ?= python3
 BAZEL ?= bazel
 ARGS ?=
 PREFIX ?= /usr/local
+FUZZ_SECONDS ?= 60
 export PYTHON
 
-.PHONY: all setup build run test bench install clean gpu-check
+.PHONY: all setup build run test bench install clean gpu-check fuzz
 all: build
 
 setup:
@@ -43,6 +46,10 @@ bench: build
 # No set-up: the GPU machines have CMake, nvcc and torch but no network (see the script).
 gpu-check:
 	@scripts/gpu_check.sh
+
+# Needs clang and torch only (no Bazel); see tests/fuzz/README.md.
+fuzz:
+	@scripts/fuzz.sh $(FUZZ_SECONDS)
 
 install: setup
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"

@@ -2,11 +2,13 @@
 
 #include "fabric/mapped_file.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <map>
 #include <stdexcept>
 #include <unordered_map>
+#include <unordered_set>
 
 #include <ATen/ops/empty.h>
 #include <c10/core/Storage.h>
@@ -42,11 +44,147 @@ c10::ScalarType storage_dtype(const std::string& type) {
   return it->second;
 }
 
+// Containers nested deeper than this are refused (Python's own pickler stops
+// at its recursion limit, 1000, so no file Python writes comes near it): every
+// walk over a checkpoint, and the destruction of its values, recurses once per
+// level.
+constexpr int64_t kMaxNesting = 1000;
+
+// The containers directly inside a value (list items, dict keys and values,
+// tuple elements); the address that identifies the container, or null.
+const void* container_of(const c10::IValue& v) {
+  if (v.isList() || v.isGenericDict() || v.isTuple()) return v.internalToPointer();
+  return nullptr;
+}
+void children_of(const c10::IValue& v, std::vector<c10::IValue>& out) {
+  if (v.isList()) {
+    for (const auto& item : v.toListRef()) out.push_back(item);
+  } else if (v.isGenericDict()) {
+    for (const auto& item : v.toGenericDict()) {
+      out.push_back(item.key());
+      out.push_back(item.value());
+    }
+  } else if (v.isTuple()) {
+    for (const auto& item : v.toTupleRef().elements()) out.push_back(item);
+  }
+}
+
+// Why `root` cannot be returned (a container that contains itself, nesting
+// deeper than kMaxNesting, or shared containers that expand to more than
+// kMaxExpanded values when walked as a tree, which every walk over a checkpoint
+// does: 60 lists each holding the previous one twice are 2^60 visits), or ""
+// when it can; `seen` gets every container in it. Iterative: the value may be
+// as deep as a forged file makes it.
+constexpr int64_t kMaxExpanded = int64_t{1} << 26;
+std::string nesting_problem(const c10::IValue& root, std::unordered_set<const void*>& seen) {
+  struct Frame {
+    std::vector<c10::IValue> children;
+    size_t next = 0;
+    const void* id;
+    int64_t expanded = 1;
+  };
+  std::unordered_set<const void*> on_path;
+  std::unordered_map<const void*, int64_t> expanded_of;
+  std::vector<Frame> path;
+  int64_t root_expanded = 0;
+  const auto add = [&](int64_t n) {
+    int64_t& total = path.empty() ? root_expanded : path.back().expanded;
+    total = std::min(kMaxExpanded + 1, total + n);
+  };
+  const auto enter = [&](const c10::IValue& v) -> std::string {
+    const void* id = container_of(v);
+    if (!id) {
+      add(1);
+      return "";
+    }
+    if (on_path.count(id)) return "a container that contains itself";
+    if (!seen.insert(id).second) {  // checked already (shared, not a cycle)
+      add(expanded_of[id]);
+      return "";
+    }
+    if (static_cast<int64_t>(path.size()) >= kMaxNesting) {
+      return "containers nested more than " + std::to_string(kMaxNesting) + " deep";
+    }
+    Frame frame{{}, 0, id};
+    children_of(v, frame.children);
+    on_path.insert(id);
+    path.push_back(std::move(frame));
+    return "";
+  };
+  if (auto why = enter(root); !why.empty()) return why;
+  while (!path.empty()) {
+    auto& frame = path.back();
+    if (frame.next == frame.children.size()) {
+      const int64_t expanded = frame.expanded;
+      expanded_of[frame.id] = expanded;
+      on_path.erase(frame.id);
+      path.pop_back();
+      add(expanded);
+      if (std::max(expanded, root_expanded) > kMaxExpanded) {
+        return "shared containers that expand to more than " + std::to_string(kMaxExpanded) +
+               " values";
+      }
+      continue;
+    }
+    const c10::IValue child = frame.children[frame.next++];
+    if (auto why = enter(child); !why.empty()) return why;
+  }
+  return "";
+}
+
+// Empties every container reachable from `roots` except those in `keep`,
+// without recursion, so that what is left is destroyed one level at a time
+// (a 100 000-deep or self-containing value would otherwise overflow the stack,
+// or leak).
+void dismantle(std::vector<c10::IValue> work, const std::unordered_set<const void*>& keep) {
+  std::unordered_set<const void*> done;
+  while (!work.empty()) {
+    c10::IValue v = std::move(work.back());
+    work.pop_back();
+    const void* id = container_of(v);
+    if (!id || keep.count(id) || !done.insert(id).second) continue;
+    children_of(v, work);
+    if (v.isList()) {
+      v.toList().clear();
+    } else if (v.isGenericDict()) {
+      v.toGenericDict().clear();
+    } else {
+      auto& tuple = *v.toTuple();
+      for (size_t i = 0; i < tuple.size(); ++i) tuple.unsafeSetElement(i, c10::IValue());
+    }
+  }
+}
+
 class Machine {
  public:
   Machine(caffe2::serialize::PyTorchStreamReader& reader, std::string what,
           std::vector<std::string>* notes, std::shared_ptr<const MappedFile> file)
       : reader_(reader), what_(std::move(what)), notes_(notes), file_(std::move(file)) {}
+  // Nothing the machine built is destroyed recursively: what the result does
+  // not hold is taken apart level by level (everything, after a failure).
+  ~Machine() {
+    std::vector<c10::IValue> all = std::move(graveyard_);
+    for (auto& v : stack_) all.push_back(std::move(v));
+    for (auto& item : memo_) all.push_back(std::move(item.second));
+    stack_.clear();
+    memo_.clear();
+    try {
+      dismantle(std::move(all), kept_);
+    } catch (...) {
+    }
+  }
+
+  // Unpickles, then checks the result's nesting (see kMaxNesting).
+  c10::IValue read(const char* data, size_t size) {
+    c10::IValue result = run(data, size);
+    graveyard_.push_back(result);  // taken apart with the rest if refused
+    const auto why = nesting_problem(result, kept_);
+    if (!why.empty()) {
+      kept_.clear();
+      fail(why);
+    }
+    return result;
+  }
 
   c10::IValue run(const char* data, size_t size) {
     data_ = data;
@@ -97,18 +235,20 @@ class Machine {
         case 'l':                                                           // LIST
         case 0x91: {                                                        // FROZENSET
           const size_t start = pop_mark();
-          GenericList list(c10::AnyType::get());
-          for (size_t i = start; i < stack_.size(); ++i) list.push_back(stack_[i]);
-          stack_.resize(start);
-          stack_.emplace_back(list);
+          std::vector<c10::IValue> items(stack_.begin() + static_cast<std::ptrdiff_t>(start), stack_.end());
+          drop_to(start);
+          c10::IValue list{GenericList(c10::AnyType::get())};
+          append(list, items);
+          stack_.push_back(std::move(list));
           break;
         }
         case 'd': {                                                         // DICT
           const size_t start = pop_mark();
-          auto dict = new_dict();
-          for (size_t i = start; i + 1 < stack_.size(); i += 2) dict.insert_or_assign(stack_[i], stack_[i + 1]);
-          stack_.resize(start);
-          stack_.emplace_back(dict);
+          std::vector<c10::IValue> items(stack_.begin() + static_cast<std::ptrdiff_t>(start), stack_.end());
+          drop_to(start);
+          c10::IValue dict{new_dict()};
+          set_items(dict, items);
+          stack_.push_back(std::move(dict));
           break;
         }
         case 'a': {                                                         // APPEND
@@ -120,7 +260,7 @@ class Machine {
         case 0x90: {                                                        // ADDITEMS
           const size_t start = pop_mark();
           std::vector<c10::IValue> items(stack_.begin() + static_cast<std::ptrdiff_t>(start), stack_.end());
-          stack_.resize(start);
+          drop_to(start);
           append(top(), items);
           break;
         }
@@ -133,17 +273,17 @@ class Machine {
         case 'u': {                                                         // SETITEMS
           const size_t start = pop_mark();
           std::vector<c10::IValue> items(stack_.begin() + static_cast<std::ptrdiff_t>(start), stack_.end());
-          stack_.resize(start);
+          drop_to(start);
           set_items(top(), items);
           break;
         }
         case '0': pop(); break;                                             // POP
-        case '1': stack_.resize(pop_mark()); break;                         // POP_MARK
+        case '1': drop_to(pop_mark()); break;                               // POP_MARK
         case '2': stack_.push_back(top()); break;                           // DUP
-        case 'q': memo_[le<uint8_t>()] = top(); break;                      // BINPUT
-        case 'r': memo_[le<uint32_t>()] = top(); break;                     // LONG_BINPUT
-        case 0x94: memo_[static_cast<uint32_t>(memo_.size())] = top(); break;  // MEMOIZE
-        case 'p': memo_[static_cast<uint32_t>(std::stoul(line()))] = top(); break;  // PUT
+        case 'q': remember(le<uint8_t>()); break;                           // BINPUT
+        case 'r': remember(le<uint32_t>()); break;                          // LONG_BINPUT
+        case 0x94: remember(static_cast<uint32_t>(memo_.size())); break;    // MEMOIZE
+        case 'p': remember(static_cast<uint32_t>(std::stoul(line()))); break;  // PUT
         case 'h': stack_.push_back(get_memo(le<uint8_t>())); break;         // BINGET
         case 'j': stack_.push_back(get_memo(le<uint32_t>())); break;        // LONG_BINGET
         case 'g': stack_.push_back(get_memo(static_cast<uint32_t>(std::stoul(line())))); break;  // GET
@@ -241,11 +381,41 @@ class Machine {
     if (!digits.empty() && digits.back() == 'L') digits.pop_back();
     return static_cast<int64_t>(std::stoll(digits));
   }
+  // Values leave the stack and memo only into the graveyard: none is destroyed
+  // while the pickle runs (see ~Machine).
   c10::IValue pop() {
     if (stack_.empty()) fail("the stack is empty");
     auto v = std::move(stack_.back());
     stack_.pop_back();
+    graveyard_.push_back(v);
     return v;
+  }
+  void drop_to(size_t size) {
+    while (stack_.size() > size) {
+      graveyard_.push_back(std::move(stack_.back()));
+      stack_.pop_back();
+    }
+  }
+  void remember(uint32_t key) {
+    auto& slot = memo_[key];
+    if (!slot.isNone()) graveyard_.push_back(std::move(slot));
+    slot = top();
+  }
+  // Containers get their nesting as they are built (a list or dict may still
+  // grow deeper afterwards: read() checks the result exactly).
+  void check_depth(const c10::IValue& container, const std::vector<c10::IValue>& items) {
+    int64_t depth = 1;
+    for (const auto& item : items) {
+      if (const void* id = container_of(item)) {
+        auto it = depth_.find(id);
+        depth = std::max(depth, (it == depth_.end() ? 1 : it->second) + 1);
+      }
+    }
+    auto& known = depth_[container.internalToPointer()];
+    known = std::max(known, depth);
+    if (known > kMaxNesting) {
+      fail("containers nested more than " + std::to_string(kMaxNesting) + " deep");
+    }
   }
   c10::IValue& top() {
     if (stack_.empty()) fail("the stack is empty");
@@ -261,8 +431,10 @@ class Machine {
   void tuple(size_t n) {
     if (n > stack_.size()) fail("a tuple longer than the stack");
     std::vector<c10::IValue> items(stack_.end() - static_cast<std::ptrdiff_t>(n), stack_.end());
-    stack_.resize(stack_.size() - n);
-    stack_.emplace_back(c10::ivalue::Tuple::create(std::move(items)));
+    drop_to(stack_.size() - n);
+    c10::IValue t(c10::ivalue::Tuple::create(items));
+    check_depth(t, items);
+    stack_.push_back(std::move(t));
   }
   c10::IValue get_memo(uint32_t key) {
     auto it = memo_.find(key);
@@ -273,11 +445,17 @@ class Machine {
     if (!target.isList()) fail("append onto a " + std::string(target.tagKind()));
     auto list = target.toList();
     for (const auto& item : items) list.push_back(item);
+    check_depth(target, items);
   }
   void set_items(c10::IValue& target, const std::vector<c10::IValue>& items) {
     if (!target.isGenericDict()) fail("setitem onto a " + std::string(target.tagKind()));
     auto dict = target.toGenericDict();
-    for (size_t i = 0; i + 1 < items.size(); i += 2) dict.insert_or_assign(items[i], items[i + 1]);
+    check_depth(target, items);  // before hashing keys (a deep tuple key hashes recursively)
+    for (size_t i = 0; i + 1 < items.size(); i += 2) {
+      auto old = dict.find(items[i]);
+      if (old != dict.end()) graveyard_.push_back(old->value());
+      dict.insert_or_assign(items[i], items[i + 1]);
+    }
   }
   static std::vector<c10::IValue> elements(const c10::IValue& args) {
     if (args.isTuple()) return args.toTupleRef().elements().vec();
@@ -290,6 +468,37 @@ class Machine {
     dict.insert("__python_class__", cls);
     if (!elements(args).empty()) dict.insert("__args__", args);
     return dict;
+  }
+  // The dtype a _rebuild_tensor_v3 names (the global torch.<name>).
+  c10::ScalarType tensor_dtype(const c10::IValue& value) {
+    static const std::unordered_map<std::string, c10::ScalarType> dtypes = {
+        {"torch.float32", c10::kFloat},       {"torch.float64", c10::kDouble},
+        {"torch.float16", c10::kHalf},        {"torch.bfloat16", c10::kBFloat16},
+        {"torch.int8", c10::kChar},           {"torch.int16", c10::kShort},
+        {"torch.int32", c10::kInt},           {"torch.int64", c10::kLong},
+        {"torch.uint8", c10::kByte},          {"torch.bool", c10::kBool},
+        {"torch.uint16", c10::kUInt16},       {"torch.uint32", c10::kUInt32},
+        {"torch.uint64", c10::kUInt64},       {"torch.complex64", c10::kComplexFloat},
+        {"torch.complex128", c10::kComplexDouble},
+        {"torch.float8_e4m3fn", c10::ScalarType::Float8_e4m3fn},
+        {"torch.float8_e5m2", c10::ScalarType::Float8_e5m2},
+        {"torch.float8_e4m3fnuz", c10::ScalarType::Float8_e4m3fnuz},
+        {"torch.float8_e5m2fnuz", c10::ScalarType::Float8_e5m2fnuz},
+        {"torch.float8_e8m0fnu", c10::ScalarType::Float8_e8m0fnu}};
+    const std::string name = is_global(value) ? global_name(value)
+                             : value.isString() ? value.toStringRef()
+                                                : std::string("a ") + value.tagKind();
+    auto it = dtypes.find(name);
+    if (it == dtypes.end()) {
+      std::vector<std::string> names;
+      for (const auto& item : dtypes) names.push_back(item.first);
+      std::sort(names.begin(), names.end());
+      std::string valid;
+      for (const auto& n : names) valid += (valid.empty() ? "" : ", ") + n;
+      fail("a tensor of dtype " + name + ", which this reader does not support (it reads " +
+           valid + ")");
+    }
+    return it->second;
   }
   c10::IValue call(const c10::IValue& callable, const c10::IValue& args) {
     if (!is_global(callable)) fail("a call of something that is not a class or function");
@@ -305,9 +514,19 @@ class Machine {
       for (const auto& s : sizes) size.push_back(s.isInt() ? s.toInt() : -1);
       for (const auto& s : strides) stride.push_back(s.isInt() ? s.toInt() : -1);
       const int64_t offset = a[1].toInt();
-      const auto problem = tensor_extent_problem(offset, size, stride, storage.numel());
+      // v3 (dtypes without a typed storage class: uint16/32/64, the float8s)
+      // names the dtype; its storage is untyped bytes.
+      c10::ScalarType dtype = storage.scalar_type();
+      if (name == "torch._utils._rebuild_tensor_v3" && a.size() >= 7) dtype = tensor_dtype(a[6]);
+      const int64_t item = static_cast<int64_t>(c10::elementSize(dtype));
+      const int64_t nbytes = static_cast<int64_t>(storage.storage().nbytes());
+      if (nbytes % item != 0) {
+        fail("a storage of " + std::to_string(nbytes) + " bytes read as " +
+             std::string(c10::toString(dtype)) + " (" + std::to_string(item) + "-byte elements)");
+      }
+      const auto problem = tensor_extent_problem(offset, size, stride, nbytes / item);
       if (!problem.empty()) fail(problem);
-      at::Tensor t = at::empty({0}, storage.options());
+      at::Tensor t = at::empty({0}, storage.options().dtype(dtype));
       t.set_(storage.storage(), offset, size, stride);
       return t;
     }
@@ -429,6 +648,9 @@ class Machine {
   std::vector<c10::IValue> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint32_t, c10::IValue> memo_;
+  std::vector<c10::IValue> graveyard_;
+  std::unordered_map<const void*, int64_t> depth_;
+  std::unordered_set<const void*> kept_;  // containers of the returned value
   std::unordered_map<std::string, at::Tensor> storages_;
 };
 
@@ -490,7 +712,7 @@ c10::IValue read_pickle_archive(caffe2::serialize::PyTorchStreamReader& reader,
   if (!reader.hasRecord("data.pkl")) throw std::runtime_error(what + ": the archive has no data.pkl");
   auto [data, size] = reader.getRecord("data.pkl");
   Machine machine(reader, what, notes, std::move(file));
-  auto value = machine.run(static_cast<const char*>(data.get()), size);
+  auto value = machine.read(static_cast<const char*>(data.get()), size);
   if (is_global(value)) return global_name(value);
   name_globals(value);
   return value;

@@ -52,7 +52,11 @@ class Sharded : public torch::nn::ModuleHolder<Impl> {
   auto operator()(Args&&... args) {
     Impl& impl = *this->get();
     return strategies::run_sharding_unit(
-        impl, [&]() { return impl.forward(std::forward<Args>(args)...); });
+        impl,
+        [&impl](auto&&... in) -> decltype(impl.forward(std::forward<decltype(in)>(in)...)) {
+          return impl.forward(std::forward<decltype(in)>(in)...);
+        },
+        std::forward<Args>(args)...);
   }
 
  private:

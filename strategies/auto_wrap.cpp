@@ -26,7 +26,8 @@ class SequentialUnitImpl : public torch::nn::Module {
     if (!module->is_training()) Module::train(false);
   }
   at::Tensor forward(at::Tensor input) {
-    return run_sharding_unit(*this, [&]() { return inner_.forward(std::move(input)); });
+    return run_sharding_unit(
+        *this, [this](at::Tensor in) { return inner_.forward(std::move(in)); }, std::move(input));
   }
   void train(bool on) override {
     Module::train(on);

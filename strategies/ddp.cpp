@@ -7,6 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/tensor.h>
 #include <c10/util/strides.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
@@ -17,6 +18,7 @@
 #include <torch/nn/module.h>
 
 #include "precision/precision.h"
+#include "strategies/module_identity.h"
 #include "strategies/mpi_backend.h"
 #include "strategies/nccl_backend.h"
 
@@ -32,7 +34,7 @@ struct DDPStrategy::ModuleState {
     size_t pending = 0;  // parameters whose gradient has not arrived yet
     c10::intrusive_ptr<c10d::Work> work;
   };
-  const torch::nn::Module* module = nullptr;
+  ModuleIdentity identity;
   std::vector<Bucket> buckets;
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
   std::vector<at::Tensor> buffers;
@@ -52,11 +54,16 @@ DDPStrategy::~DDPStrategy() = default;
 
 void DDPStrategy::setup_module(torch::nn::Module& module) {
   for (const auto& state : modules_) {
-    if (state->module == &module) return;  // already set up: hooks exist, state is synced
+    if (state->identity.is(module)) return;  // already set up: hooks exist, state is synced
   }
+  // Modules that are gone (a sweep loop's earlier models): drop their buckets.
+  // Their hooks go with the gradient accumulators only this state kept alive.
+  modules_.erase(std::remove_if(modules_.begin(), modules_.end(),
+                                [](const auto& s) { return s->identity.expired(); }),
+                 modules_.end());
   module.to(root_device());
   auto state = std::make_unique<ModuleState>();
-  state->module = &module;
+  state->identity = ModuleIdentity(module);
   // Every rank starts from rank 0's weights and buffers.
   broadcast_module_state(module);
   for (auto& b : module.buffers()) state->buffers.push_back(b);
@@ -145,7 +152,7 @@ precision::ScopePtr DDPStrategy::forward_context(torch::nn::Module& module) {
     return nullptr;
   }
   for (auto& state : modules_) {
-    if (state->module != &module || state->buffers.empty()) continue;
+    if (!state->identity.is(module) || state->buffers.empty()) continue;
     torch::NoGradGuard no_grad;
     c10d::BroadcastOptions root;
     root.rootRank = 0;
@@ -182,8 +189,21 @@ void DDPStrategy::backward(const at::Tensor& loss, precision::Precision& precisi
 void DDPStrategy::finish_sync(ModuleState& state,
                               std::chrono::steady_clock::time_point backward_end) {
   std::vector<std::string> unused;
+  // Under find_unused_parameters: which parameters got a gradient on this rank
+  // (1) or not (0), one entry per parameter in bucket order; summed over the
+  // ranks, a 0 means no rank used it.
+  std::vector<int32_t> used;
+  std::vector<int64_t> first_of_bucket;
   {
     std::lock_guard<std::mutex> lock(state.mutex);
+    if (options_.find_unused_parameters) {
+      int64_t count = 0;
+      for (const auto& bucket : state.buckets) {
+        first_of_bucket.push_back(count);
+        count += static_cast<int64_t>(bucket.params.size());
+      }
+      used.assign(static_cast<size_t>(count), 1);
+    }
     for (size_t b = state.next_launch; b < state.buckets.size(); ++b) {
       auto& bucket = state.buckets[b];
       for (size_t i = 0; i < bucket.params.size(); ++i) {
@@ -191,12 +211,23 @@ void DDPStrategy::finish_sync(ModuleState& state,
         bucket.flat.narrow(0, bucket.offsets[i], bucket.params[i].numel()).zero_();
         bucket.ready[i] = 1;
         unused.push_back(bucket.names[i]);
+        if (!used.empty()) used[static_cast<size_t>(first_of_bucket[b]) + i] = 0;
       }
       bucket.pending = 0;
     }
     launch_full_buckets(state);
   }
-  for (auto& bucket : state.buckets) {
+  std::vector<char> globally_unused;
+  if (!used.empty()) {
+    // After the buckets, so every rank issues the same collectives in the same order.
+    std::vector<at::Tensor> one = {at::tensor(used, at::kInt).to(root_device())};
+    backend().allreduce(one, c10d::AllreduceOptions())->wait();
+    auto host = one[0].cpu();
+    const int32_t* counts = host.data_ptr<int32_t>();
+    for (int64_t i = 0; i < host.numel(); ++i) globally_unused.push_back(counts[i] == 0);
+  }
+  for (size_t b = 0; b < state.buckets.size(); ++b) {
+    auto& bucket = state.buckets[b];
     bucket.work->wait();
     if (auto timing = collective_timing(bucket.work)) {
       const double total = std::chrono::duration<double>(timing->end - timing->start).count();
@@ -211,6 +242,9 @@ void DDPStrategy::finish_sync(ModuleState& state,
     ++stats_.buckets_reduced;
     for (size_t i = 0; i < bucket.params.size(); ++i) {
       auto& param = bucket.params[i];
+      // No rank used it: its gradient stays as it was (undefined after
+      // zero_grad), so optimizers skip it, as with PyTorch's DDP.
+      if (!globally_unused.empty() && globally_unused[first_of_bucket[b] + i]) continue;
       auto slice = bucket.flat.narrow(0, bucket.offsets[i], param.numel()).view(param.sizes());
       if (options_.gradient_as_bucket_view) {
         // An alias of the bucket's memory that autograd does not track as a view,
@@ -233,7 +267,8 @@ void DDPStrategy::finish_sync(ModuleState& state,
     throw std::runtime_error(
         "ddp: these parameters received no gradient in this backward: " + names +
         ". If the model does not use every parameter in every step, pass "
-        "find_unused_parameters=true (their gradients then count as zero)");
+        "find_unused_parameters=true (a parameter some rank used then gets the average with "
+        "zeros from the others; one no rank used keeps its gradient as it was)");
   }
 }
 

@@ -10,7 +10,11 @@
 //
 // Gradient sync happens in Fabric::backward (the loss must go through it);
 // no_backward_sync turns it off for accumulation steps. Parameters that receive no
-// gradient are an error unless find_unused_parameters, which treats them as zero.
+// gradient are an error unless find_unused_parameters: then the ranks agree on
+// which parameters any of them used (one all-reduce of a used-map per backward,
+// as PyTorch's reducer); a parameter used on some ranks averages with zeros from
+// the others, one used on none keeps its gradient untouched (undefined after
+// zero_grad, so optimizers skip it: no weight decay, no moment updates).
 #pragma once
 
 #include <chrono>

@@ -16,6 +16,7 @@
 #include <c10/core/StorageImpl.h>
 #include <c10/util/strides.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/csrc/autograd/variable.h>
@@ -26,6 +27,7 @@
 #include "util/quoted_list.h"
 #include "precision/grad_scaler.h"
 #include "strategies/auto_wrap.h"
+#include "strategies/module_identity.h"
 
 namespace fabric::strategies {
 
@@ -42,6 +44,10 @@ struct FSDPStrategy::FlatUnit {
   at::Tensor shard;                 // this rank's slice, persistent
   at::Tensor full;                  // the gathered buffer; its storage is released when resharded
   std::vector<at::Tensor> stashed;  // gradient pieces present when gathering
+  // Per parameter: a gradient was accumulated into it while gathered (set by a
+  // post-accumulate-grad hook), so its .grad is this backward's full gradient,
+  // not a piece left from an earlier step or micro-step.
+  std::vector<char> fresh;
 
   // Parameter i's part of this rank's shard, in flat coordinates [lo, hi).
   std::pair<int64_t, int64_t> piece_range(size_t i) const {
@@ -63,43 +69,76 @@ struct FSDPStrategy::FlatUnit {
 struct FSDPStrategy::Unit {
   std::string name;  // dotted path in the set-up module; "" for the root
   torch::nn::Module* module = nullptr;
+  ModuleIdentity identity;
   bool root = false;
   std::vector<std::unique_ptr<FlatUnit>> flats;  // one per parameter dtype
   int64_t numel = 0;
-  // Backward bookkeeping: the gradient accumulators this step's forwards created
-  // (weak: one that dies with its graph will never fire), how many fired, and
-  // whether gradients wait to be reduced.
-  std::vector<std::weak_ptr<torch::autograd::Node>> accumulators;
-  int64_t fired = 0;
-  bool needs_reduce = false;
+  // Backward bookkeeping, reset by every fabric.backward. A unit is reduced
+  // inside the backward only at a point every rank reaches in the same order:
+  // when the gradients with respect to its inputs exist (the post-backward
+  // identities mark_input put on them have all run), and only if every forward
+  // of it this step had such inputs. Otherwise, when fabric.backward returns,
+  // in unit order. Which parameters happened to get a gradient on this rank
+  // plays no part (that differs between ranks when a loss term is conditional).
+  bool needs_reduce = false;     // a forward for backward ran with trainable parameters
+  int64_t pending_inputs = 0;    // post-backward identities not yet run
+  bool unmarked_call = false;    // a forward for backward had no input requiring grad
   bool holding = false;  // full gradients kept by a backward under no_backward_sync
   struct Call {
     bool for_backward, gathered_now, holding;
+    int64_t marked_inputs;
   };
   std::vector<Call> calls;  // forwards of this unit in progress
 
   std::string display() const { return root ? "<root>" : name; }
-  int64_t live_accumulators() const {
-    int64_t n = 0;
-    for (const auto& a : accumulators) n += a.expired() ? 0 : 1;
-    return n;
+  bool trainable() const {
+    for (const auto& flat : flats) {
+      for (const auto& p : flat->params) {
+        if (p.requires_grad()) return true;
+      }
+    }
+    return false;
+  }
+  void reset_backward() {
+    pending_inputs = 0;
+    unmarked_call = false;
   }
 };
 
 struct FSDPStrategy::ModuleState {
-  const torch::nn::Module* module = nullptr;
+  ModuleIdentity identity;
   std::vector<std::unique_ptr<Unit>> units;  // the root first, then blocks in module order
 };
 
 // Runs after every gradient accumulation into one of a unit's parameters.
 class FSDPStrategy::GradReadyHook : public torch::autograd::PostAccumulateGradHook {
  public:
-  GradReadyHook(FSDPStrategy& strategy, Unit& unit) : strategy_(strategy), unit_(unit) {}
-  void operator()(const torch::autograd::Variable&) override { strategy_.on_gradient_ready(unit_); }
+  GradReadyHook(FlatUnit& flat, size_t index) : flat_(flat), index_(index) {}
+  void operator()(const torch::autograd::Variable&) override { flat_.fresh[index_] = 1; }
 
  private:
-  FSDPStrategy& strategy_;
-  Unit& unit_;
+  FlatUnit& flat_;
+  size_t index_;
+};
+
+// The identity mark_input puts on a unit's input: its backward runs once the
+// gradient with respect to that input is complete, i.e. after the unit's own
+// backward (every node the unit's forward made has a higher sequence number
+// and runs first, the parameters' AccumulateGrad nodes too).
+struct FSDPStrategy::PostBackward : public torch::autograd::Function<PostBackward> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
+                            int64_t strategy, int64_t unit) {
+    ctx->saved_data["strategy"] = strategy;
+    ctx->saved_data["unit"] = unit;
+    return input;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* strategy = reinterpret_cast<FSDPStrategy*>(ctx->saved_data["strategy"].toInt());
+    auto* unit = reinterpret_cast<Unit*>(ctx->saved_data["unit"].toInt());
+    strategy->post_backward(*unit);
+    return {grads[0], at::Tensor(), at::Tensor()};
+  }
 };
 
 namespace {
@@ -181,7 +220,7 @@ FSDPStrategy::FSDPStrategy(Topology topology, ProcessGroupOptions process_group,
 FSDPStrategy::~FSDPStrategy() {
   for (auto& state : modules_) {
     for (auto& unit : state->units) {
-      if (!unit->root) set_unit_runner(*unit->module, nullptr);
+      if (!unit->root && !unit->identity.expired()) set_unit_runner(*unit->module, nullptr);
       for (auto& flat : unit->flats) {
         for (auto& p : flat->params) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
       }
@@ -191,7 +230,7 @@ FSDPStrategy::~FSDPStrategy() {
 
 FSDPStrategy::ModuleState* FSDPStrategy::find(const torch::nn::Module* module) {
   for (auto& state : modules_) {
-    if (state->module == module) return state.get();
+    if (state->identity.is(*module)) return state.get();
   }
   return nullptr;
 }
@@ -199,7 +238,7 @@ FSDPStrategy::ModuleState* FSDPStrategy::find(const torch::nn::Module* module) {
 FSDPStrategy::Unit* FSDPStrategy::unit_of(const torch::nn::Module& module) {
   for (auto& state : modules_) {
     for (auto& unit : state->units) {
-      if (unit->module == &module) return unit.get();
+      if (unit->identity.is(module)) return unit.get();
     }
   }
   return nullptr;
@@ -236,18 +275,32 @@ std::optional<std::vector<int64_t>> FSDPStrategy::full_shape(const at::Tensor& p
 
 void FSDPStrategy::setup_module(torch::nn::Module& module) {
   if (find(&module)) return;  // already set up (init_module + setup, or setup twice)
+  // Modules that are gone (a sweep loop's earlier models): drop their state and
+  // the hooks on their parameters (an optimizer may still hold them).
+  for (auto& old : modules_) {
+    if (!old->identity.expired()) continue;
+    for (auto& unit : old->units) {
+      for (auto& flat : unit->flats) {
+        for (auto& p : flat->params) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+      }
+    }
+  }
+  modules_.erase(std::remove_if(modules_.begin(), modules_.end(),
+                                [](const auto& s) { return s->identity.expired(); }),
+                 modules_.end());
   module.to(root_device());
   broadcast_module_state(module);
   for (auto& adapter : apply_auto_wrap(module, options_.auto_wrap_policy)) {
     adapters_.push_back(adapter);
   }
   auto state = std::make_unique<ModuleState>();
-  state->module = &module;
+  state->identity = ModuleIdentity(module);
 
   // The root, then every marked module (or auto-wrap adapter) in module order.
   state->units.push_back(std::make_unique<Unit>());
   state->units[0]->root = true;
   state->units[0]->module = &module;
+  state->units[0]->identity = ModuleIdentity(module);
   std::unordered_set<const torch::nn::Module*> seen_modules;
   for (const auto& item : module.named_modules("", /*include_self=*/false)) {
     auto* m = item.value().get();
@@ -257,6 +310,7 @@ void FSDPStrategy::setup_module(torch::nn::Module& module) {
     auto unit = std::make_unique<Unit>();
     unit->name = item.key();
     unit->module = m;
+    unit->identity = ModuleIdentity(*m);
     state->units.push_back(std::move(unit));
   }
   // Each parameter belongs to the innermost unit whose path contains it.
@@ -326,14 +380,13 @@ void FSDPStrategy::setup_module(torch::nn::Module& module) {
       auto all = at::cat(pieces);
       flat->shard = all.narrow(0, flat->shard_begin, flat->shard_numel).clone();
       flat->stashed.resize(flat->params.size());
+      flat->fresh.assign(flat->params.size(), 0);
       for (size_t i = 0; i < flat->params.size(); ++i) {
         auto& p = flat->params[i];
         p.mutable_grad() = at::Tensor();
         point(p, flat->piece(i));
-        if (p.requires_grad()) {
-          torch::autograd::impl::set_post_acc_grad_hooks(
-              p, std::make_unique<GradReadyHook>(*this, *unit));
-        }
+        // On every parameter, trainable or not now (requires_grad may change).
+        torch::autograd::impl::set_post_acc_grad_hooks(p, std::make_unique<GradReadyHook>(*flat, i));
       }
     }
     if (!unit->root) set_unit_runner(*unit->module, this);
@@ -412,18 +465,34 @@ void FSDPStrategy::reduce_gradients(FlatUnit& unit) {
     reduce_options = reduce_options.dtype(*reduce_dtype_);
   }
   auto flat = at::zeros({unit.padded}, reduce_options);
+  // Gradient pieces from before this backward (not zeroed) are added afterwards:
+  // set aside by the gather, or still on the parameter when this backward gave
+  // it nothing (a micro-step whose loss did not reach it).
+  std::vector<at::Tensor> earlier(unit.params.size());
+  std::swap(earlier, unit.stashed);
+  unit.stashed.resize(unit.params.size());
   for (size_t i = 0; i < unit.params.size(); ++i) {
-    const auto& grad = unit.params[i].grad();
-    if (!grad.defined() || grad.numel() != unit.numels[i]) continue;
+    auto& p = unit.params[i];
+    const at::Tensor grad = p.grad();
+    const bool fresh = unit.fresh[i] != 0;
+    unit.fresh[i] = 0;
+    if (!grad.defined()) continue;
+    if (!fresh) {
+      if (!earlier[i].defined()) earlier[i] = grad;
+      p.mutable_grad() = at::Tensor();
+      continue;
+    }
+    if (grad.numel() != unit.numels[i]) {
+      throw std::runtime_error("fsdp: the gradient of '" + unit.names[i] + "' has " +
+                               std::to_string(grad.numel()) + " elements, the parameter " +
+                               std::to_string(unit.numels[i]) +
+                               "; do not replace a parameter's gradient inside a backward");
+    }
     flat.narrow(0, unit.offsets[i], unit.numels[i]).copy_(grad.reshape({-1}));
   }
   // Every unit that ran a forward for backward is reduced on every rank (zeros
   // where no gradient came), so the collectives stay in step.
   flat.div_(static_cast<double>(topology_.world_size));
-  // Gradient pieces from before this backward (not zeroed) are added afterwards.
-  std::vector<at::Tensor> earlier(unit.params.size());
-  std::swap(earlier, unit.stashed);
-  unit.stashed.resize(unit.params.size());
   at::Tensor grad_shard;
   if (unit.sharded) {
     grad_shard = at::empty({unit.shard_numel}, flat.options());
@@ -449,7 +518,15 @@ void FSDPStrategy::reduce_gradients(FlatUnit& unit) {
     } else {
       g = alias(grad_shard, unit.offsets[i], unit.shapes[i]);
     }
-    if (earlier[i].defined()) g.add_(earlier[i]);
+    if (earlier[i].defined()) {
+      if (earlier[i].numel() != g.numel()) {
+        throw std::runtime_error("fsdp: the gradient of '" + unit.names[i] + "' kept from before "
+                                 "this backward has " + std::to_string(earlier[i].numel()) +
+                                 " elements, this rank's piece " + std::to_string(g.numel()) +
+                                 "; assign parameters' gradients only through backward");
+      }
+      g.add_(earlier[i]);
+    }
     p.mutable_grad() = g;
   }
 }
@@ -458,8 +535,6 @@ void FSDPStrategy::reduce_unit(Unit& unit) {
   for (auto& flat : unit.flats) reduce_gradients(*flat);
   unit.needs_reduce = false;
   unit.holding = false;
-  unit.fired = 0;
-  unit.accumulators.clear();
 }
 
 void FSDPStrategy::begin_forward(Unit& unit, bool for_backward) {
@@ -469,31 +544,33 @@ void FSDPStrategy::begin_forward(Unit& unit, bool for_backward) {
     unshard(*flat);
     gathered_now = true;
   }
-  unit.calls.push_back({for_backward, gathered_now, unit.holding});
+  unit.calls.push_back({for_backward, gathered_now, unit.holding, 0});
 }
 
-void FSDPStrategy::count_gradients_expected(Unit& unit) {
-  auto& accs = unit.accumulators;
-  accs.erase(std::remove_if(accs.begin(), accs.end(), [](const auto& a) { return a.expired(); }),
-             accs.end());
-  for (auto& flat : unit.flats) {
-    for (const auto& p : flat->params) {
-      if (!p.requires_grad()) continue;
-      auto acc = torch::autograd::impl::try_get_grad_accumulator(p);
-      if (!acc) continue;  // not used by this forward
-      const bool known = std::any_of(accs.begin(), accs.end(),
-                                     [&](const auto& a) { return a.lock() == acc; });
-      if (!known) accs.push_back(acc);
-    }
+void FSDPStrategy::end_forward_for_backward(Unit& unit, int64_t marked_inputs) {
+  if (unit.trainable()) unit.needs_reduce = true;
+  if (marked_inputs == 0) unit.unmarked_call = true;
+}
+
+at::Tensor FSDPStrategy::mark_input(torch::nn::Module& module, const at::Tensor& input) {
+  Unit* unit = unit_of(module);
+  if (!unit || unit->calls.empty() || !input.defined() || !input.requires_grad() ||
+      !torch::autograd::GradMode::is_enabled()) {
+    return input;
   }
-  if (!accs.empty()) unit.needs_reduce = true;
+  ++unit->calls.back().marked_inputs;
+  ++unit->pending_inputs;
+  return PostBackward::apply(input, reinterpret_cast<int64_t>(this),
+                             reinterpret_cast<int64_t>(unit));
 }
 
-void FSDPStrategy::on_gradient_ready(Unit& unit) {
-  ++unit.fired;
-  if (unit.fired < unit.live_accumulators()) return;
-  if (!sync_ || !unit.needs_reduce) return;  // no_backward_sync: keep full gradients
-  reduce_unit(unit);
+void FSDPStrategy::post_backward(Unit& unit) {
+  if (--unit.pending_inputs > 0 || unit.unmarked_call || !unit.calls.empty()) return;
+  if (unit.needs_reduce) {
+    if (sync_) reduce_unit(unit);  // no_backward_sync: keep full parameters and gradients
+  } else if (!unit.holding) {
+    reshard_unit(unit);  // frozen: nothing to reduce, the backward is done with it
+  }
 }
 
 void FSDPStrategy::pre_forward(torch::nn::Module& module) {
@@ -507,19 +584,23 @@ void FSDPStrategy::post_forward(torch::nn::Module& module, const std::vector<at:
   if (!unit || unit->calls.empty()) return;
   const auto call = unit->calls.back();
   unit->calls.pop_back();
-  if (call.for_backward) count_gradients_expected(*unit);
-  if (!call.for_backward || !unit->needs_reduce) {
+  if (call.for_backward) end_forward_for_backward(*unit, call.marked_inputs);
+  bool hooked = false;
+  if (call.for_backward) {
+    // Pre-backward: gather the parameters again before the unit's backward runs,
+    // for every output that requires grad, trainable unit or frozen (the backward
+    // through a frozen unit needs its weights too).
+    for (const auto& out : outputs) {
+      if (!out.defined() || !out.requires_grad()) continue;
+      out.register_hook([this, unit](const at::Tensor&) {
+        for (auto& flat : unit->flats) unshard(*flat);
+      });
+      hooked = true;
+    }
+  }
+  if (!hooked && !unit->needs_reduce) {  // no backward will come through this call
     if (call.gathered_now) reshard_unit(*unit);
     return;
-  }
-  // Pre-backward: gather the parameters again before the unit's backward runs.
-  bool hooked = false;
-  for (const auto& out : outputs) {
-    if (!out.defined() || !out.requires_grad()) continue;
-    out.register_hook([this, unit](const at::Tensor&) {
-      for (auto& flat : unit->flats) unshard(*flat);
-    });
-    hooked = true;
   }
   const bool free_now = hooked && call.gathered_now && !call.holding && sync_ &&
                         options_.sharding_strategy == "FULL_SHARD" &&
@@ -543,11 +624,11 @@ class FSDPStrategy::RootScope : public precision::Scope {
     if (root_.calls.empty()) return;
     const auto call = root_.calls.back();
     root_.calls.pop_back();
-    if (call.for_backward) strategy_.count_gradients_expected(root_);
-    // The root stays gathered until its gradients are reduced.
-    if ((!call.for_backward || !root_.needs_reduce) && call.gathered_now) {
-      strategy_.reshard_unit(root_);
-    }
+    if (call.for_backward) strategy_.end_forward_for_backward(root_, call.marked_inputs);
+    // For a backward the root stays gathered until fabric.backward ends (its
+    // outputs are not seen here, so a frozen root stays too: the backward through
+    // it needs its weights).
+    if (!call.for_backward && call.gathered_now) strategy_.reshard_unit(root_);
   }
 
  private:
@@ -594,13 +675,13 @@ void FSDPStrategy::backward(const at::Tensor& loss, precision::Precision& precis
   precision.pre_backward(loss).backward();
   for (auto& state : modules_) {
     for (auto& unit : state->units) {
+      unit->reset_backward();
       if (!sync_) {  // no_backward_sync: keep full parameters and gradients
         unit->holding = unit->holding || unit->needs_reduce;
-        unit->fired = 0;
-        unit->accumulators.clear();
+        if (!unit->holding && unit->calls.empty()) reshard_unit(*unit);
         continue;
       }
-      // Units whose gradients did not all arrive (parameters unused this step).
+      // Units not reduced inside the backward, in unit order on every rank.
       if (unit->needs_reduce) {
         reduce_unit(*unit);
       } else if (unit->calls.empty()) {
@@ -684,6 +765,24 @@ class FSDPStrategy::StateScope : public precision::Scope {
         }
       }
     }
+    // Loading an optimizer checks its state's shapes against the parameters:
+    // gather the units that own them too (only for their shapes: leave() frees
+    // them without touching the parameters' values).
+    if (loading_) {
+      for (auto* optimizer : optimizers) {
+        for (const auto& p : optimizer_parameters(*optimizer)) {
+          auto it = owner.find(p.unsafeGetTensorImpl());
+          if (it == owner.end()) continue;
+          auto* unit = it->second.first;
+          if (unit->gathered() ||
+              std::find(units_.begin(), units_.end(), unit) != units_.end()) {
+            continue;
+          }
+          strategy_.unshard(*unit);
+          shape_only_.push_back(unit);
+        }
+      }
+    }
     // Optimizer state: per unit and per slot, gather the pieces into full tensors.
     for (auto* optimizer : optimizers) {
       struct Entry {
@@ -735,6 +834,7 @@ class FSDPStrategy::StateScope : public precision::Scope {
       for (auto* unit : gathered_) strategy_.reshard(*unit, /*copy_back=*/false);
       return;
     }
+    for (auto* unit : shape_only_) strategy_.reshard(*unit, /*copy_back=*/false);
     // After a load: the full values become this rank's pieces again.
     for (auto* unit : units_) {
       if (std::find(gathered_.begin(), gathered_.end(), unit) != gathered_.end()) {
@@ -764,7 +864,7 @@ class FSDPStrategy::StateScope : public precision::Scope {
   }
   FSDPStrategy& strategy_;
   bool loading_;
-  std::vector<FlatUnit*> units_, gathered_;
+  std::vector<FlatUnit*> units_, gathered_, shape_only_;
   std::vector<std::pair<at::Tensor*, at::Tensor>> saved_;
   std::vector<torch::optim::Optimizer*> optimizers_;
   std::unordered_map<const void*, std::pair<FlatUnit*, size_t>> owner_;

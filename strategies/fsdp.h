@@ -93,15 +93,19 @@ class FSDPStrategy : public ParallelStrategy, private UnitRunner {
   class StateScope;
   class RootScope;
   class GradReadyHook;
+  struct PostBackward;
   ModuleState* find(const torch::nn::Module* module);
   Unit* unit_of(const torch::nn::Module& module);
   // UnitRunner: a block unit's forward.
   void pre_forward(torch::nn::Module& unit) override;
   void post_forward(torch::nn::Module& unit, const std::vector<at::Tensor>& outputs) override;
   void forward_failed(torch::nn::Module& unit) override;
+  at::Tensor mark_input(torch::nn::Module& unit, const at::Tensor& input) override;
   void begin_forward(Unit& unit, bool for_backward);
-  void count_gradients_expected(Unit& unit);
-  void on_gradient_ready(Unit& unit);
+  // A forward for backward of `unit` returned, having marked that many inputs.
+  void end_forward_for_backward(Unit& unit, int64_t marked_inputs);
+  // A unit's inputs have their gradients (mark_input's identities ran).
+  void post_backward(Unit& unit);
   void reduce_unit(Unit& unit);
   void reshard_unit(Unit& unit);
   void unshard(FlatUnit& unit);

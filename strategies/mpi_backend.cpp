@@ -5,6 +5,7 @@
 #define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -90,6 +91,55 @@ void with_mpi_buffer(at::Tensor& tensor, F&& fn) {
   at::Tensor buffer = half ? tensor.to(c10::ScalarType::Float).contiguous() : tensor.contiguous();
   fn(buffer);
   tensor.copy_(buffer);
+}
+
+// MPI counts are ints: a tensor of 2 GiB or more (one fp32 embedding of a
+// 128k vocabulary at width 4096) goes in pieces of at most this many elements
+// or bytes, or through a derived datatype.
+constexpr int64_t kMaxCount = int64_t{1} << 30;
+
+void check_mpi(int code, const char* what) {
+  if (code == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  MPI_Error_string(code, text, &length);
+  throw std::runtime_error(std::string("mpi backend: ") + what + " failed: " + std::string(text, length));
+}
+
+// One rank's `count` bytes (count <= kMaxCount) with an extent of `stride`
+// bytes: rank r's piece lands `stride` bytes after rank r-1's.
+class StridedBytes {
+ public:
+  StridedBytes(int64_t count, int64_t stride) {
+    MPI_Datatype piece;
+    check_mpi(MPI_Type_contiguous(static_cast<int>(count), MPI_BYTE, &piece), "MPI_Type_contiguous");
+    check_mpi(MPI_Type_create_resized(piece, 0, static_cast<MPI_Aint>(stride), &type_),
+              "MPI_Type_create_resized");
+    MPI_Type_free(&piece);
+    check_mpi(MPI_Type_commit(&type_), "MPI_Type_commit");
+  }
+  ~StridedBytes() { MPI_Type_free(&type_); }
+  StridedBytes(const StridedBytes&) = delete;
+  StridedBytes& operator=(const StridedBytes&) = delete;
+  MPI_Datatype get() const { return type_; }
+
+ private:
+  MPI_Datatype type_;
+};
+
+// All-gathers `bytes` bytes of each rank into `out` (rank-major), in pieces.
+void allgather_bytes(const char* send, char* out, int64_t bytes) {
+  if (bytes <= kMaxCount) {
+    check_mpi(MPI_Allgather(send, static_cast<int>(bytes), MPI_BYTE, out, static_cast<int>(bytes),
+                            MPI_BYTE, MPI_COMM_WORLD), "MPI_Allgather");
+    return;
+  }
+  for (int64_t offset = 0; offset < bytes; offset += kMaxCount) {
+    const int64_t n = std::min(kMaxCount, bytes - offset);
+    StridedBytes type(n, bytes);
+    check_mpi(MPI_Allgather(send + offset, static_cast<int>(n), MPI_BYTE, out + offset, 1, type.get(),
+                            MPI_COMM_WORLD), "MPI_Allgather");
+  }
 }
 
 }  // namespace
@@ -184,8 +234,12 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::broadcast(std::vector<at::Tensor>& te
   return enqueue(c10d::OpType::BROADCAST, tensors, [tensors, root]() mutable {
     for (auto& tensor : tensors) {
       at::Tensor buffer = tensor.is_contiguous() ? tensor : tensor.contiguous();
-      MPI_Bcast(buffer.data_ptr(), static_cast<int>(buffer.nbytes()), MPI_BYTE, root,
-                MPI_COMM_WORLD);
+      char* data = static_cast<char*>(buffer.data_ptr());
+      const int64_t bytes = static_cast<int64_t>(buffer.nbytes());
+      for (int64_t offset = 0; offset < bytes; offset += kMaxCount) {
+        check_mpi(MPI_Bcast(data + offset, static_cast<int>(std::min(kMaxCount, bytes - offset)),
+                            MPI_BYTE, root, MPI_COMM_WORLD), "MPI_Bcast");
+      }
       if (!buffer.is_same(tensor)) tensor.copy_(buffer);
     }
   });
@@ -208,8 +262,14 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::allreduce(std::vector<at::Tensor>& te
   return enqueue(c10d::OpType::ALLREDUCE, tensors, [tensors, op, average, size]() mutable {
     for (auto& tensor : tensors) {
       with_mpi_buffer(tensor, [&](at::Tensor& buffer) {
-        MPI_Allreduce(MPI_IN_PLACE, buffer.data_ptr(), static_cast<int>(buffer.numel()),
-                      mpi_type(buffer.scalar_type()), op, MPI_COMM_WORLD);
+        char* data = static_cast<char*>(buffer.data_ptr());
+        const int64_t numel = buffer.numel(), item = static_cast<int64_t>(buffer.element_size());
+        for (int64_t offset = 0; offset < numel; offset += kMaxCount) {
+          check_mpi(MPI_Allreduce(MPI_IN_PLACE, data + offset * item,
+                                  static_cast<int>(std::min(kMaxCount, numel - offset)),
+                                  mpi_type(buffer.scalar_type()), op, MPI_COMM_WORLD),
+                    "MPI_Allreduce");
+        }
         if (average) buffer.div_(size);
       });
     }
@@ -237,9 +297,8 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::allgather(
   return enqueue(c10d::OpType::ALLGATHER, outs, [input, outs, size]() mutable {
     at::Tensor send = input.contiguous();
     at::Tensor recv = at::empty({size * send.numel()}, send.options());
-    const int bytes = static_cast<int>(send.nbytes());
-    MPI_Allgather(send.data_ptr(), bytes, MPI_BYTE, recv.data_ptr(), bytes, MPI_BYTE,
-                  MPI_COMM_WORLD);
+    allgather_bytes(static_cast<const char*>(send.data_ptr()), static_cast<char*>(recv.data_ptr()),
+                    static_cast<int64_t>(send.nbytes()));
     for (int r = 0; r < size; ++r) {
       outs[r].copy_(recv.narrow(0, r * send.numel(), send.numel()).view(send.sizes()));
     }
@@ -260,9 +319,8 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::_allgather_base(at::Tensor& output, a
   auto in = input, out = output;
   return enqueue(c10d::OpType::_ALLGATHER_BASE, {out}, [in, out]() mutable {
     at::Tensor send = in.contiguous();
-    const int bytes = static_cast<int>(send.nbytes());
-    MPI_Allgather(send.data_ptr(), bytes, MPI_BYTE, out.data_ptr(), bytes, MPI_BYTE,
-                  MPI_COMM_WORLD);
+    allgather_bytes(static_cast<const char*>(send.data_ptr()), static_cast<char*>(out.data_ptr()),
+                    static_cast<int64_t>(send.nbytes()));
   });
 }
 
@@ -287,8 +345,24 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::_reduce_scatter_base(
                       in.scalar_type() == c10::ScalarType::BFloat16;
     at::Tensor send = half ? in.to(c10::ScalarType::Float).contiguous() : in.contiguous();
     at::Tensor recv = at::empty({out.numel()}, send.options());
-    MPI_Reduce_scatter_block(send.data_ptr(), recv.data_ptr(), static_cast<int>(recv.numel()),
-                             mpi_type(send.scalar_type()), op, MPI_COMM_WORLD);
+    const int64_t n = recv.numel();
+    if (n <= kMaxCount) {
+      check_mpi(MPI_Reduce_scatter_block(send.data_ptr(), recv.data_ptr(), static_cast<int>(n),
+                                         mpi_type(send.scalar_type()), op, MPI_COMM_WORLD),
+                "MPI_Reduce_scatter_block");
+    } else {
+      // In pieces: piece [o, o + k) of every rank's block, packed rank-major
+      // (smaller pieces: each is copied once).
+      constexpr int64_t kPiece = int64_t{1} << 28;
+      auto blocks = send.view({size, n});
+      for (int64_t offset = 0; offset < n; offset += kPiece) {
+        const int64_t k = std::min(kPiece, n - offset);
+        at::Tensor packed = blocks.narrow(1, offset, k).contiguous();
+        check_mpi(MPI_Reduce_scatter_block(packed.data_ptr(), recv.narrow(0, offset, k).data_ptr(),
+                                           static_cast<int>(k), mpi_type(send.scalar_type()), op,
+                                           MPI_COMM_WORLD), "MPI_Reduce_scatter_block");
+      }
+    }
     if (average) recv.div_(size);
     out.view({-1}).copy_(recv);
   });

@@ -5,6 +5,8 @@
 
 #include <torch/nn/module.h>
 
+#include "strategies/module_identity.h"
+
 namespace fabric::strategies {
 namespace {
 
@@ -16,8 +18,10 @@ std::unordered_map<const torch::nn::Module*, std::weak_ptr<torch::nn::Module>>& 
   static std::unordered_map<const torch::nn::Module*, std::weak_ptr<torch::nn::Module>> map;
   return map;
 }
-std::unordered_map<const torch::nn::Module*, UnitRunner*>& runners() {
-  static std::unordered_map<const torch::nn::Module*, UnitRunner*> map;
+// Keyed by address, checked by identity: a module built where a set-up one
+// lived is not that unit.
+std::unordered_map<const torch::nn::Module*, std::pair<ModuleIdentity, UnitRunner*>>& runners() {
+  static std::unordered_map<const torch::nn::Module*, std::pair<ModuleIdentity, UnitRunner*>> map;
   return map;
 }
 
@@ -44,17 +48,22 @@ bool is_marked_sharding_unit(const torch::nn::Module& module) {
 
 void set_unit_runner(const torch::nn::Module& module, UnitRunner* runner) {
   std::lock_guard<std::mutex> lock(registry_mutex());
+  auto& map = runners();
+  for (auto it = map.begin(); it != map.end();) {
+    it = it->second.first.expired() ? map.erase(it) : std::next(it);
+  }
   if (runner) {
-    runners()[&module] = runner;
+    map[&module] = {ModuleIdentity(module), runner};
   } else {
-    runners().erase(&module);
+    map.erase(&module);
   }
 }
 
 UnitRunner* unit_runner(const torch::nn::Module& module) {
   std::lock_guard<std::mutex> lock(registry_mutex());
   auto it = runners().find(&module);
-  return it == runners().end() ? nullptr : it->second;
+  if (it == runners().end() || !it->second.first.is(module)) return nullptr;
+  return it->second.second;
 }
 
 }  // namespace fabric::strategies

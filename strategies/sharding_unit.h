@@ -7,7 +7,9 @@
 // Two process-wide registries keyed by module address:
 //  - marks: modules a user opted in (fabric::Sharded, fabric::shard); a strategy
 //    reads them at setup. A mark dies with its module.
-//  - runners: the strategy that set a unit up, for the unit's forward.
+//  - runners: the strategy that set a unit up, for the unit's forward. An entry
+//    holds only while that very module lives (a new module at a dead one's
+//    address is not set up).
 #pragma once
 
 #include <memory>
@@ -34,6 +36,15 @@ class UnitRunner {
   virtual void post_forward(torch::nn::Module& unit, const std::vector<at::Tensor>& outputs) = 0;
   // The forward threw: undo pre_forward.
   virtual void forward_failed(torch::nn::Module& unit) = 0;
+  // Each tensor argument of the forward passes through here before the call
+  // (between pre_forward and the forward): the strategy may return an identity
+  // of it whose backward tells it the unit's backward is done (the gradient
+  // with respect to the unit's inputs exists, so every gradient of its
+  // parameters has been accumulated), as FSDP2 does.
+  virtual at::Tensor mark_input(torch::nn::Module& unit, const at::Tensor& input) {
+    (void)unit;
+    return input;
+  }
 };
 
 void mark_sharding_unit(const std::shared_ptr<torch::nn::Module>& module);
@@ -68,16 +79,40 @@ std::vector<at::Tensor> tensors_of(const T& value) {
   collect_tensors(value, out);
   return out;
 }
+
+template <typename T>
+decltype(auto) mark_input(UnitRunner& runner, torch::nn::Module& unit, T&& arg) {
+  using Plain = std::decay_t<T>;
+  if constexpr (std::is_same_v<Plain, at::Tensor>) {
+    return runner.mark_input(unit, arg);
+  } else if constexpr (std::is_same_v<Plain, std::vector<at::Tensor>>) {
+    std::vector<at::Tensor> out;
+    out.reserve(arg.size());
+    for (const auto& t : arg) out.push_back(runner.mark_input(unit, t));
+    return out;
+  } else {
+    return std::forward<T>(arg);
+  }
+}
 }  // namespace detail
 
-// Runs `forward` (a callable returning the unit's output) as one call of `unit`.
-template <typename Forward>
-auto run_sharding_unit(torch::nn::Module& unit, Forward&& forward) {
+// Runs `forward(args...)` (a callable returning the unit's output) as one call
+// of `unit`; tensor arguments (and vectors of them) pass through the runner's
+// mark_input first, unless `forward` takes one as a non-const reference.
+template <typename Forward, typename... Args>
+auto run_sharding_unit(torch::nn::Module& unit, Forward&& forward, Args&&... args) {
   UnitRunner* runner = unit_runner(unit);
-  if (!runner) return forward();
+  if (!runner) return forward(std::forward<Args>(args)...);
   runner->pre_forward(unit);
   try {
-    auto output = forward();
+    auto output = [&]() {
+      if constexpr (std::is_invocable_v<Forward&, decltype(detail::mark_input(
+                                                      *runner, unit, std::forward<Args>(args)))...>) {
+        return forward(detail::mark_input(*runner, unit, std::forward<Args>(args))...);
+      } else {
+        return forward(std::forward<Args>(args)...);
+      }
+    }();
     runner->post_forward(unit, detail::tensors_of(output));
     return output;
   } catch (...) {

@@ -458,6 +458,116 @@ torch.save({'tensors': tensors, 'view': base.t(), 'slice': base[1:, 2:], 'tied_a
   EXPECT_TRUE(result.remainder.count("hparams"));
 }
 
+// Dtypes Python pickles with _rebuild_tensor_v3 over an untyped storage
+// (uint16/32/64, float8): read with their dtype and values, views included.
+TEST(Checkpoint, ReadsUnsignedAndFloat8TensorsWithTheirDtype) {
+  const std::string d = dir() + "/v3_dtypes";
+  fabric::fs::make_directories(d);
+  run_python("v3_dtypes", R"(import torch
+d = ')" + d + R"('
+names = ['uint16', 'uint32', 'uint64', 'float8_e4m3fn', 'float8_e5m2']
+data, ref = {}, {}
+for n in names:
+    dt = getattr(torch, n)
+    base = (torch.arange(12) * 3 % 11).to(dt).reshape(3, 4)
+    data[n], data[n + '_view'] = base, base[1:, 1:].t()
+    wide = torch.float32 if dt.is_floating_point else torch.int64
+    ref[n], ref[n + '_view'] = base.to(wide), base[1:, 1:].t().to(wide)
+data['uint64_big'] = torch.tensor([2**63 + 7, 1], dtype=torch.uint64)
+ref['uint64_big'] = data['uint64_big'].view(torch.int64)
+torch.save(data, d + '/data.pt')
+torch.save(ref, d + '/ref.pt')
+)");
+  const auto data = fabric::read_checkpoint(d + "/data.pt").toGenericDict();
+  const auto ref = fabric::read_checkpoint(d + "/ref.pt").toGenericDict();
+  const std::map<std::string, c10::ScalarType> dtypes = {
+      {"uint16", c10::kUInt16}, {"uint32", c10::kUInt32}, {"uint64", c10::kUInt64},
+      {"float8_e4m3fn", c10::ScalarType::Float8_e4m3fn}, {"float8_e5m2", c10::ScalarType::Float8_e5m2}};
+  for (const auto& [name, dtype] : dtypes) {
+    for (const std::string& key : {name, name + "_view"}) {
+      SCOPED_TRACE(key);
+      const auto t = data.at(key).toTensor();
+      const auto expected = ref.at(key).toTensor();
+      EXPECT_EQ(t.scalar_type(), dtype);
+      EXPECT_EQ(t.sizes(), expected.sizes());
+      EXPECT_TRUE(torch::equal(t.to(expected.scalar_type()), expected));
+    }
+  }
+  const auto big = data.at("uint64_big").toTensor();
+  EXPECT_EQ(big.scalar_type(), c10::kUInt64);
+  EXPECT_TRUE(torch::equal(big.view(torch::kLong), ref.at("uint64_big").toTensor()));
+}
+
+// A list that contains itself (9 bytes of pickle), 100 000-deep nesting and
+// shared lists that expand to 2^60 values (found by make fuzz): errors naming the
+// file, not a stack overflow or a hang. 900 levels, which Python
+// writes itself, still read.
+TEST(Checkpoint, SelfContainingAndDeeplyNestedPicklesEndInAnError) {
+  const std::string d = dir() + "/nesting";
+  fabric::fs::make_directories(d);
+  run_python("nesting", R"(import sys, torch, zipfile
+d = ')" + d + R"('
+l = []
+l.append(l)
+torch.save(l, d + '/self.pt')
+t = []
+t.append((t,))
+torch.save({'x': t}, d + '/self_tuple.pt')
+deep = []
+for _ in range(900):
+    deep = [deep]
+sys.setrecursionlimit(10000)
+torch.save({'deep': deep}, d + '/deep900.pt')
+def replace_pickle(src, dst, pkl):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, 'w', zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info, pkl if info.filename.endswith('/data.pkl') else zin.read(info))
+n = 100000
+replace_pickle(d + '/self.pt', d + '/deep_lists.pt', b'\x80\x02' + b']' * n + b'a' * (n - 1) + b'.')
+replace_pickle(d + '/self.pt', d + '/deep_tuples.pt', b'\x80\x02' + b')' + b'\x85' * n + b'.')
+replace_pickle(d + '/self.pt', d + '/deep_dict_key.pt', b'\x80\x02}' + b')' + b'\x85' * n + b'K\x01s.')
+# 60 lists, each holding the previous one twice (through the memo): 2^60 as a tree
+dag = b'\x80\x02]q\x00'
+for i in range(1, 61):
+    dag += b'](h' + bytes([i - 1]) + b'h' + bytes([i - 1]) + b'eq' + bytes([i])
+replace_pickle(d + '/self.pt', d + '/dag60.pt', dag + b'.')
+)");
+  for (const std::string name : {"self", "self_tuple"}) {
+    const std::string path = d + "/" + name + ".pt";
+    EXPECT_THROW_WITH(fabric::read_checkpoint(path), {path, "contains itself"});
+  }
+  for (const std::string name : {"deep_lists", "deep_tuples", "deep_dict_key"}) {
+    const std::string path = d + "/" + name + ".pt";
+    EXPECT_THROW_WITH(fabric::read_checkpoint(path), {path, "nested more than 1000 deep"});
+  }
+  EXPECT_THROW_WITH(fabric::read_checkpoint(d + "/dag60.pt"), {d + "/dag60.pt", "expand to more than"});
+  auto deep = fabric::read_checkpoint(d + "/deep900.pt").toGenericDict().at("deep");
+  int levels = 0;
+  while (deep.isList() && deep.toListRef().size() == 1) {
+    deep = deep.toListRef()[0];
+    ++levels;
+  }
+  EXPECT_EQ(levels, 900);
+}
+
+// Every checkpoint input `make fuzz` found crashing or hanging the reader
+// (tests/fuzz/crashes/, run from the repository root or Bazel's runfiles) now
+// ends in an error naming the file.
+TEST(Checkpoint, FuzzFindingsEndInAnErrorNamingTheFile) {
+  const std::string folder = "tests/fuzz/crashes";
+  std::vector<std::string> files;
+  for (const auto& name : fabric::fs::list_directory(folder)) {
+    if (name.rfind("checkpoint-", 0) == 0) files.push_back(folder + "/" + name);
+  }
+  ASSERT_GE(files.size(), 5u) << "the fuzz findings are missing from " << folder
+                              << " (run the tests from the repository root)";
+  for (const auto& path : files) {
+    SCOPED_TRACE(path);
+    EXPECT_THROW_WITH(fabric::read_checkpoint(path), {path});
+    EXPECT_THROW_WITH(fabric::read_checkpoint(path, fabric::ReadMode::kMapped), {path});
+  }
+}
+
 // Hundreds of damaged files (truncated anywhere, bytes flipped, the pickle
 // overwritten with junk, a zip of something else, a huge claimed length): each
 // read either succeeds (a flipped byte inside tensor data is just a value) or

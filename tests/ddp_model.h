@@ -16,6 +16,13 @@ struct DdpMlpImpl : torch::nn::Module {
   torch::nn::Linear fc1, fc2, extra{nullptr};
 };
 
+// find_unused_parameters case: `extra` is used only by rank 1's half of the
+// batch and only at even steps; at odd steps no rank uses it.
+inline bool ddp_extra_used(int64_t rank, int step) { return rank == 1 && step % 2 == 0; }
+inline torch::Tensor ddp_extra_term(DdpMlpImpl& model, const torch::Tensor& out) {
+  return 0.1 * model.extra->forward(out).pow(2).mean();
+}
+
 // The global batch of step `step`: 16 rows, the same on every rank.
 inline std::pair<torch::Tensor, torch::Tensor> ddp_global_batch(int step) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(1000 + step);

@@ -45,16 +45,29 @@ std::string fresh_dir(const std::string& name) {
 
 // One process, the whole 16-row batch, 10 Adam steps (clipping to a total norm
 // of `clip` when > 0).
-std::vector<torch::Tensor> reference_params(bool with_unused, double clip = 0) {
-  torch::manual_seed(0);
+std::vector<torch::Tensor> reference_params(bool with_unused, double clip = 0, int seed = 0) {
+  torch::manual_seed(seed);
   auto model = std::make_shared<DdpMlpImpl>(with_unused);
-  torch::optim::Adam opt(model->parameters(), 1e-2);
+  std::unique_ptr<torch::optim::Optimizer> opt;
+  if (with_unused) {  // the worker's "unused" mode
+    opt = std::make_unique<torch::optim::AdamW>(model->parameters(),
+                                                torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
+  } else {
+    opt = std::make_unique<torch::optim::Adam>(model->parameters(), 1e-2);
+  }
   for (int step = 0; step < 10; ++step) {
     auto [x, y] = ddp_global_batch(step);
-    opt.zero_grad();
-    torch::mse_loss(model->forward(x), y).backward();
+    opt->zero_grad();
+    auto out = model->forward(x);
+    auto loss = torch::mse_loss(out, y);
+    // DDP averages the ranks' gradients: rank 1's extra term (on rows 8-15)
+    // counts half.
+    if (with_unused && ddp_extra_used(1, step)) {
+      loss = loss + 0.5 * ddp_extra_term(*model, out.narrow(0, 8, 8));
+    }
+    loss.backward();
     if (clip > 0) torch::nn::utils::clip_grad_norm_(model->parameters(), clip);
-    opt.step();
+    opt->step();
   }
   std::vector<torch::Tensor> out;
   for (const auto& p : model->parameters()) out.push_back(p.detach().clone());
@@ -150,8 +163,53 @@ TEST(Ddp, NoBackwardSyncAccumulationMatches) {
   expect_matches_reference(run_mode_under_mpirun("accumulate"));
 }
 
-TEST(Ddp, FindUnusedParametersTreatsThemAsZero) {
+// A parameter one rank used averages with the others' zeros; one no rank used
+// keeps an undefined gradient, so AdamW's weight decay and moments leave it alone.
+TEST(Ddp, FindUnusedParametersLeavesGloballyUnusedGradientsUndefined) {
   expect_matches_reference(run_mode_under_mpirun("unused"), /*with_unused=*/true);
+}
+
+// A sweep loop reusing one Fabric: the second model, built where the destroyed
+// first one lived, must be set up again (broadcast, hooks), under ddp and fsdp.
+TEST(Ddp, SweepReusingOneFabricSetsUpAModelBuiltAtADestroyedOnesAddress) {
+  for (const std::string strategy : {"ddp", "fsdp"}) {
+    SCOPED_TRACE(strategy);
+    const auto dir = run_mode_under_mpirun("sweep", "--strategy " + strategy, "sweep_" + strategy);
+    for (int trial = 0; trial < 2; ++trial) {
+      const auto reference = reference_params(false, 0, trial);
+      for (int rank = 0; rank < 2; ++rank) {
+        SCOPED_TRACE("trial " + std::to_string(trial) + " rank " + std::to_string(rank));
+        auto params = testutil::read_tensor_list(dir + "/params_trial" + std::to_string(trial) +
+                                                 "_rank" + std::to_string(rank) + ".pt");
+        ASSERT_EQ(params.size(), reference.size());
+        for (size_t i = 0; i < params.size(); ++i) {
+          EXPECT_TRUE(torch::allclose(params[i], reference[i], 1e-5, 1e-5))
+              << "parameter " << i << " max diff " << (params[i] - reference[i]).abs().max().item<double>();
+        }
+      }
+    }
+  }
+}
+
+// Tensors of 2 GiB and more (byte and element counts past INT_MAX) through
+// every collective of the Open MPI backend, at 2 ranks; about 12 GB at peak.
+TEST(Ddp, CollectivesTakeTensorsOfTwoGibibytesAndMore) {
+  std::ifstream meminfo("/proc/meminfo");
+  int64_t available_kb = 0;
+  for (std::string key; meminfo >> key;) {
+    if (key == "MemAvailable:") {
+      meminfo >> available_kb;
+      break;
+    }
+  }
+  if (available_kb < 14LL * 1024 * 1024) {
+    GTEST_SKIP() << "needs 14 GB of available memory for two ranks' 2 GiB tensors, "
+                 << available_kb / 1024 << " MB available";
+  }
+  const auto dir = fresh_dir("large");
+  auto result = testutil::run_command("timeout -k 10 600 " + mpirun() + " " + g_worker + " large " + dir);
+  ASSERT_EQ(result.status, 0) << result.output;
+  EXPECT_NE(result.output.find("large collectives ok"), std::string::npos) << result.output;
 }
 
 TEST(Ddp, CollectivesGiveTheRightValues) {

@@ -15,8 +15,16 @@
 //                no_backward_sync
 //   checkpoint   5 steps, save, fresh model and optimizer on every rank load the
 //                checkpoint, 5 more steps; writes params like train
-//   unused       a model with a parameter that gets no gradient (find_unused on)
+//   unused       a model whose `extra` layer only rank 1 uses, at even steps
+//                (find_unused on, AdamW with weight decay 0.1: a parameter no
+//                rank used must keep an undefined gradient and not move)
+//   sweep        two trials with one Fabric (seeds 0 and 1), the second model built
+//                at the first one's address after it was destroyed; writes
+//                OUTDIR/params_trial<t>_rank<r>.pt
 //   collectives  checks every collective's values; exits 3 on a wrong value
+//   large        broadcast, all-reduce, all-gather and reduce-scatter of tensors
+//                whose byte or element counts exceed INT_MAX (2 GiB of uint8);
+//                exits 3 on a wrong value
 //   slow         trains forever (slowly) after writing OUTDIR/pid_rank<r>
 //   nojoin       rank 1 never calls launch(); the others wait --timeout seconds
 #include <torch/torch.h>
@@ -32,6 +40,7 @@
 #include "ddp_model.h"
 #include "fabric/fabric.h"
 #include "strategies/ddp.h"
+#include "strategies/parallel.h"
 
 namespace {
 
@@ -47,6 +56,97 @@ void save_params(fabric::Fabric& fabric, torch::nn::Module& model, const std::st
 int fail(const std::string& what) {
   std::cerr << "collectives check failed: " << what << std::endl;
   return 3;
+}
+
+// Memory for one model at a time, so a sweep's next model lives exactly where
+// the last one did (as the allocator often arranges by itself).
+alignas(64) unsigned char g_model_arena[1 << 16];
+
+std::shared_ptr<DdpMlpImpl> model_in_arena() {
+  static_assert(sizeof(DdpMlpImpl) <= sizeof(g_model_arena));
+  return std::shared_ptr<DdpMlpImpl>(new (g_model_arena) DdpMlpImpl(false),
+                                     [](DdpMlpImpl* m) { m->~DdpMlpImpl(); });
+}
+
+// Large mode: every collective past MPI's int counts, values checked around
+// the 1 GiB piece boundaries and at both ends.
+int large(fabric::Fabric& fabric) {
+  const int64_t rank = fabric.global_rank(), world = fabric.world_size();
+  const int64_t n = (int64_t{1} << 31) + 4099;  // elements (= bytes) per rank: past INT_MAX
+  auto* parallel = dynamic_cast<fabric::strategies::ParallelStrategy*>(&fabric.strategy());
+  if (!parallel) return fail("large: not a multi-process strategy");
+  const auto check = [](const torch::Tensor& t, int64_t at, int64_t expected) {
+    return t[at].item<int64_t>() == expected;
+  };
+  const std::vector<int64_t> probes = {0, (int64_t{1} << 30) - 1, int64_t{1} << 30,
+                                       (int64_t{1} << 31) - 1, int64_t{1} << 31, n - 1};
+  {  // broadcast: rank 0's pattern (index mod 251) everywhere
+    auto t = torch::zeros({n}, torch::kByte);
+    const auto pattern = [](int64_t at) { return (at >> 20) % 251; };  // one value per MiB
+    if (rank == 0) {
+      for (int64_t at = 0; at < n; at += int64_t{1} << 20) {
+        t.narrow(0, at, std::min<int64_t>(int64_t{1} << 20, n - at)).fill_(pattern(at));
+      }
+    }
+    t = fabric.broadcast(t, 0);
+    for (auto at : probes) if (!check(t, at, pattern(at))) return fail("broadcast at " + std::to_string(at));
+  }
+  {  // all-reduce (sum) of ones into every rank's count
+    auto t = torch::ones({n}, torch::kByte);
+    t = fabric.all_reduce(t, "sum");
+    for (auto at : probes) if (!check(t, at, world)) return fail("all_reduce at " + std::to_string(at));
+  }
+  {  // all-gather: rank r's block holds r + 1
+    auto in = torch::full({n}, rank + 1, torch::kByte);
+    auto out = torch::empty({world * n}, torch::kByte);
+    parallel->backend()._allgather_base(out, in)->wait();
+    in = torch::Tensor();
+    for (int64_t r = 0; r < world; ++r) {
+      for (auto at : probes) {
+        if (!check(out, r * n + at, r + 1)) return fail("all_gather of rank " + std::to_string(r) + " at " + std::to_string(at));
+      }
+    }
+  }
+  {  // reduce-scatter (sum): block b of every rank holds b + 1 + rank
+    auto in = torch::empty({world * n}, torch::kByte);
+    for (int64_t b = 0; b < world; ++b) in.narrow(0, b * n, n).fill_(b + 1 + rank);
+    auto out = torch::empty({n}, torch::kByte);
+    c10d::ReduceScatterOptions opts;
+    parallel->backend()._reduce_scatter_base(out, in, opts)->wait();
+    const int64_t expected = world * (rank + 1) + world * (world - 1) / 2;
+    for (auto at : probes) if (!check(out, at, expected)) return fail("reduce_scatter at " + std::to_string(at));
+  }
+  fabric.print("large collectives ok");
+  return 0;
+}
+
+// Sweep mode: each trial sets up a fresh model and optimizer with the same
+// Fabric, trains 10 steps and writes its parameters.
+int sweep(fabric::Fabric& fabric, const std::string& out) {
+  const int64_t rank = fabric.global_rank(), per_rank = 16 / fabric.world_size();
+  const void* first_address = nullptr;
+  for (int trial = 0; trial < 2; ++trial) {
+    torch::manual_seed(trial);
+    auto model = model_in_arena();
+    if (trial == 0) first_address = model.get();
+    if (model.get() != first_address) return fail("the sweep's second model is at another address");
+    if (rank != 0) {  // different initial weights: setup must broadcast rank 0's
+      torch::NoGradGuard no_grad;
+      for (auto& p : model->parameters()) p.add_(1.0);
+    }
+    auto optimizer = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-2);
+    auto [net, opt] = fabric.setup(model, optimizer);
+    for (int step = 0; step < 10; ++step) {
+      auto [x, y] = ddp_global_batch(step);
+      opt.zero_grad();
+      fabric.backward(torch::mse_loss(net(x.narrow(0, rank * per_rank, per_rank)),
+                                      y.narrow(0, rank * per_rank, per_rank)));
+      opt.step();
+    }
+    save_params(fabric, *model, out + "/params_trial" + std::to_string(trial) + "_rank" +
+                                    std::to_string(rank) + ".pt");
+  }
+  return 0;
 }
 
 }  // namespace
@@ -130,6 +230,8 @@ int main(int argc, char** argv) {
       return 0;
     }
 
+    if (mode == "sweep") return sweep(fabric, out);
+    if (mode == "large") return large(fabric);
     torch::manual_seed(0);
     auto model = mode == "init_module" ? fabric.init_module<DdpMlpImpl>(false)
                                        : std::make_shared<DdpMlpImpl>(mode == "unused");
@@ -137,7 +239,13 @@ int main(int argc, char** argv) {
       torch::NoGradGuard no_grad;
       for (auto& p : model->parameters()) p.add_(1.0);
     }
-    auto optimizer = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-2);
+    std::shared_ptr<torch::optim::Optimizer> optimizer;
+    if (mode == "unused") {
+      optimizer = std::make_shared<torch::optim::AdamW>(
+          model->parameters(), torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
+    } else {
+      optimizer = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-2);
+    }
     auto [net, opt] = fabric.setup(model, optimizer);
     const int64_t per_rank = 16 / world;
 
@@ -191,6 +299,19 @@ int main(int argc, char** argv) {
           auto loss = torch::mse_loss(net(xs.narrow(0, m * micro, micro)),
                                       ys.narrow(0, m * micro, micro)) / 4;
           fabric.backward(loss);
+        }
+      } else if (mode == "unused") {
+        auto out = net(xs);
+        auto loss = torch::mse_loss(out, ys);
+        if (ddp_extra_used(rank, step)) loss = loss + ddp_extra_term(*model, out);
+        fabric.backward(loss);
+        const bool anyone = step % 2 == 0;
+        for (const auto& p : model->extra->parameters()) {
+          if (p.grad().defined() != anyone) {
+            return fail("step " + std::to_string(step) + ": extra's gradient is " +
+                        (p.grad().defined() ? "defined" : "undefined") +
+                        (anyone ? " though rank 1 used it" : " though no rank used it"));
+          }
         }
       } else if (mode == "clip") {
         fabric.backward(torch::mse_loss(net(xs), ys));

@@ -347,6 +347,45 @@ TEST(Examples, CustomTrainerResumesAfterAKillToTheSameWeights) {
   EXPECT_EQ(compare.output, "max diff 0.0 6\n") << compare.output;
 }
 
+// Two ranks whose checkpoint folders differ (as on node-local disks): rank 1
+// sees a newer stray file. Rank 0 chooses the resume checkpoint for all; before,
+// each rank took its own newest and the job diverged or hung. Rank 1 runs in a
+// mount namespace where the folder is another one (root only; skipped otherwise).
+TEST(Examples, CustomTrainerRanksResumeFromTheCheckpointRankZeroChose) {
+  if (testutil::run_command("unshare -m true").status != 0) {
+    GTEST_SKIP() << "cannot create a mount namespace here (needs root / CAP_SYS_ADMIN)";
+  }
+  const std::string dir = ::testing::TempDir() + "/custom_trainer_rank_zero_resume";
+  ASSERT_EQ(testutil::run_command("rm -rf " + dir + " && mkdir -p " + dir).status, 0);
+  const std::string mpirun = std::string("timeout -k 10 300 mpirun --bind-to none --oversubscribe") +
+                             (::geteuid() == 0 ? " --allow-run-as-root" : "");
+  const std::string args = " --strategy ddp --max-steps 120 --accumulate 2 --checkpoint-every 40"
+                           " --val-every 0 --logger none";
+  auto whole = testutil::run_command(mpirun + " -np 2 " + g_custom_trainer + args + " --checkpoint-dir " +
+                                     dir + "/a --checkpoint " + dir + "/a.pt");
+  ASSERT_EQ(whole.status, 0) << whole.output;
+  auto killed = testutil::run_command(mpirun + " -np 2 " + g_custom_trainer + args + " --checkpoint-dir " +
+                                      dir + "/b --kill-at-step 90");
+  EXPECT_NE(killed.status, 0) << killed.output;
+  ASSERT_EQ(testutil::run_command("ls " + dir + "/b").output, "step-40.ckpt\nstep-80.ckpt\n");
+  // Rank 1's view: the same files plus a newer one (the finished run's last).
+  ASSERT_EQ(testutil::run_command("cp -r " + dir + "/b " + dir + "/b1 && cp " + dir + "/a/step-120.ckpt " +
+                                  dir + "/b1/").status, 0);
+  const std::string rank1 = "unshare -m sh -c 'mount --bind " + dir + "/b1 " + dir + "/b && exec " +
+                            g_custom_trainer + args + " --checkpoint-dir " + dir + "/b --checkpoint " +
+                            dir + "/b.pt'";
+  auto resumed = testutil::run_command(mpirun + " -np 1 " + g_custom_trainer + args + " --checkpoint-dir " +
+                                       dir + "/b --checkpoint " + dir + "/b.pt : -np 1 " + rank1);
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resumed from " + dir + "/b/step-80.ckpt at step 80"), std::string::npos)
+      << resumed.output;
+  auto compare = testutil::run_command(
+      testutil::python() + " -c \"import torch; a = torch.load('" + dir + "/a.pt')['model']; b = torch.load('" +
+      dir + "/b.pt')['model']; print('max diff', max((a[k] - b[k]).abs().max().item() for k in a), len(a))\"");
+  ASSERT_EQ(compare.status, 0) << compare.output;
+  EXPECT_EQ(compare.output, "max diff 0.0 6\n") << compare.output;
+}
+
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   if (argc < 5) {

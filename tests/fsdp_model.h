@@ -59,6 +59,60 @@ struct FsdpNetImpl : torch::nn::Module {
   std::vector<fabric::Sharded<FsdpBlockImpl>> units;
 };
 
+// A block with a second output from its own `aux` layer, which a loss may use
+// or not (a conditional loss term: the aux parameters then get a gradient on
+// some ranks only).
+struct FsdpAuxBlockImpl : torch::nn::Module {
+  FsdpAuxBlockImpl()
+      : fc(register_module("fc", torch::nn::Linear(7, 7))),
+        aux(register_module("aux", torch::nn::Linear(7, 2))) {}
+  std::tuple<torch::Tensor, torch::Tensor> forward(torch::Tensor x) {
+    return {x + torch::tanh(fc->forward(x)), aux->forward(x)};
+  }
+  torch::nn::Linear fc, aux;
+};
+
+// Root embedding and head, two aux blocks in a row, and a `side` unit on the
+// embedding whose output a loss may leave out (the whole unit then gets no
+// gradient in that backward).
+struct FsdpAuxNetImpl : torch::nn::Module {
+  FsdpAuxNetImpl() {
+    embed = register_module("embed", torch::nn::Linear(5, 7));
+    b0 = register_module("b0", fabric::Sharded<FsdpAuxBlockImpl>(std::make_shared<FsdpAuxBlockImpl>()));
+    b1 = register_module("b1", fabric::Sharded<FsdpAuxBlockImpl>(std::make_shared<FsdpAuxBlockImpl>()));
+    side = register_module("side", fabric::Sharded<FsdpBlockImpl>(7));
+    head = register_module("head", torch::nn::Linear(7, 3));
+  }
+  struct Out {
+    torch::Tensor out, aux, side;
+  };
+  Out forward(torch::Tensor x) {
+    auto e = embed->forward(x);
+    auto [h0, a0] = b0(e);
+    auto [h1, a1] = b1(h0);
+    return {head->forward(torch::tanh(h1)), a0 + a1, side(e)};
+  }
+  torch::nn::Linear embed{nullptr}, head{nullptr};
+  fabric::Sharded<FsdpAuxBlockImpl> b0{nullptr}, b1{nullptr};
+  fabric::Sharded<FsdpBlockImpl> side{nullptr};
+};
+inline torch::Tensor fsdp_aux_term(const torch::Tensor& aux) { return 0.1 * aux.pow(2).mean(); }
+inline torch::Tensor fsdp_side_term(const torch::Tensor& side) { return 0.1 * side.pow(2).mean(); }
+
+// Freezes (requires_grad=false) every parameter whose name starts with one of
+// `prefixes` ("root" stands for the parameters in no block: embed and head).
+inline void fsdp_freeze(torch::nn::Module& model, const std::vector<std::string>& prefixes) {
+  for (auto& item : model.named_parameters()) {
+    for (const auto& prefix : prefixes) {
+      const bool root = prefix == "root" && (item.key().rfind("embed.", 0) == 0 ||
+                                             item.key().rfind("head.", 0) == 0);
+      if (root || (prefix != "root" && item.key().rfind(prefix + ".", 0) == 0)) {
+        item.value().set_requires_grad(false);
+      }
+    }
+  }
+}
+
 // The global batch of step `step`: 16 rows, the same on every rank.
 inline std::pair<torch::Tensor, torch::Tensor> fsdp_global_batch(int step) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(2000 + step);

@@ -8,6 +8,7 @@
 
 #include <fstream>
 #include <map>
+#include <sstream>
 #include <iterator>
 
 #include "accelerators/accelerator.h"
@@ -30,8 +31,9 @@ std::string run_worker(const std::string& name, const std::string& mode, const s
   const std::string dir = ::testing::TempDir() + "/fsdp_units_" + name;
   fabric::fs::remove_all(dir);
   fabric::fs::make_directories(dir);
-  auto result =
-      testutil::run_command(mpirun(ranks) + " " + g_fsdp_worker + " " + mode + " " + dir + " " + flags);
+  // A bounded run: ranks that fall out of step hang instead of failing.
+  auto result = testutil::run_command("timeout -k 10 300 " + mpirun(ranks) + " " + g_fsdp_worker +
+                                      " " + mode + " " + dir + " " + flags);
   EXPECT_EQ(result.status, 0) << result.output;
   return dir;
 }
@@ -42,9 +44,11 @@ struct Reference {
 };
 
 // One process, the whole 16-row batch, 10 steps.
-Reference one_process(const std::string& optimizer_name, bool sequential = false, double clip = 0) {
+Reference one_process(const std::string& optimizer_name, bool sequential = false, double clip = 0,
+                      const std::vector<std::string>& frozen = {}) {
   torch::manual_seed(0);
   auto model = std::make_shared<FsdpNetImpl>(sequential);
+  fsdp_freeze(*model, frozen);
   auto optimizer = fsdp_optimizer(optimizer_name, model->parameters());
   Reference ref;
   for (int step = 0; step < 10; ++step) {
@@ -71,7 +75,80 @@ void expect_close(const std::vector<torch::Tensor>& expected, const std::string&
   }
 }
 
+// The worker's FsdpAuxNet modes in one process: the gradient DDP would average.
+std::vector<torch::Tensor> aux_one_process(const std::string& mode) {
+  torch::manual_seed(0);
+  auto model = std::make_shared<FsdpAuxNetImpl>();
+  torch::optim::Adam optimizer(model->parameters(), 1e-2);
+  for (int step = 0; step < 10; ++step) {
+    auto [x, y] = fsdp_global_batch(step);
+    optimizer.zero_grad();
+    if (mode == "conditional") {
+      auto o = model->forward(x);
+      // Rank 1 (rows 8-15) alone adds the aux term: half of it in the average.
+      auto loss = torch::mse_loss(o.out, y) + fsdp_side_term(o.side) +
+                  0.5 * fsdp_aux_term(o.aux.narrow(0, 8, 8));
+      loss.backward();
+    } else {  // accumulate_partial: micro-batch m is rows 4m..4m+3 of each rank's half
+      for (int m = 0; m < 2; ++m) {
+        auto rows = torch::cat({torch::arange(4 * m, 4 * m + 4), torch::arange(8 + 4 * m, 12 + 4 * m)});
+        auto o = model->forward(x.index_select(0, rows));
+        auto loss = torch::mse_loss(o.out, y.index_select(0, rows));
+        if (m == 0) loss = loss + fsdp_side_term(o.side);
+        (loss / 2).backward();
+      }
+    }
+    optimizer.step();
+  }
+  std::vector<torch::Tensor> out;
+  for (const auto& p : model->parameters()) out.push_back(p.detach().clone());
+  return out;
+}
+
 }  // namespace
+
+// Fine-tuning: a frozen block (called twice per forward) between trainable ones,
+// and a frozen root. The backward through frozen weights needs them gathered.
+TEST(FsdpUnits, FrozenBlockAndFrozenRootEqualOneProcessAndDdp) {
+  for (const std::string frozen : {"b1", "root", "b0,b2"}) {
+    SCOPED_TRACE("frozen " + frozen);
+    std::vector<std::string> parts;
+    std::stringstream list(frozen);
+    for (std::string item; std::getline(list, item, ',');) parts.push_back(item);
+    const auto expected = one_process("adam", false, 0, parts).params;
+    expect_close(expected, run_worker("frozen_" + frozen, "train", "--freeze " + frozen));
+    expect_close(expected, run_worker("frozen_ddp_" + frozen, "train", "--strategy ddp --freeze " + frozen));
+    expect_close(expected, run_worker("frozen_sgo_" + frozen, "train",
+                                      "--sharding SHARD_GRAD_OP --freeze " + frozen));
+  }
+}
+
+// A loss term only rank 1 uses: its parameters get a gradient on one rank only.
+// The ranks must still reduce the units in the same order (before the fix they
+// mixed equal-sized units' gradients or hung on different sizes).
+TEST(FsdpUnits, ParametersWithAGradientOnOneRankOnlyEqualOneProcess) {
+  const auto expected = aux_one_process("conditional");
+  expect_close(expected, run_worker("conditional", "conditional", ""));
+  expect_close(expected, run_worker("conditional_sgo", "conditional", "--sharding SHARD_GRAD_OP"));
+}
+
+// Two synced micro-batches (no no_backward_sync) whose second loss leaves out a
+// unit: that unit's gradient pieces from the first must survive the second.
+TEST(FsdpUnits, AccumulationWithoutNoBackwardSyncKeepsAnUnreachedUnitsGradient) {
+  const auto expected = aux_one_process("accumulate_partial");
+  expect_close(expected, run_worker("accumulate_partial", "accumulate_partial", ""));
+  expect_close(expected, run_worker("accumulate_partial_sgo", "accumulate_partial",
+                                    "--sharding SHARD_GRAD_OP"));
+  expect_close(expected, run_worker("accumulate_partial_ns", "accumulate_partial",
+                                    "--sharding NO_SHARD"));
+}
+
+// fabric.load(path, {{"optimizer", opt}}) with the model not in the state.
+TEST(FsdpUnits, LoadingOnlyTheOptimizerResumes) {
+  expect_close(one_process("adam").params, run_worker("optimizer_only", "optimizer_only", ""));
+  expect_close(one_process("adamw").params,
+               run_worker("optimizer_only_adamw", "optimizer_only", "--optimizer adamw"));
+}
 
 TEST(FsdpUnits, AdamAdamWAndSgdMomentumEqualOneProcessAndDdp) {
   for (const char* optimizer : {"adam", "adamw", "sgd"}) {

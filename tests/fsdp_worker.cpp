@@ -3,6 +3,7 @@
 //               [--precision P] [--no-reshard] [--sequential] [--auto-wrap] [--width N]
 //               [--state-dict full|sharded] [--from CHECKPOINT] [--fp16-scaler]
 //               [--reduce-dtype fp32|bf16|fp16] [--accelerator cpu|cuda] [--devices N]
+//               [--freeze b1,root,...] (requires_grad=false on those blocks / the root)
 // MODE:
 //   train       10 steps on this rank's half of each 16-row global batch
 //   accumulate  the same in 2 micro-batches per step, the first under no_backward_sync
@@ -18,6 +19,12 @@
 //               (parameters unchanged) with equal loss scales, and step 4 trains
 //   mismatch    at the first step rank 1 runs unit b2 on its own while rank 0 runs the
 //               model: both must fail naming the units (exit 1), not hang
+//   optimizer_only  train; after 5 steps save {model, optimizer, step}, clear the
+//               optimizer's state and load only the optimizer from the file
+//   conditional the FsdpAuxNet: rank 1 alone adds its blocks' aux term to the loss
+//               (those parameters get a gradient on one rank only); 10 steps
+//   accumulate_partial  the FsdpAuxNet, 2 micro-batches per step, both synced (no
+//               no_backward_sync); only the first one's loss uses the `side` unit
 //   errors      checks the errors fsdp gives (a weight tied across two units, an
 //               optimizer with state at setup); exits 3 when one is missing
 //   memory      train; OUTDIR/memory_rank<r>.txt holds the distinct storage bytes of
@@ -41,6 +48,7 @@
 #include <limits>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 
 #include "fabric/fabric.h"
 #include "fsdp_model.h"
@@ -131,7 +139,38 @@ int fail(const std::string& what) {
   return 3;
 }
 
-// Distinct storage bytes of parameters, gradients and optimizer state.
+// The FsdpAuxNet modes: 10 steps; writes OUTDIR/params_rank<r>.pt.
+int run_aux_model(fabric::Fabric& fabric, const std::string& mode, const std::string& out) {
+  const int64_t rank = fabric.global_rank(), per_rank = 16 / fabric.world_size();
+  torch::manual_seed(0);
+  auto model = std::make_shared<FsdpAuxNetImpl>();
+  auto optimizer = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-2);
+  auto [net, opt] = fabric.setup(model, optimizer);
+  for (int step = 0; step < 10; ++step) {
+    auto [x, y] = fsdp_global_batch(step);
+    auto xs = x.narrow(0, rank * per_rank, per_rank), ys = y.narrow(0, rank * per_rank, per_rank);
+    opt.zero_grad();
+    if (mode == "conditional") {
+      auto o = net(xs);
+      auto loss = torch::mse_loss(o.out, ys) + fsdp_side_term(o.side);
+      if (rank == 1) loss = loss + fsdp_aux_term(o.aux);
+      fabric.backward(loss);
+    } else {
+      const int64_t micro = per_rank / 2;
+      for (int m = 0; m < 2; ++m) {
+        auto o = net(xs.narrow(0, m * micro, micro));
+        auto loss = torch::mse_loss(o.out, ys.narrow(0, m * micro, micro));
+        if (m == 0) loss = loss + fsdp_side_term(o.side);
+        fabric.backward(loss / 2);
+      }
+    }
+    opt.step();
+  }
+  auto whole = fabric.strategy().full_state_context({model.get()}, {}, false);
+  write_tensors(model->parameters(), out + "/params_rank" + std::to_string(rank) + ".pt");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -149,6 +188,7 @@ int main(int argc, char** argv) {
   bool sequential = false;
   int64_t width = 7;
   std::string from;
+  std::vector<std::string> frozen;
   for (int i = 3; i < argc; ++i) {
     const std::string flag = argv[i];
     const std::string value = i + 1 < argc ? argv[i + 1] : "";
@@ -163,6 +203,11 @@ int main(int argc, char** argv) {
     else if (flag == "--devices") options.devices = fabric::Devices(value), ++i;
     else if (flag == "--reduce-dtype") options.fsdp.reduce_dtype = value, ++i;
     else if (flag == "--no-reshard") options.fsdp.reshard_after_forward = false;
+    else if (flag == "--freeze") {
+      std::stringstream list(value);
+      for (std::string item; std::getline(list, item, ',');) frozen.push_back(item);
+      ++i;
+    }
     else if (flag == "--sequential") sequential = true;
     else if (flag == "--fp16-scaler")  // "16-mixed" semantics on the CPU (fp16 autocast + GradScaler)
       options.precision_plugin = std::make_shared<fabric::precision::MixedPrecision>(
@@ -190,8 +235,10 @@ int main(int argc, char** argv) {
       fabric.print("fsdp errors ok");
       return 0;
     }
+    if (mode == "conditional" || mode == "accumulate_partial") return run_aux_model(fabric, mode, out);
     torch::manual_seed(0);
     auto model = std::make_shared<FsdpNetImpl>(sequential, width);
+    fsdp_freeze(*model, frozen);
     auto optimizer = fsdp_optimizer(optimizer_name, model->parameters());
     auto [net, opt] = fabric.setup(model, optimizer);
     auto* fsdp = dynamic_cast<fabric::strategies::FSDPStrategy*>(&fabric.strategy());
@@ -216,6 +263,14 @@ int main(int argc, char** argv) {
       if (mode == "mismatch" && step == 0 && rank == 1) {
         model->units[2](torch::randn({2, width}));
         return fail("rank 1 ran another unit than rank 0 without an error");
+      }
+      if (mode == "optimizer_only" && step == 5) {
+        const std::string path = out + "/ckpt.pt";
+        fabric.save(path, {{"model", net}, {"optimizer", opt}, {"step", step}});
+        optimizer->state().clear();
+        fabric::State state{{"optimizer", opt}};
+        fabric.load(path, state);
+        if (optimizer->state().empty()) return fail("loading only the optimizer restored no state");
       }
       if (mode == "save" && step == 5) {
         fabric.save(out + "/ckpt", {{"model", net}, {"optimizer", opt}, {"step", step}});

@@ -191,20 +191,36 @@ class Trainer {
     saved_at_ = step_;
   }
 
-  // Loads the newest step-N.ckpt in checkpoint_dir, if there is one.
+  // Loads the newest step-N.ckpt in checkpoint_dir, if there is one. Rank 0
+  // chooses and tells the others: ranks that listed the folder themselves could
+  // see different files (node-local disks, a network filesystem's stale cache)
+  // and resume from different steps, which diverges or hangs. A rank that lacks
+  // the chosen file fails the resume on every rank, naming it.
   void resume(fabric::FabricModule<Model>& model, fabric::FabricOptimizer& optimizer) {
     if (options_.checkpoint_dir.empty()) return;
     int64_t newest = -1;
-    std::string path;
-    const std::regex name("step-([0-9]{1,18})\\.ckpt");
-    for (const auto& file : fabric::fs::list_directory(options_.checkpoint_dir)) {
-      std::smatch match;
-      if (std::regex_match(file, match, name) && std::stoll(match[1]) > newest) {
-        newest = std::stoll(match[1]);
-        path = fabric::fs::join(options_.checkpoint_dir, file);
+    if (fabric_.is_global_zero()) {
+      const std::regex name("step-([0-9]{1,18})\\.ckpt");
+      for (const auto& file : fabric::fs::list_directory(options_.checkpoint_dir)) {
+        std::smatch match;
+        if (std::regex_match(file, match, name)) newest = std::max<int64_t>(newest, std::stoll(match[1]));
       }
     }
+    newest = fabric_.broadcast(c10::IValue(newest), 0).toInt();
     if (newest < 0) return;
+    const std::string path =
+        fabric::fs::join(options_.checkpoint_dir, "step-" + std::to_string(newest) + ".ckpt");
+    const auto missing = fabric_.all_gather(
+        torch::tensor({fabric::fs::exists(path) ? 0.0f : 1.0f}, torch::kFloat));
+    std::string ranks;
+    for (int64_t r = 0; r < missing.size(0); ++r) {
+      if (missing[r].item<float>() > 0) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+    }
+    if (!ranks.empty()) {
+      throw std::runtime_error("resume: rank 0 chose " + path + ", which rank(s) " + ranks +
+                               " cannot read; give every rank the same checkpoint folder (a "
+                               "shared filesystem) or copy the checkpoint there");
+    }
     fabric::State loaded{{"model", model}, {"optimizer", optimizer}, {"step", 0}, {"epoch", 0},
                          {"batches_done", 0}, {"rng", fabric::RngState()}};
     fabric_.load(path, loaded);
