@@ -346,6 +346,8 @@ void atomic_write(const std::string& path,
 c10::IValue read_checkpoint(const std::string& path, ReadMode mode) {
   struct stat info {};
   if (::stat(path.c_str(), &info) != 0) {
+    // A sharded save interrupted between its fallback renames: the surviving copy.
+    if (is_sharded_checkpoint(path)) return read_sharded_checkpoint(path);
     throw std::runtime_error("checkpoint not found: " + path);
   }
   if (S_ISDIR(info.st_mode)) {

@@ -1,6 +1,8 @@
 #include "fabric/sharded_checkpoint.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
@@ -128,6 +130,76 @@ void rename_or_throw(const std::string& from, const std::string& to) {
   }
 }
 
+// Makes a directory's entries durable (a rename is durable once its parent is).
+void sync_directory(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;
+  ::fsync(fd);
+  ::close(fd);
+}
+
+std::string parent_directory(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+// A complete sharded checkpoint directory (its metadata is written last).
+bool complete(const std::string& dir) {
+  return fs::is_directory(dir) && fs::exists(fs::join(dir, kMetadata));
+}
+
+// Where the newest complete copy of `dir` is while `dir` itself is missing: a
+// save interrupted between its renames (filesystems without RENAME_EXCHANGE)
+// leaves the new copy at <dir>.partial and the previous one at <dir>.old.
+std::string surviving_copy(const std::string& dir) {
+  if (complete(dir + ".partial")) return dir + ".partial";
+  if (complete(dir + ".old")) return dir + ".old";
+  return "";
+}
+
+// Puts the complete `partial` at `dir`. Where `dir` exists, the two are swapped
+// in one atomic step (renameat2 RENAME_EXCHANGE) and the previous checkpoint,
+// now at `partial`, is removed after the swap is durable; no moment leaves no
+// checkpoint at `dir`. Filesystems without the exchange get two renames
+// through <dir>.old, and loads find the surviving copy (surviving_copy).
+void publish(const std::string& partial, const std::string& dir) {
+  const std::string parent = parent_directory(dir);
+  sync_directory(partial);
+  if (!fs::exists(dir)) {
+    rename_or_throw(partial, dir);
+    sync_directory(parent);
+    return;
+  }
+  if (::renameat2(AT_FDCWD, partial.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) == 0) {
+    sync_directory(parent);
+    fs::remove_all(partial);
+    return;
+  }
+  if (errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP) {
+    throw std::runtime_error("Fabric::save: cannot swap " + partial + " with " + dir + ": " +
+                             std::strerror(errno));
+  }
+  const std::string old = dir + ".old";
+  fs::remove_all(old);
+  rename_or_throw(dir, old);
+  sync_directory(parent);
+  rename_or_throw(partial, dir);
+  sync_directory(parent);
+  fs::remove_all(old);
+}
+
+// Before a save: a save interrupted between the fallback's renames left `dir`
+// missing; put the newest complete copy back at `dir` first, so that clearing
+// <dir>.partial never deletes it.
+void recover(const std::string& dir) {
+  if (fs::exists(dir)) return;
+  const std::string copy = surviving_copy(dir);
+  if (copy.empty()) return;
+  rename_or_throw(copy, dir);
+  sync_directory(parent_directory(dir));
+}
+
 }  // namespace
 
 void save_sharded_checkpoint(const std::string& dir, const State& state,
@@ -137,7 +209,8 @@ void save_sharded_checkpoint(const std::string& dir, const State& state,
   std::exception_ptr error;
   if (rank == 0) {
     try {
-      fs::remove_all(partial);  // left by an interrupted save
+      recover(dir);
+      fs::remove_all(partial);  // left by an interrupted save (or the previous copy after a swap)
       fs::make_directories(partial);
     } catch (...) {
       error = std::current_exception();
@@ -169,11 +242,7 @@ void save_sharded_checkpoint(const std::string& dir, const State& state,
       metadata.insert("world_size", strategy.world_size());
       metadata.insert("sharded", sharded);
       atomic_write(fs::join(partial, kMetadata), serialize(metadata));
-      const std::string old = dir + ".old";
-      fs::remove_all(old);
-      if (fs::exists(dir)) rename_or_throw(dir, old);
-      rename_or_throw(partial, dir);
-      fs::remove_all(old);
+      publish(partial, dir);
     } catch (...) {
       error = std::current_exception();
     }
@@ -183,11 +252,13 @@ void save_sharded_checkpoint(const std::string& dir, const State& state,
 
 bool is_sharded_checkpoint(const std::string& path) {
   struct stat info {};
-  return ::stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode) &&
-         fs::exists(fs::join(path, kMetadata));
+  if (::stat(path.c_str(), &info) != 0) return !surviving_copy(path).empty();
+  return S_ISDIR(info.st_mode) && fs::exists(fs::join(path, kMetadata));
 }
 
-c10::IValue read_sharded_checkpoint(const std::string& dir) {
+c10::IValue read_sharded_checkpoint(const std::string& path) {
+  const std::string dir = fs::exists(path) ? path : surviving_copy(path);
+  if (dir.empty()) throw std::runtime_error("checkpoint not found: " + path);
   const auto meta_value = read_checkpoint(fs::join(dir, kMetadata));
   if (!meta_value.isGenericDict()) {
     throw std::runtime_error("sharded checkpoint " + dir + ": " + kMetadata + " is not a dict");

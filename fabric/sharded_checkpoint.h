@@ -11,10 +11,15 @@
 // concatenation: fabric.load(dir, state) accepts such a directory wherever it
 // accepts a file, and consolidate_checkpoint writes it as one full file.
 //
-// Atomic like every save: ranks write into `<dir>.partial`, and only when every
-// rank has succeeded does rank 0 add the metadata and rename it onto `<dir>`; an
-// interrupted save leaves the previous checkpoint at `<dir>` loadable. The
-// directory must be on a filesystem every rank sees (one node, or a shared one).
+// Atomic and durable like every save: ranks write into `<dir>.partial`, and only
+// when every rank has succeeded does rank 0 add the metadata and swap it with
+// `<dir>` in one step (renameat2 RENAME_EXCHANGE; the parent directory is synced
+// before the previous copy is removed), so an interruption at any point leaves a
+// complete checkpoint at `<dir>`: the previous one or the new one. Filesystems
+// without the exchange get two renames through `<dir>.old`; an interruption
+// between them leaves `<dir>` missing, and loads (and the next save) then take
+// the newest complete copy (`<dir>.partial`, else `<dir>.old`). The directory
+// must be on a filesystem every rank sees (one node, or a shared one).
 #pragma once
 
 #include <string>
@@ -31,7 +36,8 @@ class Strategy;
 // Every rank calls it (between steps); every rank throws if any rank failed.
 void save_sharded_checkpoint(const std::string& dir, const State& state,
                              strategies::Strategy& strategy);
-// Whether `path` is a directory holding a sharded checkpoint's metadata.
+// Whether `path` is a directory holding a sharded checkpoint's metadata (or,
+// while `path` is missing, an interrupted save left a complete copy beside it).
 bool is_sharded_checkpoint(const std::string& path);
 // The full checkpoint dict of a sharded directory (what a full save would have
 // written); errors name the missing or damaged file.

@@ -20,7 +20,7 @@ status=$?
 if [ $status -ne 0 ] && [ $status -ne 3 ]; then
   failures+=(--failure "bazel build/test (exit status $status)")
 fi
-for target in fabric_tests example_tests ddp_tests; do
+for target in fabric_tests example_tests ddp_tests host_tests; do
   if [ -f "bazel-testlogs/tests/$target/test.xml" ]; then
     cp "bazel-testlogs/tests/$target/test.xml" "$results/bazel/$target.xml"
   else
@@ -46,6 +46,11 @@ if cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$prefix" -DPython3_EXECUTABLE=
     --gtest_output="xml:$results/cmake/ddp_tests.xml" > build/cmake-ddp_tests.log 2>&1 \
     || grep -E "FAILED|Failure" -A3 build/cmake-ddp_tests.log | head -40
   [ -f "$results/cmake/ddp_tests.xml" ] || failures+=(--failure "cmake ddp_tests crashed (build/cmake-ddp_tests.log)")
+  # Two simulated hosts (network namespaces; every case skips without root).
+  ./build/cmake/host_tests scripts/two_hosts.sh build/cmake/ddp_worker build/cmake/fsdp_worker \
+    --gtest_output="xml:$results/cmake/host_tests.xml" > build/cmake-host_tests.log 2>&1 \
+    || grep -E "FAILED|Failure" -A3 build/cmake-host_tests.log | head -40
+  [ -f "$results/cmake/host_tests.xml" ] || failures+=(--failure "cmake host_tests crashed (build/cmake-host_tests.log)")
   # The installed package, used by a project outside the tree (tests/downstream).
   rm -rf build/install build/downstream build/downstream-newer
   if cmake --install build/cmake --prefix build/install > build/cmake-install.log 2>&1; then

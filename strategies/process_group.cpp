@@ -6,8 +6,17 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <arpa/inet.h>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
+#include <ifaddrs.h>
+#include <net/if.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <stdexcept>
+#include <sys/socket.h>
 #include <thread>
 #include <unistd.h>
 
@@ -26,25 +35,211 @@ std::string env_or(const char* name, const std::string& fallback) {
   return (value && *value) ? value : fallback;
 }
 
-// This host's name as other nodes can reach it (for an address broadcast under MPI).
-std::string host_address() {
+// This host's name (what the error messages name rank 0's node by).
+std::string host_name() {
   char name[256] = {0};
-  if (::gethostname(name, sizeof(name) - 1) != 0) return "127.0.0.1";
+  if (::gethostname(name, sizeof(name) - 1) != 0) return "?";
   return name;
 }
 
-// Under mpirun: rank 0's store address and port, sent to everyone with MPI.
+// An IPv4 interface of this host that is up and not loopback.
+struct Interface {
+  in_addr addr{}, mask{};
+};
+
+std::vector<Interface> ipv4_interfaces() {
+  std::vector<Interface> out;
+  ifaddrs* list = nullptr;
+  if (::getifaddrs(&list) != 0) return out;
+  for (ifaddrs* i = list; i; i = i->ifa_next) {
+    if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET) continue;
+    if (!(i->ifa_flags & IFF_UP) || (i->ifa_flags & IFF_LOOPBACK)) continue;
+    Interface itf;
+    itf.addr = reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr;
+    if (i->ifa_netmask) itf.mask = reinterpret_cast<sockaddr_in*>(i->ifa_netmask)->sin_addr;
+    if ((ntohl(itf.addr.s_addr) >> 24) == 127) continue;
+    out.push_back(itf);
+  }
+  ::freeifaddrs(list);
+  return out;
+}
+
+std::string to_string(in_addr addr) {
+  char text[INET_ADDRSTRLEN] = {0};
+  ::inet_ntop(AF_INET, &addr, text, sizeof(text));
+  return text;
+}
+
+std::vector<std::string> split(const std::string& text, char sep) {
+  std::vector<std::string> out;
+  std::string item;
+  for (char c : text) {
+    if (c == sep) {
+      if (!item.empty()) out.push_back(item);
+      item.clear();
+    } else {
+      item += c;
+    }
+  }
+  if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+// What rank 0 advertises across nodes: its interfaces' IPv4 addresses, then its
+// host name (for nodes where it resolves), comma-separated.
+std::string advertised_addresses() {
+  std::string out;
+  for (const auto& itf : ipv4_interfaces()) out += to_string(itf.addr) + ",";
+  return out + host_name();
+}
+
+// Rank 0's candidates in the order this node tries them: addresses on a subnet
+// of one of this node's interfaces first, then the other addresses, then names,
+// then the addresses this node has itself (which reach rank 0 only from its own
+// node; elsewhere they are the same private address, e.g. a container bridge,
+// on this node).
+std::vector<std::string> order_candidates(const std::vector<std::string>& candidates) {
+  const auto mine = ipv4_interfaces();
+  std::vector<std::string> near, far, names, local;
+  for (const auto& c : candidates) {
+    in_addr addr{};
+    if (::inet_pton(AF_INET, c.c_str(), &addr) != 1) {
+      names.push_back(c);
+      continue;
+    }
+    if (std::any_of(mine.begin(), mine.end(),
+                    [&](const Interface& i) { return i.addr.s_addr == addr.s_addr; })) {
+      local.push_back(c);
+      continue;
+    }
+    const bool same_subnet = std::any_of(mine.begin(), mine.end(), [&](const Interface& i) {
+      return i.mask.s_addr != 0 && (i.addr.s_addr & i.mask.s_addr) == (addr.s_addr & i.mask.s_addr);
+    });
+    (same_subnet ? near : far).push_back(c);
+  }
+  for (auto* more : {&far, &names, &local}) near.insert(near.end(), more->begin(), more->end());
+  return near;
+}
+
+bool is_loopback(const sockaddr* a) {
+  if (a->sa_family == AF_INET) {
+    return (ntohl(reinterpret_cast<const sockaddr_in*>(a)->sin_addr.s_addr) >> 24) == 127;
+  }
+  return a->sa_family == AF_INET6 &&
+         IN6_IS_ADDR_LOOPBACK(&reinterpret_cast<const sockaddr_in6*>(a)->sin6_addr);
+}
+
+// Opens (and closes) a TCP connection to host:port within `timeout`; "" when it
+// worked, else why not.
+std::string try_connect(const std::string& host, int port, std::chrono::milliseconds timeout) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  in_addr numeric{};
+  if (::inet_pton(AF_INET, host.c_str(), &numeric) == 1) hints.ai_flags = AI_NUMERICHOST;
+  addrinfo* found = nullptr;
+  const int gai = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found);
+  if (gai != 0) return std::string("does not resolve: ") + ::gai_strerror(gai);
+  std::string why = "no address";
+  for (addrinfo* a = found; a; a = a->ai_next) {
+    if (!numeric.s_addr && is_loopback(a->ai_addr)) {
+      why = "resolves to a loopback address here";  // not rank 0's node, most likely
+      continue;
+    }
+    const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) {
+      why = std::strerror(errno);
+      continue;
+    }
+    int error = 0;
+    if (::connect(fd, a->ai_addr, a->ai_addrlen) != 0) {
+      error = errno;
+      if (error == EINPROGRESS) {
+        pollfd p{fd, POLLOUT, 0};
+        const int ready = ::poll(&p, 1, static_cast<int>(timeout.count()));
+        if (ready == 0) {
+          error = ETIMEDOUT;
+        } else if (ready < 0) {
+          error = errno;
+        } else {
+          socklen_t len = sizeof(error);
+          if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &len) != 0) error = errno;
+        }
+      }
+    }
+    ::close(fd);
+    if (error == 0) {
+      ::freeaddrinfo(found);
+      return "";
+    }
+    char seconds[32];
+    std::snprintf(seconds, sizeof(seconds), "%.1f", timeout.count() / 1000.0);
+    why = error == ETIMEDOUT ? "no answer within " + std::string(seconds) + " s" : std::strerror(error);
+  }
+  ::freeaddrinfo(found);
+  return why;
+}
+
+// The first of rank 0's candidate addresses this node can connect to at `port`
+// (rank 0's store is already listening). Tries them in turn, a few seconds each,
+// in rounds until `limit`; then throws, naming every address tried and why it
+// failed, and MASTER_ADDR.
+std::string reach_rank0(const std::vector<std::string>& candidates, int port, int64_t rank,
+                        bool from_master_addr, std::chrono::milliseconds limit) {
+  const auto start = std::chrono::steady_clock::now();
+  const auto deadline = start + limit;
+  std::vector<std::string> why(candidates.size());
+  for (;;) {
+    for (size_t i = 0; i < candidates.size(); ++i) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      const auto wait = std::clamp(left, std::chrono::milliseconds(200), std::chrono::milliseconds(3000));
+      why[i] = try_connect(candidates[i], port, wait);
+      if (why[i].empty()) return candidates[i];
+    }
+    if (std::chrono::steady_clock::now() >= deadline) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  std::string tried;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    tried += (i ? "; " : "") + candidates[i] + ":" + std::to_string(port) + " (" + why[i] + ")";
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::string advice =
+      from_master_addr
+          ? "MASTER_ADDR must be an address of rank 0's node that every node can reach; set "
+            "MASTER_ADDR to another one"
+          : "none of rank 0's addresses is reachable from this node (host " + host_name() +
+                "); set MASTER_ADDR to an address of rank 0's node that every node can reach "
+                "(and MASTER_PORT to a port they may connect to)";
+  throw std::runtime_error("rank " + std::to_string(rank) + " could not reach rank 0's "
+                           "rendezvous store within " + std::to_string(static_cast<int>(seconds)) +
+                           " s; tried " + tried + ". " + advice);
+}
+
+// Under mpirun: rank 0's store address(es) and port, sent to everyone with MPI.
 void broadcast_address(std::string& addr, int& port, int64_t rank) {
   mpi_world();
-  char buffer[256] = {0};
-  if (rank == 0) {
-    std::snprintf(buffer, sizeof(buffer), "%s", addr.c_str());
+  int sizes[2] = {static_cast<int>(addr.size()), port};
+  MPI_Bcast(sizes, 2, MPI_INT, 0, MPI_COMM_WORLD);
+  std::vector<char> buffer(addr.begin(), addr.end());
+  buffer.resize(static_cast<size_t>(sizes[0]));
+  MPI_Bcast(buffer.data(), sizes[0], MPI_CHAR, 0, MPI_COMM_WORLD);
+  if (rank != 0) addr.assign(buffer.begin(), buffer.end());
+  port = sizes[1];
+}
+
+// Under MPI: the ranks whose `failed` is true, comma-separated ("" when none).
+std::string ranks_that_failed(bool failed, int64_t world_size) {
+  std::vector<int> flags(static_cast<size_t>(world_size), 0);
+  int mine = failed ? 1 : 0;
+  MPI_Allgather(&mine, 1, MPI_INT, flags.data(), 1, MPI_INT, MPI_COMM_WORLD);
+  std::string out;
+  for (int64_t r = 0; r < world_size; ++r) {
+    if (flags[static_cast<size_t>(r)]) out += (out.empty() ? "" : ", ") + std::to_string(r);
   }
-  int value = port;
-  MPI_Bcast(buffer, sizeof(buffer), MPI_CHAR, 0, MPI_COMM_WORLD);
-  MPI_Bcast(&value, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  addr = buffer;
-  port = value;
+  return out;
 }
 
 // Every rank checks in; each waits for all the others until the timeout.
@@ -124,24 +319,27 @@ ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
   std::string addr = options.master_addr.empty() ? env_or("MASTER_ADDR", "") : options.master_addr;
   int port = options.master_port;
   if (port == 0) port = std::atoi(env_or("MASTER_PORT", "0").c_str());
-  bool broadcast_by_mpi = false;
+  // Across nodes under mpirun rank 0 sends, with MPI, the port (when none is set)
+  // and, without MASTER_ADDR, the list of its addresses for the others to try.
+  bool broadcast_port = false, broadcast_addresses = false;
   if (addr.empty() && options.world_size == 1) {
     addr = "127.0.0.1";  // nobody else to meet: any free port
-  } else if (addr.empty() && launched_by_mpi()) {
+  } else if (launched_by_mpi()) {
     const std::string size = env_or("OMPI_COMM_WORLD_SIZE", "1");
     if (env_or("OMPI_COMM_WORLD_LOCAL_SIZE", "") == size) {
-      // One node: meet on loopback, on a port derived from this mpirun job's id
-      // (so the rendezvous, with its timeout, happens before MPI_Init, which would
-      // wait forever for a rank that never starts).
-      addr = "127.0.0.1";
+      // One node: meet on loopback (or MASTER_ADDR), on a port derived from this
+      // mpirun job's id (so the rendezvous, with its timeout, happens before
+      // MPI_Init, which would wait forever for a rank that never starts).
+      if (addr.empty()) addr = "127.0.0.1";
       if (port == 0) {
         const long job = std::atol(env_or("OMPI_MCA_ess_base_jobid", "0").c_str());
         port = 20000 + static_cast<int>(job % 30000);
       }
-    } else {
-      // Several nodes: rank 0 tells everyone its address with MPI.
-      addr = host_address();
-      broadcast_by_mpi = true;
+    } else if (addr.empty()) {
+      broadcast_addresses = true;
+      broadcast_port = true;
+    } else if (port == 0) {
+      broadcast_port = true;
     }
   } else if (addr.empty() || port == 0) {
     throw std::runtime_error(
@@ -149,21 +347,54 @@ ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
         "-process job that was not started by mpirun (got MASTER_ADDR='" + addr +
         "', MASTER_PORT=" + std::to_string(port) + ")");
   }
-  const bool choose_address = broadcast_by_mpi || (options.world_size == 1 && port == 0);
 
   c10d::TCPStoreOptions store_options;
-  store_options.port = static_cast<std::uint16_t>(choose_address ? 0 : port);
+  store_options.port = static_cast<std::uint16_t>(port);  // 0: any free port
   store_options.isServer = options.rank == 0;
   store_options.numWorkers = static_cast<std::size_t>(options.world_size);
   store_options.waitWorkers = false;  // check_in() waits, with a message on timeout
   store_options.timeout = options.timeout;
   c10::intrusive_ptr<c10d::TCPStore> tcp;
+  std::string advertised = addr;
   if (options.rank == 0) {
-    tcp = c10::make_intrusive<c10d::TCPStore>(addr, store_options);
+    // The store listens on every interface; when the others are told where it is
+    // with MPI, rank 0 itself connects over loopback.
+    tcp = c10::make_intrusive<c10d::TCPStore>(broadcast_port ? "127.0.0.1" : addr, store_options);
     port = tcp->getPort();
+    if (broadcast_addresses) advertised = advertised_addresses();
   }
-  if (broadcast_by_mpi) broadcast_address(addr, port, options.rank);
-  if (options.rank != 0) {
+  if (broadcast_port) {
+    broadcast_address(advertised, port, options.rank);
+    // Rank 0's store is listening already: a minute (at most the timeout) is
+    // enough to tell that none of the addresses works from a node.
+    std::string failure;
+    if (options.rank != 0) {
+      const auto limit = std::min<std::chrono::milliseconds>(options.timeout, std::chrono::minutes(1));
+      const auto candidates = broadcast_addresses ? order_candidates(split(advertised, ','))
+                                                  : std::vector<std::string>{addr};
+      try {
+        addr = reach_rank0(candidates, port, options.rank, !broadcast_addresses, limit);
+      } catch (const std::runtime_error& e) {
+        failure = e.what();
+      }
+    }
+    // Everyone learns who failed, so that every rank stops now: a rank that just
+    // threw would wait at exit (MPI_Finalize) for rank 0, which would wait in
+    // check_in() for the whole timeout.
+    const auto failed = ranks_that_failed(!failure.empty(), options.world_size);
+    if (!failure.empty()) throw std::runtime_error(failure);
+    if (!failed.empty()) {
+      throw std::runtime_error(
+          "rank(s) " + failed + " of " + std::to_string(options.world_size) +
+          " could not reach rank 0's rendezvous store (port " + std::to_string(port) + ", at " +
+          (broadcast_addresses ? "any of " + advertised : "MASTER_ADDR=" + addr) +
+          "): see their message; set MASTER_ADDR to an address of rank 0's node that every "
+          "node can reach");
+    }
+  }
+  if (options.rank == 0 && broadcast_addresses) {
+    addr = advertised;
+  } else if (options.rank != 0) {
     store_options.port = static_cast<std::uint16_t>(port);
     try {
       tcp = c10::make_intrusive<c10d::TCPStore>(addr, store_options);
@@ -173,7 +404,8 @@ ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
                                std::to_string(port) + " within the timeout: " + e.what());
     }
   }
-  const std::string where = addr + ":" + std::to_string(port);
+  const std::string where = (options.rank == 0 && broadcast_addresses ? "{" + addr + "}" : addr) +
+                            ":" + std::to_string(port);
   check_in(*tcp, options.rank, options.world_size, options.timeout, where);
 
   ProcessGroupHandle handle;

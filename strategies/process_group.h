@@ -3,12 +3,18 @@
 // Rendezvous: rank 0 hosts LibTorch's c10d TCPStore at master_addr:master_port
 // (loopback for a single-node job); every rank checks in and waits for all others
 // until `timeout`, so a rank that never joins fails the job with a message naming
-// the missing ranks instead of hanging. Under mpirun with no MASTER_ADDR: on one
-// node the store is on loopback at a port derived from the mpirun job id (20000 +
+// the missing ranks instead of hanging. Under mpirun on one node the store is on
+// loopback (or MASTER_ADDR) at a port derived from the mpirun job id (20000 +
 // id % 30000; MASTER_PORT overrides), and the rendezvous happens before MPI_Init,
-// which would otherwise wait forever for a missing rank; across nodes rank 0
-// broadcasts its address and a free port with MPI (a rank that never starts then
-// blocks MPI_Init, which mpirun's own supervision has to end).
+// which would otherwise wait forever for a missing rank. Across nodes (under
+// mpirun) the store listens on every interface of rank 0's node at MASTER_PORT, or
+// a free port that rank 0 broadcasts with MPI; with MASTER_ADDR the others connect
+// there, without it rank 0 broadcasts its IPv4 interface addresses (not loopback)
+// and its host name, and each rank tries them in turn (those on its own subnets
+// first, a few seconds each) so that nodes whose names do not resolve still meet.
+// When none answers within a minute (or `timeout`, if shorter) the rank fails
+// naming every address tried and MASTER_ADDR, and the others fail with it. A rank that never starts blocks
+// MPI_Init there, which mpirun's own supervision has to end.
 //
 // Backends: "mpi" (Open MPI, CPU tensors; needs an MPI launcher), "nccl" (CUDA
 // tensors, LibTorch's ProcessGroupNCCL). "gloo" is not available: pip's LibTorch
@@ -32,7 +38,8 @@ struct ProcessGroupOptions {
   int64_t rank = 0;
   int64_t world_size = 1;
   std::string master_addr;  // empty: MASTER_ADDR, or (under mpirun) broadcast by rank 0
-  int master_port = 0;      // 0: MASTER_PORT, or a free port chosen by rank 0 under mpirun
+  int master_port = 0;      // 0: MASTER_PORT, or (under mpirun) the job-id port on one
+                            // node, a free port broadcast by rank 0 across nodes
   std::chrono::milliseconds timeout = std::chrono::minutes(30);
   c10::Device device = c10::Device(c10::DeviceType::CPU);
 };

@@ -6,6 +6,9 @@
 // worker checks the memory invariants itself.
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <stdio.h>
+
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -141,6 +144,67 @@ TEST(FsdpUnits, AccumulationWithoutNoBackwardSyncKeepsAnUnreachedUnitsGradient) 
                                     "--sharding SHARD_GRAD_OP"));
   expect_close(expected, run_worker("accumulate_partial_ns", "accumulate_partial",
                                     "--sharding NO_SHARD"));
+}
+
+// A sharded save killed (SIGKILL, by strace's fault injection) before each of
+// its renames, fsyncs, unlinks and directory calls in turn: every interruption
+// leaves a complete checkpoint at the path (the previous one or the new one),
+// and the next save succeeds and keeps it until it has a newer one.
+TEST(FsdpUnits, ShardedSaveInterruptedAtAnyStepLeavesACompleteCheckpoint) {
+  if (testutil::run_command("strace -f -qq -o /dev/null true").status != 0) {
+    GTEST_SKIP() << "strace cannot trace here (it injects the faults)";
+  }
+  const std::string dir = ::testing::TempDir() + "/fsdp_units_interrupted_save";
+  fabric::fs::remove_all(dir);
+  fabric::fs::make_directories(dir);
+  const std::string ckpt = dir + "/ckpt";
+  const std::string save = g_fsdp_worker + " save_once " + dir + " --state-dict sharded --devices 1 --tag ";
+  const auto step_in = [&]() -> int64_t {
+    return fabric::read_checkpoint(ckpt).toGenericDict().at("step").toInt();
+  };
+  // Where the file system swaps directories atomically (renameat2
+  // RENAME_EXCHANGE: ext4, tmpfs, xfs, btrfs, overlayfs), the path itself always
+  // holds a complete checkpoint; elsewhere a load finds the surviving copy.
+  const std::string probe_a = dir + "/probe_a", probe_b = dir + "/probe_b";
+  fabric::fs::make_directories(probe_a);
+  fabric::fs::make_directories(probe_b);
+  const bool exchange = ::renameat2(AT_FDCWD, probe_a.c_str(), AT_FDCWD, probe_b.c_str(), RENAME_EXCHANGE) == 0;
+  fabric::fs::remove_all(probe_a);
+  fabric::fs::remove_all(probe_b);
+  auto first = testutil::run_command(save + "1");
+  ASSERT_EQ(first.status, 0) << first.output;
+  ASSERT_EQ(step_in(), 1);
+  // strace counts each call separately: kill before the n-th call of one kind,
+  // for every n that kind reaches, kind by kind.
+  int64_t previous = 1, interrupted = 0;
+  for (const std::string call : {"rename", "renameat", "renameat2", "fsync", "fdatasync", "unlink",
+                                 "unlinkat", "rmdir"}) {
+    for (int n = 1; n <= 50; ++n) {
+      SCOPED_TRACE("killed before " + call + " number " + std::to_string(n));
+      auto killed = testutil::run_command("strace -f -qq -o /dev/null -e trace=" + call + " -e inject=" +
+                                          call + ":signal=KILL:when=" + std::to_string(n) + " " + save +
+                                          std::to_string(previous + 1));
+      if (killed.status == 0) {  // the save made fewer such calls: it completed
+        ASSERT_EQ(step_in(), previous + 1);
+        previous += 1;
+        break;
+      }
+      ++interrupted;
+      if (exchange) {
+        EXPECT_TRUE(fabric::fs::exists(ckpt + "/metadata.pt")) << "no complete checkpoint at " << ckpt;
+      }
+      int64_t now = 0;
+      ASSERT_NO_THROW(now = step_in()) << killed.output;
+      EXPECT_TRUE(now == previous || now == previous + 1) << "step " << now << ", saved " << previous;
+      auto next = testutil::run_command(save + std::to_string(now + 10));
+      ASSERT_EQ(next.status, 0) << next.output;
+      ASSERT_EQ(step_in(), now + 10);
+      previous = now + 10;
+    }
+  }
+  EXPECT_GT(interrupted, 8) << "the save made fewer file-system calls than expected";
+  EXPECT_FALSE(fabric::fs::exists(ckpt + ".partial"));
+  EXPECT_FALSE(fabric::fs::exists(ckpt + ".old"));
 }
 
 // fabric.load(path, {{"optimizer", opt}}) with the model not in the state.

@@ -25,6 +25,8 @@
 //               (those parameters get a gradient on one rank only); 10 steps
 //   accumulate_partial  the FsdpAuxNet, 2 micro-batches per step, both synced (no
 //               no_backward_sync); only the first one's loss uses the `side` unit
+//   save_once   one step, then save {model, optimizer, step: --tag N} to OUTDIR/ckpt
+//               and exit (the interrupted-save test kills it inside the save)
 //   errors      checks the errors fsdp gives (a weight tied across two units, an
 //               optimizer with state at setup); exits 3 when one is missing
 //   memory      train; OUTDIR/memory_rank<r>.txt holds the distinct storage bytes of
@@ -189,6 +191,7 @@ int main(int argc, char** argv) {
   int64_t width = 7;
   std::string from;
   std::vector<std::string> frozen;
+  int64_t tag = 0;
   for (int i = 3; i < argc; ++i) {
     const std::string flag = argv[i];
     const std::string value = i + 1 < argc ? argv[i + 1] : "";
@@ -203,6 +206,7 @@ int main(int argc, char** argv) {
     else if (flag == "--devices") options.devices = fabric::Devices(value), ++i;
     else if (flag == "--reduce-dtype") options.fsdp.reduce_dtype = value, ++i;
     else if (flag == "--no-reshard") options.fsdp.reshard_after_forward = false;
+    else if (flag == "--tag") tag = std::stoll(value), ++i;
     else if (flag == "--freeze") {
       std::stringstream list(value);
       for (std::string item; std::getline(list, item, ',');) frozen.push_back(item);
@@ -258,6 +262,15 @@ int main(int argc, char** argv) {
       fabric::State state{{"model", net}, {"optimizer", opt}, {"step", 0}};
       fabric.load(from, state);
       first_step = static_cast<int>(state.at("step").to_int());
+    }
+    if (mode == "save_once") {
+      auto [x, y] = fsdp_global_batch(0);
+      opt.zero_grad();
+      fabric.backward(torch::mse_loss(net(x.narrow(0, rank * per_rank, per_rank)),
+                                      y.narrow(0, rank * per_rank, per_rank)));
+      opt.step();
+      fabric.save(out + "/ckpt", {{"model", net}, {"optimizer", opt}, {"step", tag}});
+      return 0;
     }
     for (int step = first_step; step < 10; ++step) {
       if (mode == "mismatch" && step == 0 && rank == 1) {
