@@ -1,6 +1,12 @@
 #include "launchers/local_ranks.h"
 
+#include <chrono>
+#include <csignal>
 #include <cstdlib>
+#include <exception>
+#include <string>
+#include <thread>
+#include <unistd.h>
 #include <iostream>
 
 #include "launchers/mpirun.h"
@@ -26,13 +32,39 @@ LocalRanks::LocalRanks(int nprocs, std::vector<std::string> command, FailureHand
        torchrun_environment(0, 0, nprocs, nprocs, 0, "127.0.0.1", port)) {
     ::setenv(key.c_str(), value.c_str(), 1);
   }
+  exceptions_at_start_ = std::uncaught_exceptions();
   watcher_ = std::thread([this, on_failure] {
     status_ = supervisor_->wait_all();
-    if (status_ != 0) on_failure(status_);
+    done_ = true;
+    if (status_ != 0 && !stopping_) on_failure(status_);
   });
 }
 
-LocalRanks::~LocalRanks() { join(); }
+LocalRanks::~LocalRanks() {
+  if (std::uncaught_exceptions() > exceptions_at_start_) {
+    const std::string message =
+        "torchfabric: rank 0 is ending with an exception; stopping the ranks it started\n";
+    (void)!::write(STDERR_FILENO, message.data(), message.size());
+    stop();
+  } else {
+    join();
+  }
+}
+
+void LocalRanks::stop() {
+  stopping_ = true;
+  if (!done_) supervisor_->signal_all(SIGTERM);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!done_ && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (!done_) supervisor_->signal_all(SIGKILL);
+  join();
+}
+
+std::vector<int> LocalRanks::pids() const {
+  return std::vector<int>(supervisor_->pids().begin(), supervisor_->pids().end());
+}
 
 int LocalRanks::join() {
   if (watcher_.joinable()) watcher_.join();

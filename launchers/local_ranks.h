@@ -7,9 +7,16 @@
 // fails, the others are stopped and this process exits at once with a message
 // naming the rank and its status. When rank 0 finishes its own work (join(), or
 // the destructor), it waits for the others, so the job's exit status reflects
-// every rank and no rank is killed half-way through its work.
+// every rank and no rank is killed half-way through its work. But when rank 0 is
+// unwinding an exception (the destructor runs with more exceptions in flight than
+// at construction: the Fabric, declared inside the try, is destroyed on the way
+// to the handler), the others cannot finish without it and would wait in their
+// next collective until its timeout (30 minutes): they are stopped at once
+// (SIGTERM, SIGKILL after the grace period) and the exception goes on. A Fabric
+// declared outside the try cannot tell; call stop() in the handler then.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
@@ -29,7 +36,7 @@ class LocalRanks {
   // Starts `command` (default: this program's own command line) for local ranks
   // 1..nprocs-1 and sets this process's own torchrun-style variables as rank 0.
   LocalRanks(int nprocs, std::vector<std::string> command = {}, FailureHandler on_failure = {});
-  // join()s.
+  // join()s, or stop()s while an exception unwinds (see above).
   ~LocalRanks();
   LocalRanks(const LocalRanks&) = delete;
   LocalRanks& operator=(const LocalRanks&) = delete;
@@ -37,11 +44,18 @@ class LocalRanks {
   // Waits until every spawned rank has exited; returns 0 when all succeeded,
   // else the first failing rank's status (after on_failure ran).
   int join();
+  // Ends the spawned ranks now (SIGTERM, then SIGKILL after the grace period)
+  // and waits for them; the failure handler is not called for them.
+  void stop();
+  // The spawned ranks' process ids (ranks 1..nprocs-1).
+  std::vector<int> pids() const;
 
  private:
   std::unique_ptr<Supervisor> supervisor_;
   std::thread watcher_;
   int status_ = 0;
+  int exceptions_at_start_ = 0;
+  std::atomic<bool> stopping_{false}, done_{false};
 };
 
 }  // namespace fabric::launchers

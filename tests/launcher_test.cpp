@@ -5,6 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <csignal>
+#include <stdexcept>
+#include <string>
+#include <vector>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -57,6 +61,33 @@ TEST(Launcher, RankZeroWaitsForTheOtherRanks) {
   }  // the destructor waits
   EXPECT_GE(seconds_since(start), 0.45) << "rank 0 did not wait for ranks 1 and 2";
   EXPECT_EQ(failures, 0);
+}
+
+// Rank 0 throws (and its Fabric, inside the try, is destroyed on the way to the
+// handler): the ranks it started cannot finish without it and must not wait
+// for their collective timeout. They are stopped at once, also one that ignores
+// SIGTERM (SIGKILL after the grace period), and the exception reaches the handler.
+TEST(Launcher, RankZeroEndingWithAnExceptionStopsTheRanksItStarted) {
+  RankEnvironmentGuard env;
+  std::vector<int> pids;
+  int failures = 0;
+  bool caught = false;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    fabric::launchers::LocalRanks ranks(
+        3, {"sh", "-c", "if [ \"$RANK\" = 2 ]; then trap '' TERM; fi; exec sleep 600"},
+        [&](int) { ++failures; });
+    pids = ranks.pids();
+    ::usleep(200 * 1000);
+    throw std::runtime_error("rank 0 failed");
+  } catch (const std::runtime_error& e) {
+    caught = std::string(e.what()) == "rank 0 failed";
+  }
+  EXPECT_TRUE(caught);
+  EXPECT_LT(seconds_since(start), 20.0) << "rank 0 waited for ranks that wait for it";
+  ASSERT_EQ(pids.size(), 2u);
+  for (int pid : pids) EXPECT_NE(::kill(pid, 0), 0) << "pid " << pid << " still exists";
+  EXPECT_EQ(failures, 0) << "the failure handler ran for ranks stopped on purpose";
 }
 
 TEST(Launcher, AFailingRankStopsTheOthersAndGivesItsStatus) {
