@@ -71,40 +71,47 @@ void children_of(const c10::IValue& v, std::vector<c10::IValue>& out) {
 
 // Why `root` cannot be returned (a container that contains itself, nesting
 // deeper than kMaxNesting, or shared containers that expand to more than
-// kMaxExpanded values when walked as a tree, which every walk over a checkpoint
-// does: 60 lists each holding the previous one twice are 2^60 visits), or ""
-// when it can; `seen` gets every container in it. Iterative: the value may be
-// as deep as a forged file makes it.
-constexpr int64_t kMaxExpanded = int64_t{1} << 26;
+// kMaxExpanded containers when walked as a tree, which every walk over a
+// checkpoint does: 60 lists each holding the previous one twice are 2^60
+// visits), or "" when it can; `seen` gets every container in it. Heights and
+// expansions of shared containers are remembered, so sharing can hide neither
+// depth nor size. Iterative: the value may be as deep as a forged file makes it.
+constexpr int64_t kMaxExpanded = int64_t{1} << 22;
 std::string nesting_problem(const c10::IValue& root, std::unordered_set<const void*>& seen) {
   struct Frame {
     std::vector<c10::IValue> children;
     size_t next = 0;
     const void* id;
-    int64_t expanded = 1;
+    int64_t expanded = 1;  // containers, counting each visit of a shared one
+    int64_t height = 1;    // levels of containers, this one included
   };
   std::unordered_set<const void*> on_path;
-  std::unordered_map<const void*, int64_t> expanded_of;
+  std::unordered_map<const void*, int64_t> expanded_of, height_of;
   std::vector<Frame> path;
   int64_t root_expanded = 0;
-  const auto add = [&](int64_t n) {
-    int64_t& total = path.empty() ? root_expanded : path.back().expanded;
-    total = std::min(kMaxExpanded + 1, total + n);
+  const std::string too_deep = "containers nested more than " + std::to_string(kMaxNesting) + " deep";
+  // A finished child container of the frame on top (or of nobody: the root).
+  const auto add = [&](int64_t expanded, int64_t height) {
+    if (path.empty()) {
+      root_expanded = expanded;
+      return;
+    }
+    auto& parent = path.back();
+    parent.expanded = std::min(kMaxExpanded + 1, parent.expanded + expanded);
+    parent.height = std::max(parent.height, height + 1);
   };
   const auto enter = [&](const c10::IValue& v) -> std::string {
     const void* id = container_of(v);
-    if (!id) {
-      add(1);
-      return "";
-    }
+    if (!id) return "";
     if (on_path.count(id)) return "a container that contains itself";
     if (!seen.insert(id).second) {  // checked already (shared, not a cycle)
-      add(expanded_of[id]);
+      add(expanded_of[id], height_of[id]);
+      if (!path.empty() && static_cast<int64_t>(path.size()) - 1 + path.back().height > kMaxNesting) {
+        return too_deep;
+      }
       return "";
     }
-    if (static_cast<int64_t>(path.size()) >= kMaxNesting) {
-      return "containers nested more than " + std::to_string(kMaxNesting) + " deep";
-    }
+    if (static_cast<int64_t>(path.size()) >= kMaxNesting) return too_deep;
     Frame frame{{}, 0, id};
     children_of(v, frame.children);
     on_path.insert(id);
@@ -115,14 +122,16 @@ std::string nesting_problem(const c10::IValue& root, std::unordered_set<const vo
   while (!path.empty()) {
     auto& frame = path.back();
     if (frame.next == frame.children.size()) {
-      const int64_t expanded = frame.expanded;
+      const int64_t expanded = frame.expanded, height = frame.height;
       expanded_of[frame.id] = expanded;
+      height_of[frame.id] = height;
       on_path.erase(frame.id);
       path.pop_back();
-      add(expanded);
+      if (static_cast<int64_t>(path.size()) + height > kMaxNesting) return too_deep;
+      add(expanded, height);
       if (std::max(expanded, root_expanded) > kMaxExpanded) {
         return "shared containers that expand to more than " + std::to_string(kMaxExpanded) +
-               " values";
+               " containers";
       }
       continue;
     }

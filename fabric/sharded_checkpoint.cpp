@@ -133,9 +133,17 @@ void rename_or_throw(const std::string& from, const std::string& to) {
 // Makes a directory's entries durable (a rename is durable once its parent is).
 void sync_directory(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return;
-  ::fsync(fd);
+  if (fd < 0) {
+    throw std::runtime_error("Fabric::save: cannot open directory " + path + " to sync it: " +
+                             std::strerror(errno));
+  }
+  const int synced = ::fsync(fd);
+  const int saved = errno;
   ::close(fd);
+  if (synced != 0 && saved != EINVAL) {  // EINVAL: a file system that cannot sync directories
+    throw std::runtime_error("Fabric::save: cannot sync directory " + path + ": " +
+                             std::strerror(saved));
+  }
 }
 
 std::string parent_directory(const std::string& path) {

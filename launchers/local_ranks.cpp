@@ -35,7 +35,6 @@ LocalRanks::LocalRanks(int nprocs, std::vector<std::string> command, FailureHand
   exceptions_at_start_ = std::uncaught_exceptions();
   watcher_ = std::thread([this, on_failure] {
     status_ = supervisor_->wait_all();
-    done_ = true;
     if (status_ != 0 && !stopping_) on_failure(status_);
   });
 }
@@ -53,12 +52,7 @@ LocalRanks::~LocalRanks() {
 
 void LocalRanks::stop() {
   stopping_ = true;
-  if (!done_) supervisor_->signal_all(SIGTERM);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  while (!done_ && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  if (!done_) supervisor_->signal_all(SIGKILL);
+  supervisor_->request_stop();  // the watcher thread signals and reaps them
   join();
 }
 

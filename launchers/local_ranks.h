@@ -55,7 +55,7 @@ class LocalRanks {
   std::thread watcher_;
   int status_ = 0;
   int exceptions_at_start_ = 0;
-  std::atomic<bool> stopping_{false}, done_{false};
+  std::atomic<bool> stopping_{false};
 };
 
 }  // namespace fabric::launchers

@@ -100,7 +100,15 @@ size_t Supervisor::running() const {
 
 int Supervisor::wait_all() {
   int result = 0;
+  bool stopping = false;
+  std::chrono::steady_clock::time_point kill_at;
   while (running() > 0) {
+    if (stop_requested_ && !stopping) {  // request_stop(): end them all, quietly
+      stopping = true;
+      signal_all(SIGTERM);
+      kill_at = std::chrono::steady_clock::now() + grace_;
+    }
+    if (stopping && std::chrono::steady_clock::now() >= kill_at) signal_all(SIGKILL);
     auto done = reap_one();
     if (!done) {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -108,7 +116,7 @@ int Supervisor::wait_all() {
     }
     const auto [i, status] = *done;
     const bool failed = WIFSIGNALED(status) || WEXITSTATUS(status) != 0;
-    if (!failed || result != 0) continue;
+    if (stopping || !failed || result != 0) continue;
     result = WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
     // One write, so messages of several supervisors do not interleave.
     const std::string message = "torchfabric: rank " + std::to_string(ranks_[i]) + " (pid " +

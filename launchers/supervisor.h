@@ -5,6 +5,7 @@
 // ended. Children die with their parent (PR_SET_PDEATHSIG), so none is orphaned.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <optional>
@@ -29,6 +30,9 @@ class Supervisor {
   int wait_all();
   // Sends `signal` to every child still running.
   void signal_all(int signal);
+  // Asks a wait_all() running in another thread to end every child (SIGTERM,
+  // SIGKILL after the grace period) and return; no rank is reported as failed.
+  void request_stop() { stop_requested_ = true; }
   // Forwards SIGINT and SIGTERM received by this process to the children.
   void forward_signals();
 
@@ -44,6 +48,7 @@ class Supervisor {
   std::vector<pid_t> pids_;
   std::vector<int> ranks_;
   std::vector<bool> running_;
+  std::atomic<bool> stop_requested_{false};
 };
 
 // The variables a torchrun-style launch sets for one rank.

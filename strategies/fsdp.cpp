@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <limits>
 #include <map>
 #include <stdexcept>
@@ -16,7 +17,6 @@
 #include <c10/core/StorageImpl.h>
 #include <c10/util/strides.h>
 #include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/csrc/autograd/variable.h>
@@ -80,13 +80,19 @@ struct FSDPStrategy::Unit {
   // of it this step had such inputs. Otherwise, when fabric.backward returns,
   // in unit order. Which parameters happened to get a gradient on this rank
   // plays no part (that differs between ranks when a loss term is conditional).
-  bool needs_reduce = false;     // a forward for backward ran with trainable parameters
-  int64_t pending_inputs = 0;    // post-backward identities not yet run
-  bool unmarked_call = false;    // a forward for backward had no input requiring grad
+  // Only forwards whose graph is still alive count (one a rank ran on its own and
+  // discarded, e.g. for logging, must not change what that rank does).
+  bool needs_reduce = false;  // a forward for backward ran with trainable parameters
+  std::vector<std::weak_ptr<PostBackward>> marks;  // this step's post-backward identities
+  // Output nodes of this step's forwards that had no such input.
+  std::vector<std::weak_ptr<torch::autograd::Node>> unmarked;
   bool holding = false;  // full gradients kept by a backward under no_backward_sync
+  // Alive as long as the unit: hooks that outlive it (in a graph) hold it weakly.
+  std::shared_ptr<char> token = std::make_shared<char>(0);
   struct Call {
     bool for_backward, gathered_now, holding;
     int64_t marked_inputs;
+    std::vector<std::pair<at::Tensor, int64_t>> inputs;  // marked inputs and their versions
   };
   std::vector<Call> calls;  // forwards of this unit in progress
 
@@ -100,8 +106,8 @@ struct FSDPStrategy::Unit {
     return false;
   }
   void reset_backward() {
-    pending_inputs = 0;
-    unmarked_call = false;
+    marks.clear();
+    unmarked.clear();
   }
 };
 
@@ -123,22 +129,42 @@ class FSDPStrategy::GradReadyHook : public torch::autograd::PostAccumulateGradHo
 
 // The identity mark_input puts on a unit's input: its backward runs once the
 // gradient with respect to that input is complete, i.e. after the unit's own
-// backward (every node the unit's forward made has a higher sequence number
-// and runs first, the parameters' AccumulateGrad nodes too).
-struct FSDPStrategy::PostBackward : public torch::autograd::Function<PostBackward> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
-                            int64_t strategy, int64_t unit) {
-    ctx->saved_data["strategy"] = strategy;
-    ctx->saved_data["unit"] = unit;
-    return input;
+// backward (it was made just before the unit's forward, so every node that
+// forward made has a higher sequence number and runs first, the parameters'
+// AccumulateGrad nodes too), and before any node of earlier units, whichever
+// of their outputs got gradients on this rank: the same point on every rank.
+// A node of our own over a detached alias of the input (not a custom Function,
+// whose raw pointers could outlive the unit); the alias shares the input's
+// version counter, so an in-place change of it is detected and refused.
+class FSDPStrategy::PostBackward : public torch::autograd::Node {
+ public:
+  PostBackward(FSDPStrategy& strategy, Unit& unit)
+      : strategy_(strategy), unit_(unit), token_(unit.token) {}
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    fired = true;
+    if (!token_.expired()) strategy_.post_backward(unit_);
+    return std::move(grads);
   }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto* strategy = reinterpret_cast<FSDPStrategy*>(ctx->saved_data["strategy"].toInt());
-    auto* unit = reinterpret_cast<Unit*>(ctx->saved_data["unit"].toInt());
-    strategy->post_backward(*unit);
-    return {grads[0], at::Tensor(), at::Tensor()};
+  std::string name() const override { return "torchfabric::FSDPPostBackward"; }
+  bool fired = false;
+
+ private:
+  FSDPStrategy& strategy_;
+  Unit& unit_;
+  std::weak_ptr<char> token_;  // the unit (and the strategy) may be gone
+};
+
+// Runs before the backward of the node that made a unit's output.
+class FSDPStrategy::PreBackwardHook : public torch::autograd::FunctionPreHook {
+ public:
+  explicit PreBackwardHook(std::function<void()> gather) : gather_(std::move(gather)) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+    gather_();
+    return grads;
   }
+
+ private:
+  std::function<void()> gather_;
 };
 
 namespace {
@@ -544,12 +570,16 @@ void FSDPStrategy::begin_forward(Unit& unit, bool for_backward) {
     unshard(*flat);
     gathered_now = true;
   }
-  unit.calls.push_back({for_backward, gathered_now, unit.holding, 0});
+  unit.calls.push_back({for_backward, gathered_now, unit.holding, 0, {}});
 }
 
-void FSDPStrategy::end_forward_for_backward(Unit& unit, int64_t marked_inputs) {
+void FSDPStrategy::end_forward_for_backward(Unit& unit, int64_t marked_inputs,
+                                            const std::vector<at::Tensor>& outputs) {
   if (unit.trainable()) unit.needs_reduce = true;
-  if (marked_inputs == 0) unit.unmarked_call = true;
+  if (marked_inputs > 0) return;
+  for (const auto& out : outputs) {
+    if (out.defined() && out.grad_fn()) unit.unmarked.push_back(out.grad_fn());
+  }
 }
 
 at::Tensor FSDPStrategy::mark_input(torch::nn::Module& module, const at::Tensor& input) {
@@ -558,17 +588,31 @@ at::Tensor FSDPStrategy::mark_input(torch::nn::Module& module, const at::Tensor&
       !torch::autograd::GradMode::is_enabled()) {
     return input;
   }
-  ++unit->calls.back().marked_inputs;
-  ++unit->pending_inputs;
-  return PostBackward::apply(input, reinterpret_cast<int64_t>(this),
-                             reinterpret_cast<int64_t>(unit));
+  auto node = std::make_shared<PostBackward>(*this, *unit);
+  node->add_next_edge(torch::autograd::impl::gradient_edge(input));
+  at::Tensor out = input.detach();  // same storage and version counter
+  const auto input_nr = node->add_input_metadata(out);
+  torch::autograd::impl::set_gradient_edge(out, {node, input_nr});
+  unit->marks.push_back(node);
+  auto& call = unit->calls.back();
+  ++call.marked_inputs;
+  call.inputs.emplace_back(input, static_cast<int64_t>(input._version()));
+  return out;
 }
 
 void FSDPStrategy::post_backward(Unit& unit) {
-  if (--unit.pending_inputs > 0 || unit.unmarked_call || !unit.calls.empty()) return;
+  // Only inside fabric.backward: autograd::grad (a gradient penalty) or a second
+  // pass over a retained graph runs these hooks too.
+  if (!in_backward_ || !unit.calls.empty()) return;
+  for (const auto& mark : unit.marks) {
+    if (auto node = mark.lock(); node && !node->fired) return;
+  }
+  for (const auto& node : unit.unmarked) {
+    if (!node.expired()) return;  // reduced when fabric.backward returns
+  }
   if (unit.needs_reduce) {
     if (sync_) reduce_unit(unit);  // no_backward_sync: keep full parameters and gradients
-  } else if (!unit.holding) {
+  } else if (!unit.holding && !unit.trainable()) {
     reshard_unit(unit);  // frozen: nothing to reduce, the backward is done with it
   }
 }
@@ -583,8 +627,17 @@ void FSDPStrategy::post_forward(torch::nn::Module& module, const std::vector<at:
   Unit* unit = unit_of(module);
   if (!unit || unit->calls.empty()) return;
   const auto call = unit->calls.back();
+  for (const auto& [input, version] : call.inputs) {
+    if (static_cast<int64_t>(input._version()) != version) {
+      // (run_sharding_unit calls forward_failed, which pops the call.)
+      throw std::runtime_error(
+          "fsdp: unit '" + unit->display() + "' modified a tensor argument of its forward in "
+          "place (x += ..., x.mul_(...)); under fsdp a unit's inputs are tracked for its "
+          "backward and must not change: compute out of place (x = x + f(x))");
+    }
+  }
   unit->calls.pop_back();
-  if (call.for_backward) end_forward_for_backward(*unit, call.marked_inputs);
+  if (call.for_backward) end_forward_for_backward(*unit, call.marked_inputs, outputs);
   bool hooked = false;
   if (call.for_backward) {
     // Pre-backward: gather the parameters again before the unit's backward runs,
@@ -592,13 +645,24 @@ void FSDPStrategy::post_forward(torch::nn::Module& module, const std::vector<at:
     // through a frozen unit needs its weights too).
     for (const auto& out : outputs) {
       if (!out.defined() || !out.requires_grad()) continue;
-      out.register_hook([this, unit](const at::Tensor&) {
+      // A pre-hook of the output's node, not a tensor hook: the engine runs a
+      // node's tensor hooks first, so the next unit's post-backward hook on this
+      // same tensor (its input) reduces and frees that unit before this one is
+      // gathered (root + one unit at a time).
+      const std::weak_ptr<char> token = unit->token;
+      auto gather = [this, unit, token]() {
+        if (token.expired()) return;  // the unit (a module set up no more) is gone
         for (auto& flat : unit->flats) unshard(*flat);
-      });
+      };
+      if (const auto node = out.grad_fn()) {
+        node->add_pre_hook(std::make_unique<PreBackwardHook>(std::move(gather)));
+      } else {
+        out.register_hook([gather](const at::Tensor&) { gather(); });
+      }
       hooked = true;
     }
   }
-  if (!hooked && !unit->needs_reduce) {  // no backward will come through this call
+  if (!hooked && (!call.for_backward || !unit->needs_reduce)) {  // no backward through this call
     if (call.gathered_now) reshard_unit(*unit);
     return;
   }
@@ -624,7 +688,7 @@ class FSDPStrategy::RootScope : public precision::Scope {
     if (root_.calls.empty()) return;
     const auto call = root_.calls.back();
     root_.calls.pop_back();
-    if (call.for_backward) strategy_.end_forward_for_backward(root_, call.marked_inputs);
+    if (call.for_backward) strategy_.end_forward_for_backward(root_, call.marked_inputs, {});
     // For a backward the root stays gathered until fabric.backward ends (its
     // outputs are not seen here, so a frozen root stays too: the backward through
     // it needs its weights).
@@ -672,7 +736,14 @@ at::Tensor FSDPStrategy::optimizer_step(torch::optim::Optimizer& optimizer,
 }
 
 void FSDPStrategy::backward(const at::Tensor& loss, precision::Precision& precision) {
-  precision.pre_backward(loss).backward();
+  in_backward_ = true;
+  try {
+    precision.pre_backward(loss).backward();
+  } catch (...) {
+    in_backward_ = false;
+    throw;
+  }
+  in_backward_ = false;
   for (auto& state : modules_) {
     for (auto& unit : state->units) {
       unit->reset_backward();

@@ -93,7 +93,8 @@ class FSDPStrategy : public ParallelStrategy, private UnitRunner {
   class StateScope;
   class RootScope;
   class GradReadyHook;
-  struct PostBackward;
+  class PreBackwardHook;
+  class PostBackward;
   ModuleState* find(const torch::nn::Module* module);
   Unit* unit_of(const torch::nn::Module& module);
   // UnitRunner: a block unit's forward.
@@ -103,7 +104,8 @@ class FSDPStrategy : public ParallelStrategy, private UnitRunner {
   at::Tensor mark_input(torch::nn::Module& unit, const at::Tensor& input) override;
   void begin_forward(Unit& unit, bool for_backward);
   // A forward for backward of `unit` returned, having marked that many inputs.
-  void end_forward_for_backward(Unit& unit, int64_t marked_inputs);
+  void end_forward_for_backward(Unit& unit, int64_t marked_inputs,
+                                const std::vector<at::Tensor>& outputs);
   // A unit's inputs have their gradients (mark_input's identities ran).
   void post_backward(Unit& unit);
   void reduce_unit(Unit& unit);
@@ -121,6 +123,7 @@ class FSDPStrategy : public ParallelStrategy, private UnitRunner {
   std::optional<c10::ScalarType> reduce_dtype_;
   int64_t next_flat_id_ = 0;
   bool stepped_ = false;  // an optimizer step has run (ends check_unit_order="first_step")
+  bool in_backward_ = false;  // inside fabric.backward's autograd pass
   int64_t gathered_bytes_ = 0;
   int64_t peak_gathered_bytes_ = 0;
 };

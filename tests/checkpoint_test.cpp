@@ -498,9 +498,10 @@ torch.save(ref, d + '/ref.pt')
   EXPECT_TRUE(torch::equal(big.view(torch::kLong), ref.at("uint64_big").toTensor()));
 }
 
-// A list that contains itself (9 bytes of pickle), 100 000-deep nesting and
-// shared lists that expand to 2^60 values (found by make fuzz): errors naming the
-// file, not a stack overflow or a hang. 900 levels, which Python
+// A list that contains itself (9 bytes of pickle), 100 000-deep nesting, 3 000
+// levels hidden behind shared chains (each 999 deep) and shared lists that expand to
+// 2^60 values (found by make fuzz and in review): errors naming the file, not a
+// stack overflow or a hang. 900 levels, which Python
 // writes itself, still read.
 TEST(Checkpoint, SelfContainingAndDeeplyNestedPicklesEndInAnError) {
   const std::string d = dir() + "/nesting";
@@ -531,12 +532,30 @@ dag = b'\x80\x02]q\x00'
 for i in range(1, 61):
     dag += b'](h' + bytes([i - 1]) + b'h' + bytes([i - 1]) + b'eq' + bytes([i])
 replace_pickle(d + '/self.pt', d + '/dag60.pt', dag + b'.')
+# 3 chains of 999 lists, linked top-down (so no depth is known while they are
+# built), the innermost list of each holding the previous chain: each chain
+# alone is 999 deep, together about 3 000
+import struct
+def pack(i): return struct.pack('<I', i)
+out, idx, heads = b'\x80\x02', 0, []
+for j in range(3):
+    first = idx
+    for i in range(999):
+        out += b']r' + pack(idx) + b'0'
+        idx += 1
+    for i in range(998):
+        out += b'j' + pack(first + i) + b'j' + pack(first + i + 1) + b'a0'
+    if heads:
+        out += b'j' + pack(first + 998) + b'j' + pack(heads[-1]) + b'a0'
+    heads.append(first)
+out += b'(' + b''.join(b'j' + pack(h) for h in heads) + b'l.'
+replace_pickle(d + '/self.pt', d + '/shared_chains.pt', out)
 )");
   for (const std::string name : {"self", "self_tuple"}) {
     const std::string path = d + "/" + name + ".pt";
     EXPECT_THROW_WITH(fabric::read_checkpoint(path), {path, "contains itself"});
   }
-  for (const std::string name : {"deep_lists", "deep_tuples", "deep_dict_key"}) {
+  for (const std::string name : {"deep_lists", "deep_tuples", "deep_dict_key", "shared_chains"}) {
     const std::string path = d + "/" + name + ".pt";
     EXPECT_THROW_WITH(fabric::read_checkpoint(path), {path, "nested more than 1000 deep"});
   }

@@ -147,7 +147,8 @@ TEST(FsdpUnits, AccumulationWithoutNoBackwardSyncKeepsAnUnreachedUnitsGradient) 
 }
 
 // A sharded save killed (SIGKILL, by strace's fault injection) before each of
-// its renames, fsyncs, unlinks and directory calls in turn: every interruption
+// its renames, fsyncs, unlinks and directory calls on the checkpoint's paths in
+// turn (strace counts each kind of call separately): every interruption
 // leaves a complete checkpoint at the path (the previous one or the new one),
 // and the next save succeeds and keeps it until it has a newer one.
 TEST(FsdpUnits, ShardedSaveInterruptedAtAnyStepLeavesACompleteCheckpoint) {
@@ -177,13 +178,20 @@ TEST(FsdpUnits, ShardedSaveInterruptedAtAnyStepLeavesACompleteCheckpoint) {
   // strace counts each call separately: kill before the n-th call of one kind,
   // for every n that kind reaches, kind by kind.
   int64_t previous = 1, interrupted = 0;
-  for (const std::string call : {"rename", "renameat", "renameat2", "fsync", "fdatasync", "unlink",
-                                 "unlinkat", "rmdir"}) {
+  // Only calls on the checkpoint's own paths count (-P; fds are matched by path):
+  // not Open MPI's start-up and clean-up.
+  std::string paths;
+  for (const std::string folder : {ckpt, ckpt + ".partial", ckpt + ".old"}) {
+    paths += " -P " + folder;
+    for (const std::string file : {"shard_0.pt", "metadata.pt"}) paths += " -P " + folder + "/" + file;
+  }
+  for (const std::string call : {"mkdir", "rename", "renameat", "renameat2", "fsync", "fdatasync",
+                                 "unlink", "unlinkat", "rmdir"}) {
     for (int n = 1; n <= 50; ++n) {
       SCOPED_TRACE("killed before " + call + " number " + std::to_string(n));
-      auto killed = testutil::run_command("strace -f -qq -o /dev/null -e trace=" + call + " -e inject=" +
-                                          call + ":signal=KILL:when=" + std::to_string(n) + " " + save +
-                                          std::to_string(previous + 1));
+      auto killed = testutil::run_command("strace -f -qq -o /dev/null" + paths + " -e trace=" + call +
+                                          " -e inject=" + call + ":signal=KILL:when=" +
+                                          std::to_string(n) + " " + save + std::to_string(previous + 1));
       if (killed.status == 0) {  // the save made fewer such calls: it completed
         ASSERT_EQ(step_in(), previous + 1);
         previous += 1;
@@ -202,7 +210,7 @@ TEST(FsdpUnits, ShardedSaveInterruptedAtAnyStepLeavesACompleteCheckpoint) {
       previous = now + 10;
     }
   }
-  EXPECT_GT(interrupted, 8) << "the save made fewer file-system calls than expected";
+  EXPECT_GE(interrupted, 6) << "the save made fewer file-system calls than expected";
   EXPECT_FALSE(fabric::fs::exists(ckpt + ".partial"));
   EXPECT_FALSE(fabric::fs::exists(ckpt + ".old"));
 }

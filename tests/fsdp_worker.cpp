@@ -78,6 +78,24 @@ struct TiedNetImpl : torch::nn::Module {
   fabric::Sharded<TiedUnitImpl> a{nullptr}, b{nullptr};
 };
 
+// A unit whose forward modifies its (non-leaf) input in place.
+struct InPlaceUnitImpl : torch::nn::Module {
+  InPlaceUnitImpl() : fc(register_module("fc", torch::nn::Linear(4, 4))) {}
+  torch::Tensor forward(torch::Tensor x) {
+    x.mul_(0.5);
+    return fc->forward(x);
+  }
+  torch::nn::Linear fc;
+};
+struct InPlaceNetImpl : torch::nn::Module {
+  InPlaceNetImpl()
+      : embed(register_module("embed", torch::nn::Linear(4, 4))),
+        inner(register_module("inner", fabric::Sharded<InPlaceUnitImpl>(std::make_shared<InPlaceUnitImpl>()))) {}
+  torch::Tensor forward(torch::Tensor x) { return inner(embed->forward(x)); }
+  torch::nn::Linear embed;
+  fabric::Sharded<InPlaceUnitImpl> inner;
+};
+
 bool error_contains(const std::function<void()>& action, const std::vector<std::string>& needles) {
   try {
     action();
@@ -235,6 +253,14 @@ int main(int argc, char** argv) {
       adam->step();
       if (!error_contains([&] { fabric.setup(model, adam); }, {"already has state", "fresh"})) {
         return fail("an optimizer with state at setup");
+      }
+      // A unit that modifies its input in place: refused, naming the unit.
+      auto inplace = std::make_shared<InPlaceNetImpl>();
+      auto [inplace_net, inplace_unused] =
+          fabric.setup(inplace, std::make_shared<torch::optim::SGD>(inplace->parameters(), 0.1));
+      if (!error_contains([&] { inplace_net(torch::randn({2, 4})); },
+                          {"unit 'inner'", "in place", "x = x + f(x)"})) {
+        return fail("a unit modifying its input in place");
       }
       fabric.print("fsdp errors ok");
       return 0;

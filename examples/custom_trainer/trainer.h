@@ -223,7 +223,18 @@ class Trainer {
     }
     fabric::State loaded{{"model", model}, {"optimizer", optimizer}, {"step", 0}, {"epoch", 0},
                          {"batches_done", 0}, {"rng", fabric::RngState()}};
-    fabric_.load(path, loaded);
+    // A rank whose copy is damaged must not leave the others waiting in their
+    // next collective: every rank learns whether any load failed.
+    std::string error;
+    try {
+      fabric_.load(path, loaded);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    if (fabric_.all_reduce(error.empty() ? 0.0 : 1.0, "max") > 0) {
+      throw std::runtime_error(error.empty() ? "resume: another rank could not load " + path
+                                             : "resume: " + error);
+    }
     step_ = loaded.at("step").to_int();
     epoch_ = loaded.at("epoch").to_int();
     batches_done_ = loaded.at("batches_done").to_int();
