@@ -1,6 +1,7 @@
 #include "fabric/pickle_reader.h"
 
 #include "fabric/mapped_file.h"
+#include "util/quoted_list.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -502,10 +503,8 @@ class Machine {
       std::vector<std::string> names;
       for (const auto& item : dtypes) names.push_back(item.first);
       std::sort(names.begin(), names.end());
-      std::string valid;
-      for (const auto& n : names) valid += (valid.empty() ? "" : ", ") + n;
       fail("a tensor of dtype " + name + ", which this reader does not support (it reads " +
-           valid + ")");
+           quoted_list(names) + ")");
     }
     return it->second;
   }

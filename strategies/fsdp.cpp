@@ -91,7 +91,6 @@ struct FSDPStrategy::Unit {
   std::shared_ptr<char> token = std::make_shared<char>(0);
   struct Call {
     bool for_backward, gathered_now, holding;
-    int64_t marked_inputs;
     std::vector<std::pair<at::Tensor, int64_t>> inputs;  // marked inputs and their versions
   };
   std::vector<Call> calls;  // forwards of this unit in progress
@@ -570,10 +569,10 @@ void FSDPStrategy::begin_forward(Unit& unit, bool for_backward) {
     unshard(*flat);
     gathered_now = true;
   }
-  unit.calls.push_back({for_backward, gathered_now, unit.holding, 0, {}});
+  unit.calls.push_back({for_backward, gathered_now, unit.holding, {}});
 }
 
-void FSDPStrategy::end_forward_for_backward(Unit& unit, int64_t marked_inputs,
+void FSDPStrategy::end_forward_for_backward(Unit& unit, size_t marked_inputs,
                                             const std::vector<at::Tensor>& outputs) {
   if (unit.trainable()) unit.needs_reduce = true;
   if (marked_inputs > 0) return;
@@ -594,9 +593,7 @@ at::Tensor FSDPStrategy::mark_input(torch::nn::Module& module, const at::Tensor&
   const auto input_nr = node->add_input_metadata(out);
   torch::autograd::impl::set_gradient_edge(out, {node, input_nr});
   unit->marks.push_back(node);
-  auto& call = unit->calls.back();
-  ++call.marked_inputs;
-  call.inputs.emplace_back(input, static_cast<int64_t>(input._version()));
+  unit->calls.back().inputs.emplace_back(input, static_cast<int64_t>(input._version()));
   return out;
 }
 
@@ -637,7 +634,7 @@ void FSDPStrategy::post_forward(torch::nn::Module& module, const std::vector<at:
     }
   }
   unit->calls.pop_back();
-  if (call.for_backward) end_forward_for_backward(*unit, call.marked_inputs, outputs);
+  if (call.for_backward) end_forward_for_backward(*unit, call.inputs.size(), outputs);
   bool hooked = false;
   if (call.for_backward) {
     // Pre-backward: gather the parameters again before the unit's backward runs,
@@ -688,7 +685,7 @@ class FSDPStrategy::RootScope : public precision::Scope {
     if (root_.calls.empty()) return;
     const auto call = root_.calls.back();
     root_.calls.pop_back();
-    if (call.for_backward) strategy_.end_forward_for_backward(root_, call.marked_inputs, {});
+    if (call.for_backward) strategy_.end_forward_for_backward(root_, call.inputs.size(), {});
     // For a backward the root stays gathered until fabric.backward ends (its
     // outputs are not seen here, so a frozen root stays too: the backward through
     // it needs its weights).

@@ -104,7 +104,7 @@ class FSDPStrategy : public ParallelStrategy, private UnitRunner {
   at::Tensor mark_input(torch::nn::Module& unit, const at::Tensor& input) override;
   void begin_forward(Unit& unit, bool for_backward);
   // A forward for backward of `unit` returned, having marked that many inputs.
-  void end_forward_for_backward(Unit& unit, int64_t marked_inputs,
+  void end_forward_for_backward(Unit& unit, size_t marked_inputs,
                                 const std::vector<at::Tensor>& outputs);
   // A unit's inputs have their gradients (mark_input's identities ran).
   void post_backward(Unit& unit);
