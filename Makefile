@@ -2,8 +2,12 @@
 #   make run    build, then train the Fashion-MNIST autoencoder (the main job)
 #   make test   build with Bazel and CMake, run every test; last line `N passed, N failed`
 #   make bench  build, then run the benchmarks (results: docs/benchmarks.md)
-#   make gpu-check  on a machine with an NVIDIA GPU: CMake build, every test (none
-#               may skip), the GPU benchmarks; without a GPU it says so, exit 0
+#   make gpu-check  on a machine with an NVIDIA GPU: CMake build, the test programs
+#               with the CUDA tests (none may skip), the GPU benchmarks; without a
+#               GPU it says so, exit 0. GPU_BUNDLE=DIR takes the build's packages
+#               from a bundle (make gpu-bundle), GPU_OUT=DIR gets logs and results
+#   make gpu-bundle  gather those packages (Debian's files) into GPU_BUNDLE
+#               (default build/gpu-bundle), for a bare GPU image
 #   make install PREFIX=DIR  install headers, libraries, fabric-run and the CMake
 #               package (find_package(TorchFabric)) into DIR (CMake build)
 #   make fuzz   build the libFuzzer targets of tests/fuzz/ (clang) and run each for
@@ -14,9 +18,11 @@ BAZEL ?= bazel
 ARGS ?=
 PREFIX ?= /usr/local
 FUZZ_SECONDS ?= 60
+GPU_BUNDLE ?=
+GPU_OUT ?=
 export PYTHON
 
-.PHONY: all setup build run test bench install clean gpu-check fuzz
+.PHONY: all setup build run test bench install clean gpu-check gpu-bundle fuzz
 all: build
 
 setup:
@@ -35,17 +41,22 @@ test: setup
 	@scripts/run_tests.sh
 
 bench: build
-	./bazel-bin/benchmarks/overhead/overhead
-	./bazel-bin/benchmarks/ddp/ddp
-	./bazel-bin/benchmarks/ddp/ddp --batch-size 256
-	./bazel-bin/benchmarks/fsdp/fsdp
-	./bazel-bin/benchmarks/fused/fused
-	./bazel-bin/benchmarks/vs_lightning/vs_lightning --python $(PYTHON)
-	./bazel-bin/benchmarks/checkpoint/checkpoint --python $(PYTHON)
+	./bazel-bin/benchmarks/overhead/overhead_bench
+	./bazel-bin/benchmarks/ddp/ddp_bench
+	./bazel-bin/benchmarks/ddp/ddp_bench --batch-size 256
+	./bazel-bin/benchmarks/fsdp/fsdp_bench
+	./bazel-bin/benchmarks/fused/fused_bench
+	./bazel-bin/benchmarks/vs_lightning/vs_lightning_bench --python $(PYTHON)
+	./bazel-bin/benchmarks/checkpoint/checkpoint_bench --python $(PYTHON)
+	./bazel-bin/benchmarks/gpu/gpu_bench --python $(PYTHON)
 
 # No set-up: the GPU machines have CMake, nvcc and torch but no network (see the script).
 gpu-check:
-	@scripts/gpu_check.sh
+	@scripts/gpu_check.sh $(if $(GPU_BUNDLE),--bundle $(GPU_BUNDLE)) $(if $(GPU_OUT),--out $(GPU_OUT))
+
+# Debian's apt-get download and dpkg -x; on a Debian machine of ours (see the script).
+gpu-bundle:
+	@scripts/gpu_bundle.sh $(or $(GPU_BUNDLE),build/gpu-bundle)
 
 # Needs clang and torch only (no Bazel); see tests/fuzz/README.md.
 fuzz:

@@ -96,7 +96,22 @@ Connection connect(const FabricOptions& raw) {
     }
     c.needs_launch = true;
   }
-  c.strategy = strategies::resolve_strategy_name(options.strategy, t.world_size);
+  if (options.strategy_plugin) {
+    const auto& plugin = *options.strategy_plugin;
+    if (options.strategy != "auto" && options.strategy != plugin.name()) {
+      throw std::invalid_argument("strategy='" + options.strategy + "' and a strategy_plugin named '" +
+                                  plugin.name() + "' were both given; leave strategy at 'auto'");
+    }
+    if (plugin.world_size() != t.world_size) {
+      throw std::invalid_argument("strategy_plugin '" + plugin.name() + "' was built for a world of " +
+                                  std::to_string(plugin.world_size()) + " process(es), but devices=" +
+                                  options.devices.str() + " x num_nodes=" + std::to_string(t.num_nodes) +
+                                  " give " + std::to_string(t.world_size));
+    }
+    c.strategy = plugin.name();
+  } else {
+    c.strategy = strategies::resolve_strategy_name(options.strategy, t.world_size);
+  }
   if (options.precision_plugin) {
     c.precision = "plugin";
   } else {

@@ -22,6 +22,7 @@
 #include "launchers/local_ranks.h"
 #include "precision/registry.h"
 #include "strategies/registry.h"
+#include "util/quoted_list.h"
 
 namespace fabric {
 
@@ -46,7 +47,8 @@ Fabric::Fabric(FabricOptions options) : options_(std::move(options)) {
     if (name == "bf16-mixed" || name == "bf16-true") args.fsdp.reduce_dtype = "bf16";
     if (name == "16-mixed" || name == "16-true") args.fsdp.reduce_dtype = "fp16";
   }
-  strategy_ = strategies::make_strategy(connection.strategy, args);
+  strategy_ = options_.strategy_plugin ? options_.strategy_plugin
+                                       : strategies::make_strategy(connection.strategy, args);
   if (options_.retain_cpu_memory) accelerators::retain_freed_cpu_memory();
 }
 
@@ -228,8 +230,8 @@ strategies::Strategy::ReduceOp parse_op(const std::string& op) {
   if (op == "mean") return Op::kMean;
   if (op == "max") return Op::kMax;
   if (op == "min") return Op::kMin;
-  throw std::invalid_argument("all_reduce: reduce_op='" + op +
-                              "' is not supported. Valid values: 'sum', 'mean', 'max', 'min'");
+  throw std::invalid_argument("all_reduce: " +
+                              unsupported_value("reduce_op", op, {"sum", "mean", "max", "min"}));
 }
 
 }  // namespace

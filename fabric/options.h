@@ -22,6 +22,9 @@ namespace fabric {
 namespace precision {
 class Precision;
 }
+namespace strategies {
+class Strategy;
+}
 class Callback;
 class Logger;
 
@@ -42,8 +45,13 @@ struct FabricOptions {
   // "auto" (cuda when a GPU is visible, else cpu), "cpu", "cuda", "gpu" (= cuda).
   std::string accelerator = "auto";
   // "auto" (single_device for a world of one, else ddp), "single_device", "ddp",
-  // "fsdp" (fully sharded: see strategies/fsdp.h).
+  // "fsdp" (fully sharded: see strategies/fsdp.h), or a name the program added
+  // with strategies::register_strategy (strategies/registry.h).
   std::string strategy = "auto";
+  // A ready-made strategy object (Lightning's `strategy=` given an instance);
+  // replaces `strategy`, which must then be "auto" or its name. It must have been
+  // built for this job: its world size must be the one devices x num_nodes give.
+  std::shared_ptr<strategies::Strategy> strategy_plugin;
   Devices devices = "auto";
   int num_nodes = 1;
   // "32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true" and the

@@ -22,6 +22,7 @@
 #include "accelerators/accelerator.h"
 #include "launchers/mpirun.h"
 #include "launchers/supervisor.h"
+#include "strategies/registry.h"
 
 namespace po = boost::program_options;
 
@@ -38,7 +39,8 @@ int main(int argc, char** argv) {
       ("accelerator", po::value(&accelerator)->default_value(accelerator),
        "auto (cuda if a GPU is visible, else cpu), cpu, cuda or gpu")
       ("strategy", po::value(&strategy)->default_value(strategy),
-       "auto, single_device, ddp or fsdp (passed to the program as LT_STRATEGY when given)")
+       (fabric::strategies::strategy_choices() +
+        "; or a name the program registers (passed to the program as LT_STRATEGY when given)").c_str())
       ("devices", po::value(&devices)->default_value(devices),
        "ranks on this node: a number of CPU processes or GPUs, a GPU list such as 0,1, or auto")
       ("num-nodes", po::value(&num_nodes)->default_value(num_nodes), "number of nodes in the job")

@@ -22,8 +22,7 @@ std::string canonical_precision(const std::string& name) {
   if (name == "bf16" || name == "bf16-mixed") return "bf16-mixed";
   if (name == "16-true") return "16-true";
   if (name == "bf16-true") return "bf16-true";
-  throw std::invalid_argument("precision='" + name + "' is not supported. Valid values: " +
-                              quoted_list(valid_precisions()));
+  throw std::invalid_argument(unsupported_value("precision", name, valid_precisions()));
 }
 
 std::shared_ptr<Precision> make_precision(const std::string& name, c10::DeviceType device_type) {

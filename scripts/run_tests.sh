@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite (`make test` runs it after set-up): builds everything with
-# Bazel and runs its tests, then builds everything with CMake and runs the same
-# test programs from that build, so neither build rots. Last line:
+# Bazel and runs its tests, then builds everything with CMake the way a bare GPU
+# machine does (scripts/gpu_check.sh --bundle --cpu) and runs the same test
+# programs from that build, so neither build nor the GPU route rots. Last line:
 # `N passed, N failed` over every GoogleTest case of both runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,43 +29,50 @@ for target in fabric_tests example_tests ddp_tests host_tests; do
   fi
 done
 
-echo "== cmake build + test"
-prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null)
-if cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$prefix" -DPython3_EXECUTABLE="$(command -v "$PYTHON")" > build/cmake-configure.log 2>&1 \
-   && cmake --build build/cmake -j2; then
-  ./build/cmake/fabric_tests --gtest_output="xml:$results/cmake/fabric_tests.xml" > build/cmake-fabric_tests.log 2>&1 \
-    || grep -E "FAILED|Failure" -A3 build/cmake-fabric_tests.log | head -40
-  [ -f "$results/cmake/fabric_tests.xml" ] || failures+=(--failure "cmake fabric_tests crashed (build/cmake-fabric_tests.log)")
-  # The examples write their logs (--logger csv) and checkpoints into the current
-  # directory: run them in build/cmake, not in the source tree.
-  (cd build/cmake && ./example_tests ./autoencoder ./classifier ./gpt ./custom_trainer \
-    --gtest_output="xml:$PWD/../../$results/cmake/example_tests.xml" > ../cmake-example_tests.log 2>&1) \
-    || grep -E "FAILED|Failure" -A3 build/cmake-example_tests.log | head -40
-  [ -f "$results/cmake/example_tests.xml" ] || failures+=(--failure "cmake example_tests crashed (build/cmake-example_tests.log)")
-  ./build/cmake/ddp_tests build/cmake/ddp_worker build/cmake/fabric-run build/cmake/fsdp_worker \
-    build/cmake/consolidate_checkpoint \
-    --gtest_output="xml:$results/cmake/ddp_tests.xml" > build/cmake-ddp_tests.log 2>&1 \
-    || grep -E "FAILED|Failure" -A3 build/cmake-ddp_tests.log | head -40
-  [ -f "$results/cmake/ddp_tests.xml" ] || failures+=(--failure "cmake ddp_tests crashed (build/cmake-ddp_tests.log)")
-  # Two simulated hosts (network namespaces; every case skips without root).
-  ./build/cmake/host_tests scripts/two_hosts.sh build/cmake/ddp_worker build/cmake/fsdp_worker \
-    --gtest_output="xml:$results/cmake/host_tests.xml" > build/cmake-host_tests.log 2>&1 \
-    || grep -E "FAILED|Failure" -A3 build/cmake-host_tests.log | head -40
-  [ -f "$results/cmake/host_tests.xml" ] || failures+=(--failure "cmake host_tests crashed (build/cmake-host_tests.log)")
-  # The installed package, used by a project outside the tree (tests/downstream).
-  rm -rf build/install build/downstream build/downstream-newer
-  if cmake --install build/cmake --prefix build/install > build/cmake-install.log 2>&1; then
-    ./build/cmake/install_tests "$PWD/build/install" "$PWD/tests/downstream/cmake" "$PWD/build/downstream" \
-      --gtest_output="xml:$results/cmake/install_tests.xml" > build/cmake-install_tests.log 2>&1 \
-      || grep -E "FAILED|Failure" -A3 build/cmake-install_tests.log | head -40
-    [ -f "$results/cmake/install_tests.xml" ] || failures+=(--failure "cmake install_tests crashed (build/cmake-install_tests.log)")
-  else
-    tail -20 build/cmake-install.log
-    failures+=(--failure "cmake --install (see build/cmake-install.log)")
+if ! "$PYTHON" scripts/check_layers.py; then
+  failures+=(--failure "layers: an include against the layer order (scripts/check_layers.py)")
+fi
+if ! "$PYTHON" scripts/check_build_parity.py; then
+  failures+=(--failure "build parity: Bazel and CMake differ (scripts/check_build_parity.py)")
+fi
+
+echo "== cmake build + test (the GPU route: scripts/gpu_check.sh --bundle --cpu)"
+# The CMake build is the one the GPU machines use, from the GPU bundle alone:
+# gather it (Debian's package files), copy the tree without .git (as it reaches
+# a GPU machine), and run the GPU check's CPU part there with this machine's own
+# copies of the bundle's packages hidden, so that a file missing from the bundle
+# fails here. Its test programs are the ones the Bazel leg ran, from this build.
+bundle=$PWD/build/gpu-bundle
+if [ ! -f "$bundle/MANIFEST" ] || [ scripts/gpu_bundle.sh -nt "$bundle/MANIFEST" ]; then
+  scripts/gpu_bundle.sh "$bundle" > build/gpu-bundle.log 2>&1 || { tail -5 build/gpu-bundle.log; failures+=(--failure "make gpu-bundle (build/gpu-bundle.log)"); }
+fi
+tail -1 build/gpu-bundle.log 2>/dev/null
+tree=build/gpu-tree
+mkdir -p "$tree"
+# mtimes kept (tar), so that the copy's build stays incremental between runs
+tar -C . --exclude=./.git --exclude=./build --exclude='./bazel-*' -cf - . | tar -C "$tree" -xf -
+if [ -f "$bundle/MANIFEST" ]; then
+  hide=(scripts/without_system_deps.sh "$bundle")
+  hide_status=0
+  scripts/without_system_deps.sh "$bundle" true > /dev/null 2>&1 || hide_status=$?
+  if [ "$hide_status" -eq 77 ]; then
+    echo "run_tests: cannot hide the system's packages here (no root or mount namespaces): the CMake leg uses them"
+    hide=()
   fi
-else
-  tail -20 build/cmake-configure.log
-  failures+=(--failure "cmake configure/build (see build/cmake-configure.log)")
+  "${hide[@]}" "$tree/scripts/gpu_check.sh" --bundle "$bundle" --cpu --out "$PWD/$results/cmake" \
+    > build/gpu-check-cpu.log 2>&1
+  grep -E "^gpu-check:|hidden|passed, .* failed|^gpt|/single_device|/lightning|MFU|checkpoint loaded" build/gpu-check-cpu.log
+  grep -q "^gpu-check: done" build/gpu-check-cpu.log || failures+=(--failure "gpu_check.sh --cpu ended early (build/gpu-check-cpu.log)")
+  # The Bazel downstream workspace (tests/install_test.cpp) builds with the system's
+  # packages, so it runs here, outside the namespace, from the same build.
+  (cd "$tree" && build/gpu/install_tests "$PWD/build/install" "$PWD/tests/downstream/cmake" "$PWD/build/downstream" \
+     --gtest_filter=Install.ABazelWorkspaceDependsOnTorchfabric \
+     --gtest_output="xml:$OLDPWD/$results/cmake/install_bazel_tests.xml" > ../install_bazel_tests.log 2>&1) \
+    || grep -E "FAILED|Failure" -A3 build/install_bazel_tests.log | head -20
+  [ -f "$results/cmake/install_bazel_tests.xml" ] || failures+=(--failure "install_tests' Bazel case crashed (build/install_bazel_tests.log)")
+  grep -q "smoke run failed" build/gpu-check-cpu.log && failures+=(--failure "the GPU benchmarks' smoke run (build/gpu-check-cpu.log)")
+  grep -q "crashed\|cmake configure/build\|cmake --install" build/gpu-check-cpu.log && \
+    failures+=(--failure "gpu_check.sh --cpu: $(grep -m1 "crashed\|cmake configure/build\|cmake --install" build/gpu-check-cpu.log)")
 fi
 
 echo "== summary"

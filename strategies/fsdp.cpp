@@ -217,8 +217,8 @@ FSDPStrategy::FSDPStrategy(Topology topology, ProcessGroupOptions process_group,
   const std::vector<std::string> strategies = {"FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"};
   if (std::find(strategies.begin(), strategies.end(), options_.sharding_strategy) ==
       strategies.end()) {
-    throw std::invalid_argument("fsdp: sharding_strategy='" + options_.sharding_strategy +
-                                "' is not supported. Valid values: " + quoted_list(strategies));
+    throw std::invalid_argument("fsdp: " + unsupported_value("sharding_strategy", options_.sharding_strategy,
+                                                             strategies));
   }
   const std::map<std::string, std::optional<c10::ScalarType>> reduce_dtypes = {
       {"", std::nullopt},         {"fp32", at::kFloat},      {"float32", at::kFloat},
@@ -233,12 +233,12 @@ FSDPStrategy::FSDPStrategy(Topology topology, ProcessGroupOptions process_group,
   reduce_dtype_ = dtype->second;
   const std::vector<std::string> checks = {"first_step", "always", "never"};
   if (std::find(checks.begin(), checks.end(), options_.check_unit_order) == checks.end()) {
-    throw std::invalid_argument("fsdp: check_unit_order='" + options_.check_unit_order +
-                                "' is not supported. Valid values: " + quoted_list(checks));
+    throw std::invalid_argument("fsdp: " + unsupported_value("check_unit_order", options_.check_unit_order,
+                                                             checks));
   }
   if (options_.state_dict_type != "full" && options_.state_dict_type != "sharded") {
-    throw std::invalid_argument("fsdp: state_dict_type='" + options_.state_dict_type +
-                                "' is not supported. Valid values: 'full', 'sharded'");
+    throw std::invalid_argument("fsdp: " + unsupported_value("state_dict_type", options_.state_dict_type,
+                                                             {"full", "sharded"}));
   }
 }
 

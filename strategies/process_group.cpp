@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <ifaddrs.h>
 #include <net/if.h>
 #include <netdb.h>
@@ -307,6 +308,16 @@ void check_backend(const std::string& backend, c10::DeviceType device_type) {
                               valid);
 }
 
+int job_rendezvous_port(long job_id, int ephemeral_low, int ephemeral_high) {
+  const long job = job_id < 0 ? -job_id : job_id;
+  constexpr int kFirst = 10000, kLast = 65535, kEnough = 1000;
+  if (ephemeral_low - kFirst >= kEnough) return kFirst + static_cast<int>(job % (ephemeral_low - kFirst));
+  if (kLast - ephemeral_high >= kEnough) {
+    return ephemeral_high + 1 + static_cast<int>(job % (kLast - ephemeral_high));
+  }
+  return 20000 + static_cast<int>(job % 30000);
+}
+
 ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
   check_backend(options.backend, options.device.type());
   if (options.backend == "mpi" && options.world_size > 1 && !launched_by_mpi()) {
@@ -321,7 +332,7 @@ ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
   if (port == 0) port = std::atoi(env_or("MASTER_PORT", "0").c_str());
   // Across nodes under mpirun rank 0 sends, with MPI, the port (when none is set)
   // and, without MASTER_ADDR, the list of its addresses for the others to try.
-  bool broadcast_port = false, broadcast_addresses = false;
+  bool broadcast_port = false, broadcast_addresses = false, derived_port = false;
   if (addr.empty() && options.world_size == 1) {
     addr = "127.0.0.1";  // nobody else to meet: any free port
   } else if (launched_by_mpi()) {
@@ -333,7 +344,10 @@ ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
       if (addr.empty()) addr = "127.0.0.1";
       if (port == 0) {
         const long job = std::atol(env_or("OMPI_MCA_ess_base_jobid", "0").c_str());
-        port = 20000 + static_cast<int>(job % 30000);
+        int low = 32768, high = 60999;
+        std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> low >> high;
+        port = job_rendezvous_port(job, low, high);
+        derived_port = true;
       }
     } else if (addr.empty()) {
       broadcast_addresses = true;
@@ -359,7 +373,14 @@ ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
   if (options.rank == 0) {
     // The store listens on every interface; when the others are told where it is
     // with MPI, rank 0 itself connects over loopback.
-    tcp = c10::make_intrusive<c10d::TCPStore>(broadcast_port ? "127.0.0.1" : addr, store_options);
+    try {
+      tcp = c10::make_intrusive<c10d::TCPStore>(broadcast_port ? "127.0.0.1" : addr, store_options);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(
+          "rank 0 could not open the rendezvous store on port " + std::to_string(port) +
+          (derived_port ? " (derived from the mpirun job id)" : "") + ": " + e.what() +
+          ". Set MASTER_PORT to a free port");
+    }
     port = tcp->getPort();
     if (broadcast_addresses) advertised = advertised_addresses();
   }

@@ -4,8 +4,8 @@
 // (loopback for a single-node job); every rank checks in and waits for all others
 // until `timeout`, so a rank that never joins fails the job with a message naming
 // the missing ranks instead of hanging. Under mpirun on one node the store is on
-// loopback (or MASTER_ADDR) at a port derived from the mpirun job id (20000 +
-// id % 30000; MASTER_PORT overrides), and the rendezvous happens before MPI_Init,
+// loopback (or MASTER_ADDR) at a port derived from the mpirun job id
+// (job_rendezvous_port; MASTER_PORT overrides), and the rendezvous happens before MPI_Init,
 // which would otherwise wait forever for a missing rank. Across nodes (under
 // mpirun) the store listens on every interface of rank 0's node at MASTER_PORT, or
 // a free port that rank 0 broadcasts with MPI; with MASTER_ADDR the others connect
@@ -56,6 +56,14 @@ struct ProcessGroupHandle {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroup> group;
 };
+
+// The store's port for a one-node mpirun job `job_id`, outside this machine's
+// ephemeral port range (net.ipv4.ip_local_port_range, passed in): a port inside
+// it can be taken by a rank's own connect() while it retries before rank 0
+// listens (a TCP self-connect, which would hang the rank on its own bytes), or
+// by any outgoing connection on the machine. Ports below the range's start from
+// 10000 when at least 1000 are there, else above its end, else 20000 + id % 30000.
+int job_rendezvous_port(long job_id, int ephemeral_low = 32768, int ephemeral_high = 60999);
 
 // Rendezvous, then the process group; throws std::runtime_error on timeout.
 ProcessGroupHandle create_process_group(const ProcessGroupOptions& options);

@@ -1,8 +1,17 @@
-// Turns a strategy name into a Strategy. Adding a strategy = one file plus one
-// entry in registry.cpp.
+// Turns a strategy name into a Strategy, from one table (Lightning's
+// StrategyRegistry): each strategy is one registration {name, factory,
+// description}, and that table is where the valid values in errors and every
+// CLI's --strategy help come from. The built-in ones are registered in
+// registry.cpp; a program's own strategy is one file plus one line,
+//   static const bool registered = fabric::strategies::register_strategy(
+//       "mine", [](const fabric::strategies::StrategyArgs& a) { return std::make_shared<Mine>(a); },
+//       "what it does");
+// and is then chosen by name (FabricOptions::strategy = "mine", or LT_STRATEGY).
+// A ready Strategy object goes into FabricOptions::strategy_plugin instead.
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -26,8 +35,25 @@ struct StrategyArgs {
   FSDPOptions fsdp;
 };
 
+// Builds the strategy for this rank from what the connector resolved.
+using StrategyFactory = std::function<std::shared_ptr<Strategy>(const StrategyArgs&)>;
+
+// Adds `name` to the table. Throws std::invalid_argument for an empty name,
+// "auto", or a name already registered (naming who has it). Returns true, so that
+// a file can register while the program starts (see above).
+bool register_strategy(const std::string& name, StrategyFactory factory,
+                       const std::string& description = "");
+
+struct StrategyInfo {
+  std::string name;
+  std::string description;
+};
+// "auto", then every registered strategy in registration order (built-ins first).
+std::vector<StrategyInfo> registered_strategies();
 // Names accepted by `strategy=`, "auto" first.
 std::vector<std::string> valid_strategies();
+// The names for a --strategy help line: "auto, single_device, ddp or fsdp".
+std::string strategy_choices();
 // Resolves "auto" (single_device for a world of one, else ddp); throws
 // std::invalid_argument naming the bad value and the valid ones, or why the
 // combination cannot run.

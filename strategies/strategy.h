@@ -7,7 +7,8 @@
 // What a strategy does not know: Fabric itself, option strings, how ranks were
 // started (launchers/), and numeric precision beyond the plugin handed in where
 // it matters (precision/). Every hook has a default that is right for one process
-// on one device; a new strategy is one file plus one line in registry.cpp.
+// on one device; a new strategy is one file plus one registration
+// (strategies/registry.h: register_strategy, or an entry of its built-in table).
 //
 // Scopes (precision::ScopePtr) are RAII: the state they set up (gathered
 // parameters, re-broadcast buffers) lasts while the returned object lives.

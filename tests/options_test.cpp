@@ -13,10 +13,13 @@
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <set>
 
 #include "accelerators/accelerator.h"
 #include "accelerators/cpu_memory.h"
 #include "launchers/cluster_environment.h"
+#include "strategies/process_group.h"
 #include "fabric/fabric.h"
 #include "test_util.h"
 
@@ -212,6 +215,27 @@ TEST(Options, SlurmVariablesAreRead) {
   // An interactive `srun bash` is not a launcher.
   EnvGuard interactive("SLURM_JOB_NAME", "bash");
   EXPECT_EQ(fabric::launchers::detect_cluster_environment().kind, "none");
+}
+
+// A one-node mpirun job's rendezvous port is never inside the ephemeral range:
+// there a rank 1 retrying connect() before rank 0 listens can be given the very
+// port as its own source port and connect to itself (the hang of a CI run).
+TEST(Options, JobRendezvousPortsAvoidTheEphemeralRange) {
+  int low = 32768, high = 60999;
+  std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> low >> high;
+  for (const auto& [lo, hi] : std::vector<std::pair<int, int>>{{low, high}, {32768, 60999}, {1024, 60000}}) {
+    std::set<int> seen;
+    for (long job = 0; job < 200000; job += 997) {
+      const int port = fabric::strategies::job_rendezvous_port(job * 65536 + 1, lo, hi);
+      EXPECT_TRUE(port < lo || port > hi) << "job " << job << ": port " << port << " in " << lo << "-" << hi;
+      EXPECT_GE(port, 1024);
+      EXPECT_LE(port, 65535);
+      seen.insert(port);
+    }
+    EXPECT_GT(seen.size(), 150u) << "ports of different jobs should differ";
+  }
+  // No room either side: the old spread, documented as the last resort.
+  EXPECT_EQ(fabric::strategies::job_rendezvous_port(5, 1100, 65000), 20005);
 }
 
 TEST(Options, TorchrunTakesPrecedenceOverMpiAndSlurm) {

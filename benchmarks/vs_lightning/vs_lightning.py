@@ -38,7 +38,7 @@ class Gpt(nn.Module):  # examples/gpt's GptImpl at its defaults (tied head)
         self.ln_f = nn.LayerNorm(n_embd)
 
     def forward(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1)))
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x) @ self.wte.weight.t()

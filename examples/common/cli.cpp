@@ -10,6 +10,7 @@
 
 #include "fabric/csv_logger.h"
 #include "fabric/tensorboard_logger.h"
+#include "strategies/registry.h"
 
 namespace examples {
 
@@ -54,7 +55,7 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
       ("devices", po::value(&devices)->default_value(devices),
        "number of devices (processes on cpu), a list such as 0,1, or auto")
       ("strategy", po::value(&args.fabric.strategy)->default_value(args.fabric.strategy),
-       "auto, single_device, ddp or fsdp")
+       fabric::strategies::strategy_choices().c_str())
       ("sharding-strategy",
        po::value(&args.fabric.fsdp.sharding_strategy)->default_value(args.fabric.fsdp.sharding_strategy),
        "with --strategy fsdp: FULL_SHARD, SHARD_GRAD_OP or NO_SHARD")
