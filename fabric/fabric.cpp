@@ -1,5 +1,5 @@
 #include "fabric/fabric.h"
-#include "fabric/sharded_checkpoint.h"
+#include "checkpoint/sharded_checkpoint.h"
 
 #include <cstdlib>
 #include <cstring>
@@ -42,11 +42,7 @@ Fabric::Fabric(FabricOptions options) : options_(std::move(options)) {
                    ? options_.precision_plugin
                    : precision::make_precision(connection.precision,
                                                connection.accelerator->device_type());
-  if (args.fsdp.reduce_dtype.empty()) {  // Lightning's FSDPPrecision mapping
-    const auto name = precision_->name();
-    if (name == "bf16-mixed" || name == "bf16-true") args.fsdp.reduce_dtype = "bf16";
-    if (name == "16-mixed" || name == "16-true") args.fsdp.reduce_dtype = "fp16";
-  }
+  args.precision = precision_->name();  // fsdp derives its reduce dtype from it
   strategy_ = options_.strategy_plugin ? options_.strategy_plugin
                                        : strategies::make_strategy(connection.strategy, args);
   if (options_.retain_cpu_memory) accelerators::retain_freed_cpu_memory();
@@ -175,7 +171,14 @@ void Fabric::save(const std::string& path, const State& state) {
   std::vector<torch::optim::Optimizer*> optimizers;
   collect_stateful(state, modules, optimizers);
   if (strategy_->sharded_checkpoints()) {  // what each rank holds, one file per rank
-    save_sharded_checkpoint(path, state, *strategy_);
+    ShardedJob job;
+    job.rank = strategy_->global_rank();
+    job.world_size = strategy_->world_size();
+    job.full_shape = [this](const at::Tensor& param) { return strategy_->full_shape(param); };
+    job.any_rank_failed = [this](bool failed_here) {
+      return strategy_->all_reduce_value(failed_here ? 1.0 : 0.0, strategies::Strategy::ReduceOp::kMax) != 0;
+    };
+    save_sharded_checkpoint(path, state, job);
     return;
   }
   auto scope = strategy_->full_state_context(modules, optimizers, /*loading=*/false);

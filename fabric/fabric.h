@@ -32,10 +32,10 @@
 #include <torch/nn/pimpl.h>
 
 #include "fabric/callback.h"
-#include "fabric/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 #include "fabric/connector.h"
 #include "fabric/dataloader.h"
-#include "fabric/logger.h"
+#include "loggers/logger.h"
 #include "fabric/module_wrapper.h"
 #include "fabric/optimizer_wrapper.h"
 #include "fabric/options.h"

@@ -2,11 +2,14 @@
 """Checks the library's layer order from the #include lines (make test runs it).
 
 Each folder may include only itself and the folders of lower layers:
-    util < accelerators < precision < optim < strategies < launchers < fabric
+    util < accelerators < precision < optim < data < checkpoint < strategies
+         < launchers < loggers < fabric
 (precision: numeric policy; optim: optimizers and their fused kernels, which
-take precision's loss-scaling step; strategies place modules on ranks;
-launchers start ranks and may name strategies in their help; fabric is the
-facade over everything). Programs (examples, benchmarks, tools, tests) may
+take precision's loss-scaling step; data: data sets and their file readers;
+checkpoint: PyTorch's file formats and the State types, below the strategies so
+that consolidate_checkpoint links nothing else; strategies place modules on
+ranks; launchers start ranks and may name strategies in their help; loggers
+write metrics (atomic files from checkpoint); fabric is the facade over everything). Programs (examples, benchmarks, tools, tests) may
 include any layer. Prints each include that breaks the order and exits 1.
 """
 import glob
@@ -15,7 +18,8 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = ["util", "accelerators", "precision", "optim", "strategies", "launchers", "fabric"]
+LAYERS = ["util", "accelerators", "precision", "optim", "data", "checkpoint", "strategies",
+          "launchers", "loggers", "fabric"]
 
 
 def main():

@@ -39,10 +39,10 @@ compile_sanitize=${SANITIZE//fuzzer/fuzzer-no-link}
 ldflags=(-L"$torch_dir/lib" -Wl,-rpath,"$torch_dir/lib" -ltorch -ltorch_cpu -lc10 -pthread)
 
 # The project sources each target needs, nothing else (no strategies, no MPI).
-pickle_srcs=(fabric/pickle_reader.cpp fabric/mapped_file.cpp)
-checkpoint_srcs=(fabric/checkpoint.cpp fabric/pickle_reader.cpp fabric/mapped_file.cpp
-                 fabric/state_dict.cpp fabric/rng_state.cpp fabric/serialization.cpp
-                 fabric/filesystem.cpp optim/codec.cpp optim/builtin_codecs.cpp
+pickle_srcs=(checkpoint/pickle_reader.cpp checkpoint/mapped_file.cpp)
+checkpoint_srcs=(checkpoint/checkpoint.cpp checkpoint/pickle_reader.cpp checkpoint/mapped_file.cpp
+                 checkpoint/state_dict.cpp checkpoint/rng_state.cpp checkpoint/serialization.cpp
+                 checkpoint/filesystem.cpp optim/codec.cpp optim/builtin_codecs.cpp
                  tests/fuzz/sharded_stub.cpp)
 
 mkdir -p "$out/obj"
@@ -52,16 +52,16 @@ stale() {
   local obj=$1 src=$2
   [ -e "$obj" ] || return 0
   [ "$src" -nt "$obj" ] && return 0
-  [ -n "$(find fabric optim strategies precision -name '*.h' -newer "$obj" -print -quit)" ]
+  [ -n "$(find checkpoint fabric optim strategies precision -name '*.h' -newer "$obj" -print -quit)" ]
 }
-# clang (unlike GCC) rejects fabric/checkpoint.h unless torch::nn::Module and
+# clang (unlike GCC) rejects checkpoint/checkpoint.h unless torch::nn::Module and
 # torch::optim::Optimizer are complete where it is included: its inline
 # StateValue(const FabricOptimizer&) resolves overloads whose std::is_base_of_v
 # tests need them. checkpoint.cpp includes its header first, so they are
 # included ahead of it here (the fuzz sources include them themselves).
 extra_flags() {
   case $1 in
-    fabric/checkpoint.cpp) echo "-include torch/nn/module.h -include torch/optim/optimizer.h" ;;
+    checkpoint/checkpoint.cpp) echo "-include torch/nn/module.h -include torch/optim/optimizer.h" ;;
   esac
 }
 compile() {

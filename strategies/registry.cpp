@@ -6,7 +6,7 @@
 
 #include "util/quoted_list.h"
 #include "strategies/ddp.h"
-#include "strategies/fsdp.h"
+#include "strategies/fsdp/fsdp.h"
 #include "strategies/single_device.h"
 
 namespace fabric::strategies {
@@ -54,7 +54,8 @@ Table& table() {
     t->entries.push_back(
         {{"fsdp", "fully sharded data parallel: parameters, gradients and optimizer state sharded"},
          [](const StrategyArgs& args) -> std::shared_ptr<Strategy> {
-           return std::make_shared<FSDPStrategy>(args.topology, process_group_options(args), args.fsdp);
+           return std::make_shared<FSDPStrategy>(args.topology, process_group_options(args), args.fsdp,
+                                                 args.precision);
          }});
     return t;
   }();

@@ -33,6 +33,7 @@ struct StrategyArgs {
   std::chrono::milliseconds timeout = std::chrono::minutes(30);
   DDPOptions ddp;
   FSDPOptions fsdp;
+  std::string precision;  // the run's precision plugin's name ("bf16-mixed", ...)
 };
 
 // Builds the strategy for this rank from what the connector resolved.

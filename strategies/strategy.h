@@ -102,7 +102,7 @@ class Strategy {
   }
   // Sharded checkpoints (fsdp with state_dict_type="sharded"): whether
   // fabric.save writes a directory with one file per rank holding what each rank
-  // holds at rest (fabric/sharded_checkpoint.h) instead of one full file.
+  // holds at rest (checkpoint/sharded_checkpoint.h) instead of one full file.
   virtual bool sharded_checkpoints() const { return false; }
   // For a sharded checkpoint: the full shape of a parameter whose tensor between
   // steps is only this rank's flat piece of it (in rank order, the pieces of all

@@ -18,11 +18,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "fabric/checkpoint.h"
-#include "fabric/data/tensor_dataset.h"
+#include "checkpoint/checkpoint.h"
+#include "data/tensor_dataset.h"
 #include "fabric/fabric.h"
-#include "fabric/filesystem.h"
-#include "fabric/serialization.h"
+#include "checkpoint/filesystem.h"
+#include "checkpoint/serialization.h"
 #include "optim/codec.h"
 #include "test_util.h"
 

@@ -6,9 +6,9 @@
 #include <cstdio>
 #include <fstream>
 
-#include "fabric/data/fashion_mnist.h"
-#include "fabric/data/idx.h"
-#include "fabric/data/tensor_dataset.h"
+#include "data/fashion_mnist.h"
+#include "data/idx.h"
+#include "data/tensor_dataset.h"
 #include "fabric/fabric.h"
 #include <ATen/CPUGeneratorImpl.h>
 #include "test_util.h"

@@ -21,7 +21,7 @@
 
 #include "ddp_model.h"
 #include "accelerators/accelerator.h"
-#include "fabric/filesystem.h"
+#include "checkpoint/filesystem.h"
 #include "mpi_test_util.h"
 #include "test_util.h"
 

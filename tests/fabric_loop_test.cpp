@@ -10,10 +10,10 @@
 #include <set>
 #include <sstream>
 
-#include "fabric/data/tensor_dataset.h"
-#include "fabric/csv_logger.h"
+#include "data/tensor_dataset.h"
+#include "loggers/csv_logger.h"
 #include "fabric/fabric.h"
-#include "fabric/filesystem.h"
+#include "checkpoint/filesystem.h"
 #include "test_util.h"
 
 namespace {

@@ -15,8 +15,8 @@
 #include <iterator>
 
 #include "accelerators/accelerator.h"
-#include "fabric/checkpoint.h"
-#include "fabric/filesystem.h"
+#include "checkpoint/checkpoint.h"
+#include "checkpoint/filesystem.h"
 #include "fsdp_model.h"
 #include "mpi_test_util.h"
 #include "test_util.h"
@@ -181,7 +181,7 @@ TEST(FsdpUnits, ShardedSaveInterruptedAtAnyStepLeavesACompleteCheckpoint) {
   // Only calls on the checkpoint's own paths count (-P; fds are matched by path):
   // not Open MPI's start-up and clean-up.
   std::string paths;
-  for (const std::string folder : {ckpt, ckpt + ".partial", ckpt + ".old"}) {
+  for (const std::string& folder : {ckpt, ckpt + ".partial", ckpt + ".old"}) {
     paths += " -P " + folder;
     for (const std::string file : {"shard_0.pt", "metadata.pt"}) paths += " -P " + folder + "/" + file;
   }

@@ -58,7 +58,7 @@
 #include "precision/grad_scaler.h"
 #include "precision/mixed_precision.h"
 #include "strategies/auto_wrap.h"
-#include "strategies/fsdp.h"
+#include "strategies/fsdp/fsdp.h"
 
 namespace {
 

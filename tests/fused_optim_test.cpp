@@ -10,7 +10,7 @@
 #include <torch/torch.h>
 
 #include "fabric/fabric.h"
-#include "fabric/filesystem.h"
+#include "checkpoint/filesystem.h"
 #include "optim/fused.h"
 #include "precision/grad_scaler.h"
 #include "test_util.h"
@@ -99,7 +99,9 @@ void expect_same_run(const Make& fused, const Make& loop, torch::Dtype dtype = t
     ASSERT_EQ(stepped_a, stepped_b) << "step " << step;
     skipped += stepped_a ? 0 : 1;
     // After a step both hold the unscaled gradients (the kernel wrote them back).
-    if (stepped_a) EXPECT_LE(max_diff(defined_grads(a), defined_grads(b)), 1e-6) << "step " << step;
+    if (stepped_a) {
+      EXPECT_LE(max_diff(defined_grads(a), defined_grads(b)), 1e-6) << "step " << step;
+    }
     scaler_a.update();
     scaler_b.update();
   }

@@ -13,11 +13,11 @@
 
 #include <torch/torch.h>
 
-#include "fabric/csv_logger.h"
+#include "loggers/csv_logger.h"
 #include "fabric/fabric.h"
-#include "fabric/filesystem.h"
-#include "fabric/progress_bar.h"
-#include "fabric/tensorboard_logger.h"
+#include "checkpoint/filesystem.h"
+#include "loggers/progress_bar.h"
+#include "loggers/tensorboard_logger.h"
 #include "test_util.h"
 
 namespace {

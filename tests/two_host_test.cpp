@@ -19,7 +19,7 @@
 #include <unistd.h>
 #include <vector>
 
-#include "fabric/filesystem.h"
+#include "checkpoint/filesystem.h"
 #include "mpi_test_util.h"
 #include "test_util.h"
 

@@ -6,7 +6,7 @@
 #include <iostream>
 #include <string>
 
-#include "fabric/sharded_checkpoint.h"
+#include "checkpoint/sharded_checkpoint.h"
 
 int main(int argc, char** argv) {
   if (argc != 3 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {

@@ -25,9 +25,9 @@
 #include "cli.h"
 #include "benchmarks/common/run_command.h"
 
-#include "fabric/checkpoint.h"
-#include "fabric/filesystem.h"
-#include "fabric/state_dict.h"
+#include "checkpoint/checkpoint.h"
+#include "checkpoint/filesystem.h"
+#include "checkpoint/state_dict.h"
 
 namespace {
 using Clock = std::chrono::steady_clock;

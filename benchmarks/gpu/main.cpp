@@ -25,7 +25,7 @@
 
 #include "benchmarks/common/run_command.h"
 #include "cli.h"
-#include "fabric/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 #include "fabric/fabric.h"
 #include "launchers/mpirun.h"
 #include "examples/gpt/model.h"

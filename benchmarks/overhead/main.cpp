@@ -15,7 +15,7 @@
 #include "benchmarks/common/median.h"
 #include "cli.h"
 
-#include "fabric/data/fashion_mnist.h"
+#include "data/fashion_mnist.h"
 #include "fabric/fabric.h"
 #include "model.h"
 

@@ -24,7 +24,7 @@
 #include "benchmarks/common/median.h"
 #include "benchmarks/common/run_command.h"
 #include "cli.h"
-#include "fabric/data/tensor_dataset.h"
+#include "data/tensor_dataset.h"
 #include "fabric/fabric.h"
 #include "launchers/mpirun.h"
 #include "examples/classifier/model.h"

@@ -13,7 +13,7 @@
 #include <iomanip>
 
 #include "cli.h"
-#include "fabric/data/fashion_mnist.h"
+#include "data/fashion_mnist.h"
 #include "fabric/fabric.h"
 
 struct AutoEncoderImpl : torch::nn::Module {

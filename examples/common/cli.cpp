@@ -8,8 +8,8 @@
 
 #include <boost/program_options.hpp>
 
-#include "fabric/csv_logger.h"
-#include "fabric/tensorboard_logger.h"
+#include "loggers/csv_logger.h"
+#include "loggers/tensorboard_logger.h"
 #include "strategies/registry.h"
 
 namespace examples {

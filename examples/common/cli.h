@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "fabric/options.h"
-#include "fabric/progress_bar.h"
+#include "loggers/progress_bar.h"
 
 namespace boost::program_options {
 class options_description;

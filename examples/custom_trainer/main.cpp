@@ -14,7 +14,7 @@
 #include <iomanip>
 
 #include "cli.h"
-#include "fabric/data/fashion_mnist.h"
+#include "data/fashion_mnist.h"
 #include "fabric/fabric.h"
 #include "model.h"
 #include "trainer.h"

@@ -32,8 +32,8 @@
 #include <string>
 
 #include "fabric/fabric.h"
-#include "fabric/filesystem.h"
-#include "fabric/progress_bar.h"
+#include "checkpoint/filesystem.h"
+#include "loggers/progress_bar.h"
 
 struct TrainerOptions {
   int64_t max_epochs = 10;

@@ -1,4 +1,4 @@
-// libFuzzer target: fabric::read_checkpoint (fabric/checkpoint.h) on a fuzzed
+// libFuzzer target: fabric::read_checkpoint (checkpoint/checkpoint.h) on a fuzzed
 // file. The input is the whole file (a torch.save zip archive when it is a
 // good one); it is written to a memfd and read through /proc/self/fd/N twice,
 // once with ReadMode::kCopy and once with ReadMode::kMapped, so the zip
@@ -10,7 +10,7 @@
 // An exception (std::exception, c10::Error) is the correct answer to a bad
 // input; a crash, abort, sanitizer report or timeout is a finding.
 //
-// Linked with tests/fuzz/sharded_stub.cpp in place of fabric/sharded_checkpoint.cpp
+// Linked with tests/fuzz/sharded_stub.cpp in place of checkpoint/sharded_checkpoint.cpp
 // (which pulls in the strategies): a memfd is never a directory, so the sharded
 // path is never taken.
 #include <sys/mman.h>
@@ -21,11 +21,11 @@
 #include <string>
 
 #include <c10/util/Exception.h>
-// Complete before fabric/checkpoint.h, which clang needs (see scripts/fuzz.sh).
+// Complete before checkpoint/checkpoint.h, which clang needs (see scripts/fuzz.sh).
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
 
-#include "fabric/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 
 namespace {
 

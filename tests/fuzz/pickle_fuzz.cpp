@@ -1,4 +1,4 @@
-// libFuzzer target: fabric::read_pickle_archive (fabric/pickle_reader.h) on a
+// libFuzzer target: fabric::read_pickle_archive (checkpoint/pickle_reader.h) on a
 // fuzzed data.pkl. The input is
 //
 //   [data.pkl bytes] [u32 LE size of data/0] ... [u32 LE size of data/n-1] [flags]
@@ -28,8 +28,8 @@
 #include <c10/util/Exception.h>
 #include <caffe2/serialize/inline_container.h>
 
-#include "fabric/mapped_file.h"
-#include "fabric/pickle_reader.h"
+#include "checkpoint/mapped_file.h"
+#include "checkpoint/pickle_reader.h"
 
 namespace {
 

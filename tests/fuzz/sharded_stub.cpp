@@ -1,15 +1,15 @@
-// Stand-ins for the two functions of fabric/sharded_checkpoint.cpp that
+// Stand-ins for the two functions of checkpoint/sharded_checkpoint.cpp that
 // read_checkpoint calls for a directory, so checkpoint_fuzz links without the
 // strategies (MPI, NCCL) that the real file needs. The fuzz target only reads
 // regular files (a memfd), so neither is reached with a real answer.
 #include <stdexcept>
 #include <string>
 
-// fabric/checkpoint.h tests std::is_base_of on these, so they must be complete.
+// checkpoint/checkpoint.h tests std::is_base_of on these, so they must be complete.
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
 
-#include "fabric/sharded_checkpoint.h"
+#include "checkpoint/sharded_checkpoint.h"
 
 namespace fabric {
 

@@ -1,4 +1,4 @@
-#include "fabric/mapped_file.h"
+#include "checkpoint/mapped_file.h"
 
 #include <cerrno>
 #include <cstring>

@@ -1,4 +1,4 @@
-#include "fabric/data/tensor_dataset.h"
+#include "data/tensor_dataset.h"
 
 #include <stdexcept>
 #include <string>

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "fabric/versioned_logger.h"
+#include "loggers/versioned_logger.h"
 
 namespace fabric {
 

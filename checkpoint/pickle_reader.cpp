@@ -1,6 +1,6 @@
-#include "fabric/pickle_reader.h"
+#include "checkpoint/pickle_reader.h"
 
-#include "fabric/mapped_file.h"
+#include "checkpoint/mapped_file.h"
 #include "util/quoted_list.h"
 
 #include <algorithm>

@@ -17,15 +17,14 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/ivalue.h>
 
-#include "fabric/module_wrapper.h"
-#include "fabric/optimizer_wrapper.h"
-#include "fabric/rng_state.h"
-#include "fabric/state_dict.h"
+#include "checkpoint/rng_state.h"
+#include "checkpoint/state_dict.h"
 
 namespace torch::nn {
 class Module;
@@ -52,15 +51,24 @@ class StateValue {
                                                     !std::is_same_v<M, torch::nn::Module>>>
   StateValue(std::shared_ptr<M> module)  // NOLINT
       : StateValue(std::static_pointer_cast<torch::nn::Module>(std::move(module))) {}
-  template <typename M>
-  StateValue(const FabricModule<M>& module) : StateValue(module.base()) {}  // NOLINT
+  // A wrapped module (fabric::FabricModule, or anything whose base() gives the
+  // module): its module. This layer does not know Fabric's wrappers by name.
+  template <typename W, typename = std::enable_if_t<
+                            std::is_convertible_v<decltype(std::declval<const W&>().base()),
+                                                  std::shared_ptr<torch::nn::Module>>>>
+  StateValue(const W& wrapped) : StateValue(wrapped.base()) {}  // NOLINT
   StateValue(std::shared_ptr<torch::optim::Optimizer> optimizer);  // NOLINT
   template <typename O, typename = std::enable_if_t<std::is_base_of_v<torch::optim::Optimizer, O> &&
                                                     !std::is_same_v<O, torch::optim::Optimizer>>,
             typename = void>
   StateValue(std::shared_ptr<O> optimizer)  // NOLINT
       : StateValue(std::static_pointer_cast<torch::optim::Optimizer>(std::move(optimizer))) {}
-  StateValue(const FabricOptimizer& optimizer) : StateValue(optimizer.optimizer()) {}  // NOLINT
+  // A wrapped optimizer (fabric::FabricOptimizer: optimizer() gives it).
+  template <typename W,
+            typename = std::enable_if_t<std::is_convertible_v<
+                decltype(std::declval<const W&>().optimizer()), std::shared_ptr<torch::optim::Optimizer>>>,
+            typename = void, typename = void>
+  StateValue(const W& wrapped) : StateValue(wrapped.optimizer()) {}  // NOLINT
   StateValue(RngState rng);  // NOLINT
   StateValue(State nested);  // NOLINT
   StateValue(c10::IValue value);  // NOLINT

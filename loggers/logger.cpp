@@ -1,7 +1,7 @@
-#include "fabric/logger.h"
+#include "loggers/logger.h"
 
-#include "fabric/filesystem.h"
-#include "fabric/versioned_logger.h"
+#include "checkpoint/filesystem.h"
+#include "loggers/versioned_logger.h"
 
 #include <algorithm>
 #include <charconv>

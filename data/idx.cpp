@@ -1,4 +1,4 @@
-#include "fabric/data/idx.h"
+#include "data/idx.h"
 
 #include <zlib.h>
 

@@ -1,4 +1,4 @@
-#include "fabric/sharded_checkpoint.h"
+#include "checkpoint/sharded_checkpoint.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -14,9 +14,8 @@
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
 
-#include "fabric/filesystem.h"
-#include "fabric/serialization.h"
-#include "strategies/strategy.h"
+#include "checkpoint/filesystem.h"
+#include "checkpoint/serialization.h"
 
 namespace fabric {
 namespace {
@@ -54,7 +53,7 @@ std::string describe(const c10::impl::GenericList& path) {
 }
 
 // Key paths and full shapes of the tensors in `state` that are per-rank pieces.
-void collect_sharded(const State& state, strategies::Strategy& strategy, const Path& prefix,
+void collect_sharded(const State& state, const ShardedJob& job, const Path& prefix,
                      c10::impl::GenericList& out) {
   auto add = [&](Path path, const std::vector<int64_t>& shape) {
     c10::impl::GenericDict entry(c10::StringType::get(), c10::AnyType::get());
@@ -68,7 +67,7 @@ void collect_sharded(const State& state, strategies::Strategy& strategy, const P
     switch (value.kind()) {
       case StateValue::Kind::kModule:
         for (const auto& item : value.module()->named_parameters()) {
-          if (auto shape = strategy.full_shape(item.value())) {
+          if (auto shape = job.full_shape(item.value())) {
             Path p = path;
             p.emplace_back(item.key());
             add(p, *shape);
@@ -76,9 +75,12 @@ void collect_sharded(const State& state, strategies::Strategy& strategy, const P
         }
         break;
       case StateValue::Kind::kOptimizer: {
-        const auto params = strategies::optimizer_parameters(*value.optimizer());
+        std::vector<at::Tensor> params;  // in group order, as the state dict numbers them
+        for (const auto& group : value.optimizer()->param_groups()) {
+          for (const auto& p : group.params()) params.push_back(p);
+        }
         for (size_t index = 0; index < params.size(); ++index) {
-          auto shape = strategy.full_shape(params[index]);
+          auto shape = job.full_shape(params[index]);
           if (!shape) continue;
           for (const auto& slot : per_element_slots()) {
             Path p = path;
@@ -91,7 +93,7 @@ void collect_sharded(const State& state, strategies::Strategy& strategy, const P
         break;
       }
       case StateValue::Kind::kNested:
-        collect_sharded(value.nested(), strategy, path, out);
+        collect_sharded(value.nested(), job, path, out);
         break;
       default:
         break;
@@ -115,10 +117,8 @@ std::optional<c10::impl::GenericDict> parent_of(const c10::IValue& root,
 }
 
 // Every rank learns whether any rank failed (and rethrows its own error).
-void agree(strategies::Strategy& strategy, const std::exception_ptr& error,
-           const std::string& what) {
-  const bool failed =
-      strategy.all_reduce_value(error ? 1.0 : 0.0, strategies::Strategy::ReduceOp::kMax) != 0;
+void agree(const ShardedJob& job, const std::exception_ptr& error, const std::string& what) {
+  const bool failed = job.any_rank_failed(error != nullptr);
   if (error) std::rethrow_exception(error);
   if (failed) throw std::runtime_error("Fabric::save: another rank failed to " + what + " (its error names the cause)");
 }
@@ -210,9 +210,11 @@ void recover(const std::string& dir) {
 
 }  // namespace
 
-void save_sharded_checkpoint(const std::string& dir, const State& state,
-                             strategies::Strategy& strategy) {
-  const int64_t rank = strategy.global_rank();
+void save_sharded_checkpoint(const std::string& dir, const State& state, const ShardedJob& job) {
+  if (!job.full_shape || !job.any_rank_failed) {
+    throw std::invalid_argument("save_sharded_checkpoint: the ShardedJob needs full_shape and any_rank_failed");
+  }
+  const int64_t rank = job.rank;
   const std::string partial = dir + ".partial";
   std::exception_ptr error;
   if (rank == 0) {
@@ -224,16 +226,16 @@ void save_sharded_checkpoint(const std::string& dir, const State& state,
       error = std::current_exception();
     }
   }
-  agree(strategy, error, "create " + partial);
+  agree(job, error, "create " + partial);
   c10::impl::GenericList sharded(c10::AnyType::get());
   try {
-    collect_sharded(state, strategy, {}, sharded);
+    collect_sharded(state, job, {}, sharded);
     save_checkpoint(shard_file(partial, rank), state);
   } catch (...) {
     error = std::current_exception();
   }
   try {
-    agree(strategy, error, "write its shard into " + partial);
+    agree(job, error, "write its shard into " + partial);
   } catch (...) {
     if (rank == 0) {
       try {
@@ -247,7 +249,7 @@ void save_sharded_checkpoint(const std::string& dir, const State& state,
     try {
       c10::impl::GenericDict metadata(c10::StringType::get(), c10::AnyType::get());
       metadata.insert("format", std::string(kFormat));
-      metadata.insert("world_size", strategy.world_size());
+      metadata.insert("world_size", job.world_size);
       metadata.insert("sharded", sharded);
       atomic_write(fs::join(partial, kMetadata), serialize(metadata));
       publish(partial, dir);
@@ -255,7 +257,7 @@ void save_sharded_checkpoint(const std::string& dir, const State& state,
       error = std::current_exception();
     }
   }
-  agree(strategy, error, "finish " + dir);
+  agree(job, error, "finish " + dir);
 }
 
 bool is_sharded_checkpoint(const std::string& path) {

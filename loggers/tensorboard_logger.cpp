@@ -1,4 +1,4 @@
-#include "fabric/tensorboard_logger.h"
+#include "loggers/tensorboard_logger.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/isfinite.h>
@@ -16,7 +16,7 @@
 #include <stdexcept>
 #include <vector>
 
-#include "fabric/filesystem.h"
+#include "checkpoint/filesystem.h"
 
 namespace fabric {
 namespace {

@@ -1,4 +1,4 @@
-#include "fabric/rng_state.h"
+#include "checkpoint/rng_state.h"
 
 #include <mutex>
 #include <stdexcept>

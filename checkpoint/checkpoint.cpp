@@ -1,10 +1,10 @@
-#include "fabric/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 
-#include "fabric/filesystem.h"
-#include "fabric/mapped_file.h"
-#include "fabric/pickle_reader.h"
-#include "fabric/serialization.h"
-#include "fabric/sharded_checkpoint.h"
+#include "checkpoint/filesystem.h"
+#include "checkpoint/mapped_file.h"
+#include "checkpoint/pickle_reader.h"
+#include "checkpoint/serialization.h"
+#include "checkpoint/sharded_checkpoint.h"
 
 #include <algorithm>
 #include <cerrno>

@@ -16,7 +16,7 @@
 #include <map>
 #include <string>
 
-#include "fabric/versioned_logger.h"
+#include "loggers/versioned_logger.h"
 
 namespace at {
 class Tensor;

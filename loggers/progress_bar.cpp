@@ -1,4 +1,4 @@
-#include "fabric/progress_bar.h"
+#include "loggers/progress_bar.h"
 
 #include <unistd.h>
 

@@ -1,4 +1,4 @@
-#include "fabric/filesystem.h"
+#include "checkpoint/filesystem.h"
 
 #include <dirent.h>
 

@@ -22,20 +22,32 @@
 // must be on a filesystem every rank sees (one node, or a shared one).
 #pragma once
 
+#include <functional>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include <ATen/core/ivalue.h>
 
-#include "fabric/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 
 namespace fabric {
-namespace strategies {
-class Strategy;
-}
+
+// What a sharded save needs from the job it runs in (Fabric passes its
+// strategy's answers; this layer is below the strategies).
+struct ShardedJob {
+  int64_t rank = 0;
+  int64_t world_size = 1;
+  // The full shape of a parameter this rank holds only a flat piece of (the
+  // pieces of all ranks, in rank order, concatenate to the flattened
+  // parameter); nullopt for one held whole.
+  std::function<std::optional<std::vector<int64_t>>(const at::Tensor&)> full_shape;
+  // Called by every rank at the same points: whether any rank failed.
+  std::function<bool(bool failed_here)> any_rank_failed;
+};
 
 // Every rank calls it (between steps); every rank throws if any rank failed.
-void save_sharded_checkpoint(const std::string& dir, const State& state,
-                             strategies::Strategy& strategy);
+void save_sharded_checkpoint(const std::string& dir, const State& state, const ShardedJob& job);
 // Whether `path` is a directory holding a sharded checkpoint's metadata (or,
 // while `path` is missing, an interrupted save left a complete copy beside it).
 bool is_sharded_checkpoint(const std::string& path);

@@ -1,4 +1,4 @@
-#include "fabric/state_dict.h"
+#include "checkpoint/state_dict.h"
 
 #include <algorithm>
 #include <map>

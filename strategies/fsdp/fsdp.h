@@ -51,7 +51,13 @@ namespace fabric::strategies {
 class FSDPStrategy : public ParallelStrategy, private UnitRunner {
  public:
   // Throws std::invalid_argument for an unknown sharding_strategy or state_dict_type.
-  FSDPStrategy(Topology topology, ProcessGroupOptions process_group, FSDPOptions options = {});
+  // `precision` (the run's precision name) decides the reduce dtype when
+  // options.reduce_dtype is empty (default_reduce_dtype).
+  FSDPStrategy(Topology topology, ProcessGroupOptions process_group, FSDPOptions options = {},
+               const std::string& precision = "");
+  // Lightning's mapping: "bf16" under bf16-mixed/bf16-true, "fp16" under
+  // 16-mixed/16-true, else "" (the parameters' own dtype).
+  static std::string default_reduce_dtype(const std::string& precision);
   ~FSDPStrategy() override;
 
   void setup_module(torch::nn::Module& module) override;
@@ -85,8 +91,8 @@ class FSDPStrategy : public ParallelStrategy, private UnitRunner {
   // the parameter elements each holds (unpadded), in unit order.
   std::vector<std::pair<std::string, int64_t>> units() const;
 
-  struct FlatUnit;  // (fsdp.cpp) one flat, sharded buffer of parameters
-  struct Unit;      // (fsdp.cpp) a root or block: its flat buffers and backward state
+  struct FlatUnit;  // (fsdp/units.h) one flat, sharded buffer of parameters
+  struct Unit;      // (fsdp/units.h) a root or block: its flat buffers and backward state
 
  private:
   struct ModuleState;
@@ -115,7 +121,11 @@ class FSDPStrategy : public ParallelStrategy, private UnitRunner {
   // copy_back first copies this rank's slice of it into the shard (after a load).
   void reshard(FlatUnit& unit, bool copy_back);
   void reduce_gradients(FlatUnit& unit);
-  bool sharded() const { return options_.sharding_strategy != "NO_SHARD"; }
+  bool sharded() const { return sharding_ != Sharding::kNoShard; }
+  enum class Sharding { kFullShard, kShardGradOp, kNoShard };  // sharding_strategy, parsed
+  enum class CheckOrder { kFirstStep, kAlways, kNever };        // check_unit_order, parsed
+  Sharding sharding_ = Sharding::kFullShard;
+  CheckOrder check_order_ = CheckOrder::kFirstStep;
 
   FSDPOptions options_;
   std::vector<std::unique_ptr<ModuleState>> modules_;

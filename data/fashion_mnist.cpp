@@ -1,10 +1,10 @@
-#include "fabric/data/fashion_mnist.h"
+#include "data/fashion_mnist.h"
 
 #include <cstdlib>
 #include <stdexcept>
 #include <sys/stat.h>
 
-#include "fabric/data/idx.h"
+#include "data/idx.h"
 
 namespace fabric::data {
 

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <string>
 
-#include "fabric/logger.h"
+#include "loggers/logger.h"
 
 namespace fabric {
 

@@ -1,4 +1,4 @@
-#include "fabric/serialization.h"
+#include "checkpoint/serialization.h"
 
 #include <exception>
 #include <string>

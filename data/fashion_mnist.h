@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "fabric/data/tensor_dataset.h"
+#include "data/tensor_dataset.h"
 
 namespace fabric::data {
 

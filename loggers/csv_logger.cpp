@@ -1,4 +1,4 @@
-#include "fabric/csv_logger.h"
+#include "loggers/csv_logger.h"
 
 #include <cctype>
 #include <cerrno>
@@ -7,7 +7,7 @@
 #include <cstring>
 #include <stdexcept>
 
-#include "fabric/checkpoint.h"
+#include "checkpoint/checkpoint.h"
 
 namespace fabric {
 namespace {

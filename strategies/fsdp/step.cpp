@@ -1,0 +1,99 @@
+// fsdp between backward and the next forward: the optimizer step on the pieces
+// (with loss scaling), gradient clipping over every rank's shards.
+#include "strategies/fsdp/units.h"
+
+namespace fabric::strategies {
+
+using namespace fsdp_detail;
+
+void FSDPStrategy::setup_optimizer(torch::optim::Optimizer& optimizer) {
+  Strategy::setup_optimizer(optimizer);
+  if (!optimizer.state().empty()) {
+    throw std::invalid_argument(
+        "fsdp: the optimizer already has state (it has taken a step); its state would be "
+        "full-sized on every rank. Create the optimizer fresh and call fabric.setup(model, "
+        "optimizer) before the first step (load a checkpoint after setup to resume)");
+  }
+}
+
+at::Tensor FSDPStrategy::optimizer_step(torch::optim::Optimizer& optimizer,
+                                        precision::Precision& precision,
+                                        const precision::LossClosure& closure) {
+  if (auto* scaler = precision.scaler(); scaler && scaler->is_enabled() && sharded()) {
+    // Each rank checked only its gradient pieces for inf/nan: agree (max) before
+    // the step, so every rank skips the same steps and the scale stays equal.
+    scaler->prepare_step(optimizer);  // (an AmpScalingStep optimizer: checked only)
+    auto& found = scaler->found_inf(optimizer);
+    double any = 0;
+    for (const auto& f : found) any = std::max(any, f.item<double>());
+    const double agreed = all_reduce_value(any, ReduceOp::kMax);
+    for (auto& f : found) f.fill_(agreed);
+  }
+  stepped_ = true;
+  return precision.optimizer_step(optimizer, closure);
+}
+
+void FSDPStrategy::backward(const at::Tensor& loss, precision::Precision& precision) {
+  in_backward_ = true;
+  try {
+    precision.pre_backward(loss).backward();
+  } catch (...) {
+    in_backward_ = false;
+    throw;
+  }
+  in_backward_ = false;
+  for (auto& state : modules_) {
+    for (auto& unit : state->units) {
+      unit->reset_backward();
+      if (!sync_) {  // no_backward_sync: keep full parameters and gradients
+        unit->holding = unit->holding || unit->needs_reduce;
+        if (!unit->holding && unit->calls.empty()) reshard_unit(*unit);
+        continue;
+      }
+      // Units not reduced inside the backward, in unit order on every rank.
+      if (unit->needs_reduce) {
+        reduce_unit(*unit);
+      } else if (unit->calls.empty()) {
+        reshard_unit(*unit);
+      }
+    }
+  }
+}
+
+double FSDPStrategy::clip_gradients_norm(torch::nn::Module* module,
+                                         torch::optim::Optimizer& optimizer,
+                                         precision::Precision& precision, double max_norm,
+                                         double norm_type, bool error_if_nonfinite) {
+  if (!sharded()) {
+    return Strategy::clip_gradients_norm(module, optimizer, precision, max_norm, norm_type,
+                                         error_if_nonfinite);
+  }
+  precision.unscale_gradients(optimizer);
+  std::vector<at::Tensor> grads;
+  for (const auto& p : optimizer_parameters(optimizer)) {
+    if (p.grad().defined()) grads.push_back(p.grad());
+  }
+  const bool inf_norm = std::isinf(norm_type);
+  double local = 0;
+  for (const auto& g : grads) {
+    if (g.numel() == 0) continue;
+    auto a = g.detach().to(at::kDouble).abs();
+    local = inf_norm ? std::max(local, a.max().item<double>())
+                     : local + a.pow(norm_type).sum().item<double>();
+  }
+  double total = all_reduce_value(local, inf_norm ? ReduceOp::kMax : ReduceOp::kSum);
+  if (!inf_norm) total = std::pow(total, 1.0 / norm_type);
+  if (error_if_nonfinite && !std::isfinite(total)) {
+    throw std::runtime_error("fsdp: the total norm of order " + std::to_string(norm_type) +
+                             " of the gradients is non-finite, so it cannot be clipped; "
+                             "pass error_if_nonfinite=false to clip anyway");
+  }
+  const double coef = max_norm / (total + 1e-6);
+  if (coef < 1.0) {
+    torch::NoGradGuard no_grad;
+    for (auto& g : grads) g.mul_(coef);
+  }
+  return total;
+}
+
+}  // namespace fabric::strategies
