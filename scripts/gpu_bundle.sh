@@ -42,20 +42,30 @@ stage=$out.stage
 rm -rf "$out" "$stage"
 mkdir -p "$out" "$stage" "$debs"
 
+updated=0
+fetch() { (cd "$debs" && { apt-get download -qq "$1:$arch" 2>/dev/null || apt-get download -qq "$1"; }); }
 download() {  # packages -> $debs (quiet; each once)
   local pkg
   for pkg in "$@"; do
-    if ! ls "$debs/${pkg}_"*.deb > /dev/null 2>&1; then
-      (cd "$debs" && apt-get download -qq "$pkg:$arch" 2>/dev/null || apt-get download -qq "$pkg") \
-        || { echo "gpu-bundle: apt-get download $pkg failed (run apt-get update?)" >&2; exit 1; }
+    ls "$debs/${pkg}_"*.deb > /dev/null 2>&1 && continue
+    fetch "$pkg" && continue
+    if ((!updated)); then  # images often ship without package lists
+      updated=1
+      SUDO=""
+      [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+      $SUDO apt-get update -qq > /dev/null 2>&1 || true
+      fetch "$pkg" && continue
     fi
+    echo "gpu-bundle: apt-get download $pkg failed (is a Debian package repository reachable?)" >&2
+    exit 1
   done
 }
 
 # Boost headers: the closure of what the sources include, from libboost1.74-dev.
-boost_headers=$(grep -rhoE '#include <boost/[^>]+>' --include='*.cpp' --include='*.h' \
-                  accelerators benchmarks examples fabric launchers optim precision strategies \
-                  tests tools util | sort -u)
+# (every source of the tree, whatever its folder)
+boost_headers=$(find . \( -path ./build -o -path './bazel-*' -o -path ./.git \) -prune -o \
+                  \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' \) -print0 |
+                xargs -0 grep -hoE '#include <boost/[^>]+>' | sort -u)
 printf '%s\n' "$boost_headers" > "$stage/boost.cpp"
 boost_files=$(g++ -std=c++17 -M -x c++ "$stage/boost.cpp" | tr ' \\' '\n\n' | grep '^/usr/include/boost/' | sort -u)
 boost_pkg=$(dpkg -S /usr/include/boost/version.hpp | cut -d: -f1)
@@ -89,7 +99,7 @@ while ((${#todo[@]})); do
   for soname in $needed; do
     [[ "$provided" == *" $soname "* ]] && continue
     [[ "$soname" =~ $fabric_sonames_re ]] && continue
-    path=$(ldconfig -p | awk -v s="$soname" '$1 == s && /x86-64/ {print $NF; exit}')
+    path=$(ldconfig -p | awk -v s="$soname" '$1 == s && /x86-64/ && !found {print $NF; found = 1}')  # no early exit: no SIGPIPE
     [ -n "$path" ] || { echo "gpu-bundle: nothing on this machine provides $soname" >&2; exit 1; }
     pkg=$(dpkg -S "$(readlink -f "$path")" 2>/dev/null | head -1 | cut -d: -f1) ||
       pkg=$(dpkg -S "$path" | head -1 | cut -d: -f1)
