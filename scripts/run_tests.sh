@@ -73,9 +73,10 @@ if [ -f "$bundle/MANIFEST" ]; then
      --gtest_output="xml:$OLDPWD/$results/cmake/install_bazel_tests.xml" > ../install_bazel_tests.log 2>&1) \
     || grep -E "FAILED|Failure" -A3 build/install_bazel_tests.log | head -20
   [ -f "$results/cmake/install_bazel_tests.xml" ] || failures+=(--failure "install_tests' Bazel case crashed (build/install_bazel_tests.log)")
-  grep -q "smoke run failed" build/gpu-check-cpu.log && failures+=(--failure "the GPU benchmarks' smoke run (build/gpu-check-cpu.log)")
-  grep -q "crashed\|cmake configure/build\|cmake --install" build/gpu-check-cpu.log && \
-    failures+=(--failure "gpu_check.sh --cpu: $(grep -m1 "crashed\|cmake configure/build\|cmake --install" build/gpu-check-cpu.log)")
+  # What it found besides test cases (a build, a crash, the smoke run), as it recorded it.
+  while IFS= read -r line; do
+    failures+=(--failure "gpu_check.sh --cpu: $line")
+  done < <(cat "$results/cmake/failures.txt" 2>/dev/null)
 fi
 
 echo "== summary"
