@@ -1,7 +1,7 @@
 #include "checkpoint/pickle_reader.h"
 
 #include "checkpoint/mapped_file.h"
-#include "util/quoted_list.h"
+#include "checkpoint/pickle_values.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -18,152 +18,7 @@
 namespace fabric {
 namespace {
 
-using GenericDict = c10::impl::GenericDict;
-using GenericList = c10::impl::GenericList;
-
-GenericDict new_dict() { return GenericDict(c10::AnyType::get(), c10::AnyType::get()); }
-
-// A Python global (a class or function) on the stack: "module.name".
-constexpr const char* kGlobal = "\x01global:";
-bool is_global(const c10::IValue& v) {
-  return v.isString() && v.toStringRef().rfind(kGlobal, 0) == 0;
-}
-std::string global_name(const c10::IValue& v) { return v.toStringRef().substr(std::strlen(kGlobal)); }
-
-c10::ScalarType storage_dtype(const std::string& type) {
-  static const std::map<std::string, c10::ScalarType> types = {
-      {"FloatStorage", c10::kFloat},   {"DoubleStorage", c10::kDouble},
-      {"HalfStorage", c10::kHalf},     {"BFloat16Storage", c10::kBFloat16},
-      {"LongStorage", c10::kLong},     {"IntStorage", c10::kInt},
-      {"ShortStorage", c10::kShort},   {"CharStorage", c10::kChar},
-      {"ByteStorage", c10::kByte},     {"BoolStorage", c10::kBool},
-      {"ComplexFloatStorage", c10::kComplexFloat}, {"ComplexDoubleStorage", c10::kComplexDouble},
-      {"UntypedStorage", c10::kByte}};
-  const auto dot = type.rfind('.');
-  auto it = types.find(dot == std::string::npos ? type : type.substr(dot + 1));
-  if (it == types.end()) throw std::runtime_error("unknown storage type " + type);
-  return it->second;
-}
-
-// Containers nested deeper than this are refused (Python's own pickler stops
-// at its recursion limit, 1000, so no file Python writes comes near it): every
-// walk over a checkpoint, and the destruction of its values, recurses once per
-// level.
-constexpr int64_t kMaxNesting = 1000;
-
-// The containers directly inside a value (list items, dict keys and values,
-// tuple elements); the address that identifies the container, or null.
-const void* container_of(const c10::IValue& v) {
-  if (v.isList() || v.isGenericDict() || v.isTuple()) return v.internalToPointer();
-  return nullptr;
-}
-void children_of(const c10::IValue& v, std::vector<c10::IValue>& out) {
-  if (v.isList()) {
-    for (const auto& item : v.toListRef()) out.push_back(item);
-  } else if (v.isGenericDict()) {
-    for (const auto& item : v.toGenericDict()) {
-      out.push_back(item.key());
-      out.push_back(item.value());
-    }
-  } else if (v.isTuple()) {
-    for (const auto& item : v.toTupleRef().elements()) out.push_back(item);
-  }
-}
-
-// Why `root` cannot be returned (a container that contains itself, nesting
-// deeper than kMaxNesting, or shared containers that expand to more than
-// kMaxExpanded containers when walked as a tree, which every walk over a
-// checkpoint does: 60 lists each holding the previous one twice are 2^60
-// visits), or "" when it can; `seen` gets every container in it. Heights and
-// expansions of shared containers are remembered, so sharing can hide neither
-// depth nor size. Iterative: the value may be as deep as a forged file makes it.
-constexpr int64_t kMaxExpanded = int64_t{1} << 22;
-std::string nesting_problem(const c10::IValue& root, std::unordered_set<const void*>& seen) {
-  struct Frame {
-    std::vector<c10::IValue> children;
-    size_t next = 0;
-    const void* id;
-    int64_t expanded = 1;  // containers, counting each visit of a shared one
-    int64_t height = 1;    // levels of containers, this one included
-  };
-  std::unordered_set<const void*> on_path;
-  std::unordered_map<const void*, int64_t> expanded_of, height_of;
-  std::vector<Frame> path;
-  int64_t root_expanded = 0;
-  const std::string too_deep = "containers nested more than " + std::to_string(kMaxNesting) + " deep";
-  // A finished child container of the frame on top (or of nobody: the root).
-  const auto add = [&](int64_t expanded, int64_t height) {
-    if (path.empty()) {
-      root_expanded = expanded;
-      return;
-    }
-    auto& parent = path.back();
-    parent.expanded = std::min(kMaxExpanded + 1, parent.expanded + expanded);
-    parent.height = std::max(parent.height, height + 1);
-  };
-  const auto enter = [&](const c10::IValue& v) -> std::string {
-    const void* id = container_of(v);
-    if (!id) return "";
-    if (on_path.count(id)) return "a container that contains itself";
-    if (!seen.insert(id).second) {  // checked already (shared, not a cycle)
-      add(expanded_of[id], height_of[id]);
-      if (!path.empty() && static_cast<int64_t>(path.size()) - 1 + path.back().height > kMaxNesting) {
-        return too_deep;
-      }
-      return "";
-    }
-    if (static_cast<int64_t>(path.size()) >= kMaxNesting) return too_deep;
-    Frame frame{{}, 0, id};
-    children_of(v, frame.children);
-    on_path.insert(id);
-    path.push_back(std::move(frame));
-    return "";
-  };
-  if (auto why = enter(root); !why.empty()) return why;
-  while (!path.empty()) {
-    auto& frame = path.back();
-    if (frame.next == frame.children.size()) {
-      const int64_t expanded = frame.expanded, height = frame.height;
-      expanded_of[frame.id] = expanded;
-      height_of[frame.id] = height;
-      on_path.erase(frame.id);
-      path.pop_back();
-      if (static_cast<int64_t>(path.size()) + height > kMaxNesting) return too_deep;
-      add(expanded, height);
-      if (std::max(expanded, root_expanded) > kMaxExpanded) {
-        return "shared containers that expand to more than " + std::to_string(kMaxExpanded) +
-               " containers";
-      }
-      continue;
-    }
-    const c10::IValue child = frame.children[frame.next++];
-    if (auto why = enter(child); !why.empty()) return why;
-  }
-  return "";
-}
-
-// Empties every container reachable from `roots` except those in `keep`,
-// without recursion, so that what is left is destroyed one level at a time
-// (a 100 000-deep or self-containing value would otherwise overflow the stack,
-// or leak).
-void dismantle(std::vector<c10::IValue> work, const std::unordered_set<const void*>& keep) {
-  std::unordered_set<const void*> done;
-  while (!work.empty()) {
-    c10::IValue v = std::move(work.back());
-    work.pop_back();
-    const void* id = container_of(v);
-    if (!id || keep.count(id) || !done.insert(id).second) continue;
-    children_of(v, work);
-    if (v.isList()) {
-      v.toList().clear();
-    } else if (v.isGenericDict()) {
-      v.toGenericDict().clear();
-    } else {
-      auto& tuple = *v.toTuple();
-      for (size_t i = 0; i < tuple.size(); ++i) tuple.unsafeSetElement(i, c10::IValue());
-    }
-  }
-}
+using namespace pickle_detail;
 
 class Machine {
  public:
@@ -300,13 +155,13 @@ class Machine {
         case 'c': {                                                         // GLOBAL
           const auto module = line();
           const auto name = line();
-          stack_.emplace_back(std::string(kGlobal) + module + "." + name);
+          stack_.emplace_back(make_global(module, name));
           break;
         }
         case 0x93: {                                                        // STACK_GLOBAL
           const auto name = pop().toStringRef();
           const auto module = pop().toStringRef();
-          stack_.emplace_back(std::string(kGlobal) + module + "." + name);
+          stack_.emplace_back(make_global(module, name));
           break;
         }
         case 'R': {                                                         // REDUCE
@@ -467,11 +322,6 @@ class Machine {
       dict.insert_or_assign(items[i], items[i + 1]);
     }
   }
-  static std::vector<c10::IValue> elements(const c10::IValue& args) {
-    if (args.isTuple()) return args.toTupleRef().elements().vec();
-    if (args.isList()) return args.toList().vec();
-    return {};
-  }
   c10::IValue placeholder(const std::string& cls, const c10::IValue& args) {
     if (notes_) notes_->push_back(cls);
     auto dict = new_dict();
@@ -479,106 +329,14 @@ class Machine {
     if (!elements(args).empty()) dict.insert("__args__", args);
     return dict;
   }
-  // The dtype a _rebuild_tensor_v3 names (the global torch.<name>).
-  c10::ScalarType tensor_dtype(const c10::IValue& value) {
-    static const std::unordered_map<std::string, c10::ScalarType> dtypes = {
-        {"torch.float32", c10::kFloat},       {"torch.float64", c10::kDouble},
-        {"torch.float16", c10::kHalf},        {"torch.bfloat16", c10::kBFloat16},
-        {"torch.int8", c10::kChar},           {"torch.int16", c10::kShort},
-        {"torch.int32", c10::kInt},           {"torch.int64", c10::kLong},
-        {"torch.uint8", c10::kByte},          {"torch.bool", c10::kBool},
-        {"torch.uint16", c10::kUInt16},       {"torch.uint32", c10::kUInt32},
-        {"torch.uint64", c10::kUInt64},       {"torch.complex64", c10::kComplexFloat},
-        {"torch.complex128", c10::kComplexDouble},
-        {"torch.float8_e4m3fn", c10::ScalarType::Float8_e4m3fn},
-        {"torch.float8_e5m2", c10::ScalarType::Float8_e5m2},
-        {"torch.float8_e4m3fnuz", c10::ScalarType::Float8_e4m3fnuz},
-        {"torch.float8_e5m2fnuz", c10::ScalarType::Float8_e5m2fnuz},
-        {"torch.float8_e8m0fnu", c10::ScalarType::Float8_e8m0fnu}};
-    const std::string name = is_global(value) ? global_name(value)
-                             : value.isString() ? value.toStringRef()
-                                                : std::string("a ") + value.tagKind();
-    auto it = dtypes.find(name);
-    if (it == dtypes.end()) {
-      std::vector<std::string> names;
-      for (const auto& item : dtypes) names.push_back(item.first);
-      std::sort(names.begin(), names.end());
-      fail("a tensor of dtype " + name + ", which this reader does not support (it reads " +
-           quoted_list(names) + ")");
-    }
-    return it->second;
-  }
   c10::IValue call(const c10::IValue& callable, const c10::IValue& args) {
     if (!is_global(callable)) fail("a call of something that is not a class or function");
     const auto name = global_name(callable);
-    const auto a = elements(args);
-    if (name == "torch._utils._rebuild_tensor_v2" || name == "torch._utils._rebuild_tensor" ||
-        name == "torch._utils._rebuild_tensor_v3") {
-      if (a.size() < 4 || !a[0].isTensor()) fail("a malformed " + name);
-      const auto& storage = a[0].toTensor();
-      const auto sizes = elements(a[2]), strides = elements(a[3]);
-      if (sizes.size() != strides.size() || !a[1].isInt()) fail("a malformed " + name);
-      std::vector<int64_t> size, stride;
-      for (const auto& s : sizes) size.push_back(s.isInt() ? s.toInt() : -1);
-      for (const auto& s : strides) stride.push_back(s.isInt() ? s.toInt() : -1);
-      const int64_t offset = a[1].toInt();
-      // v3 (dtypes without a typed storage class: uint16/32/64, the float8s)
-      // names the dtype; its storage is untyped bytes.
-      c10::ScalarType dtype = storage.scalar_type();
-      if (name == "torch._utils._rebuild_tensor_v3" && a.size() >= 7) dtype = tensor_dtype(a[6]);
-      const int64_t item = static_cast<int64_t>(c10::elementSize(dtype));
-      const int64_t nbytes = static_cast<int64_t>(storage.storage().nbytes());
-      if (nbytes % item != 0) {
-        fail("a storage of " + std::to_string(nbytes) + " bytes read as " +
-             std::string(c10::toString(dtype)) + " (" + std::to_string(item) + "-byte elements)");
-      }
-      const auto problem = tensor_extent_problem(offset, size, stride, nbytes / item);
-      if (!problem.empty()) fail(problem);
-      at::Tensor t = at::empty({0}, storage.options().dtype(dtype));
-      t.set_(storage.storage(), offset, size, stride);
-      return t;
+    try {
+      if (auto value = call_global(name, elements(args))) return *value;
+    } catch (const PickleError& e) {
+      fail(e.what());
     }
-    if (name == "torch._utils._rebuild_parameter" ||
-        name == "torch._utils._rebuild_parameter_with_state") {
-      if (a.empty() || !a[0].isTensor()) fail("a malformed " + name);
-      return a[0];
-    }
-    if (name == "collections.OrderedDict" || name == "builtins.dict") {
-      auto dict = new_dict();
-      if (!a.empty()) {
-        for (const auto& pair : elements(a[0])) {
-          const auto kv = elements(pair);
-          if (kv.size() == 2) dict.insert_or_assign(kv[0], kv[1]);
-        }
-      }
-      return dict;
-    }
-    if (name == "torch.Size" || name == "builtins.tuple") {
-      return a.empty() ? c10::IValue(c10::ivalue::Tuple::create({}))
-                       : c10::IValue(c10::ivalue::Tuple::create(elements(a[0])));
-    }
-    if (name == "builtins.set" || name == "builtins.frozenset" || name == "builtins.list") {
-      GenericList list(c10::AnyType::get());
-      if (!a.empty()) {
-        for (const auto& item : elements(a[0])) list.push_back(item);
-      }
-      return list;
-    }
-    if (name == "torch.device") {
-      std::string device = a.empty() ? "cpu" : a[0].toStringRef();
-      if (a.size() > 1 && a[1].isInt()) device += ":" + std::to_string(a[1].toInt());
-      return device;
-    }
-    if (name == "builtins.getattr" && a.size() == 2 && is_global(a[0]) && a[1].isString()) {
-      return global_name(a[0]) + "." + a[1].toStringRef();
-    }
-    if (name == "torch.jit._pickle.restore_type_tag" && !a.empty()) return a[0];
-    if ((name == "torch.jit._pickle.build_intlist" || name == "torch.jit._pickle.build_doublelist" ||
-         name == "torch.jit._pickle.build_boollist" || name == "torch.jit._pickle.build_tensorlist") &&
-        !a.empty()) {
-      return a[0];  // LibTorch's typed lists, written by torch::pickle_save
-    }
-    if (name == "_codecs.encode" && !a.empty()) return a[0];  // bytes written by protocol 2
     return placeholder(name, args);
   }
   void build(c10::IValue& target, const c10::IValue& state) {
@@ -662,57 +420,7 @@ class Machine {
   std::unordered_map<std::string, at::Tensor> storages_;
 };
 
-// A bare global left as a value (torch.float16 is pickled as the global
-// "torch.float16") becomes its dotted name.
-void name_globals(c10::IValue& value) {
-  if (value.isGenericDict()) {
-    auto dict = value.toGenericDict();
-    for (const auto& item : dict) {
-      auto v = item.value();
-      if (is_global(v)) {
-        item.setValue(global_name(v));
-      } else {
-        name_globals(v);
-      }
-    }
-  } else if (value.isList()) {
-    auto list = value.toList();
-    for (size_t i = 0; i < list.size(); ++i) {
-      c10::IValue v = list.get(i);
-      if (is_global(v)) {
-        list.set(i, global_name(v));
-      } else {
-        name_globals(v);
-      }
-    }
-  }
-}
-
 }  // namespace
-
-std::string tensor_extent_problem(int64_t offset, at::IntArrayRef sizes, at::IntArrayRef strides,
-                                  int64_t storage_numel) {
-  if (sizes.size() != strides.size()) return "a tensor with more sizes than strides";
-  bool empty = false;
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    if (sizes[i] < 0 || strides[i] < 0) return "a tensor with a negative size or stride";
-    if (sizes[i] == 0) empty = true;
-  }
-  if (offset < 0) return "a tensor with a negative storage offset";
-  if (empty) return "";
-  // The last element's index, computed without overflow: a forged size or stride
-  // must not wrap around into a small, "valid" extent.
-  int64_t last = offset;
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    int64_t step = 0;
-    if (__builtin_mul_overflow(sizes[i] - 1, strides[i], &step) ||
-        __builtin_add_overflow(last, step, &last)) {
-      return "a tensor whose sizes and strides overflow";
-    }
-  }
-  if (last >= storage_numel) return "a tensor larger than its storage";
-  return "";
-}
 
 c10::IValue read_pickle_archive(caffe2::serialize::PyTorchStreamReader& reader,
                                 const std::string& what, std::vector<std::string>* notes,

@@ -38,13 +38,13 @@ Fabric::Fabric(FabricOptions options) : options_(std::move(options)) {
   args.timeout = options_.timeout;
   args.ddp = options_.ddp;
   args.fsdp = options_.fsdp;
-  precision_ = options_.precision_plugin
-                   ? options_.precision_plugin
-                   : precision::make_precision(connection.precision,
-                                               connection.accelerator->device_type());
-  args.precision = precision_->name();  // fsdp derives its reduce dtype from it
   strategy_ = options_.strategy_plugin ? options_.strategy_plugin
                                        : strategies::make_strategy(connection.strategy, args);
+  // The strategy owns the precision plugin (Lightning's strategy.precision).
+  strategy_->set_precision(options_.precision_plugin
+                               ? options_.precision_plugin
+                               : precision::make_precision(connection.precision,
+                                                           connection.accelerator->device_type()));
   if (options_.retain_cpu_memory) accelerators::retain_freed_cpu_memory();
 }
 
@@ -82,19 +82,19 @@ void Fabric::check_module(const torch::nn::Module* module) const {
 }
 
 void Fabric::place_module(torch::nn::Module& module) {
-  precision_->convert_module(module);
+  strategy_->precision().convert_module(module);
   strategy_->setup_module(module);
 }
 
 FabricOptimizer Fabric::setup_optimizer(std::shared_ptr<torch::optim::Optimizer> optimizer) {
   if (!optimizer) throw std::invalid_argument("Fabric::setup: the optimizer is a null pointer");
   strategy_->setup_optimizer(*optimizer);
-  return FabricOptimizer(std::move(optimizer), precision_, strategy_);
+  return FabricOptimizer(std::move(optimizer), strategy_);
 }
 
 void Fabric::backward(const at::Tensor& loss) {
   if (!loss.defined()) throw std::invalid_argument("Fabric::backward: the loss is undefined");
-  strategy_->backward(loss, *precision_);
+  strategy_->backward(loss);
 }
 
 std::optional<double> Fabric::clip_gradients(torch::nn::Module* module,
@@ -106,15 +106,15 @@ std::optional<double> Fabric::clip_gradients(torch::nn::Module* module,
         std::string(options.max_norm ? "both" : "neither") + ")");
   }
   if (options.max_norm) {
-    return strategy_->clip_gradients_norm(module, *optimizer.optimizer(), *precision_,
-                                          *options.max_norm, options.norm_type,
+    return strategy_->clip_gradients_norm(module, *optimizer.optimizer(), *options.max_norm,
+                                          options.norm_type,
                                           options.error_if_nonfinite);
   }
-  strategy_->clip_gradients_value(module, *optimizer.optimizer(), *precision_, *options.clip_val);
+  strategy_->clip_gradients_value(module, *optimizer.optimizer(), *options.clip_val);
   return std::nullopt;
 }
 
-precision::ScopePtr Fabric::autocast() const { return precision_->forward_context(); }
+precision::ScopePtr Fabric::autocast() const { return strategy_->precision().forward_context(); }
 
 at::Tensor Fabric::to_device(const at::Tensor& tensor) const { return tensor.to(device()); }
 

@@ -98,7 +98,7 @@ class Fabric {
   FabricModule<M> setup_module(std::shared_ptr<M> module) {
     check_module(module.get());
     place_module(*module);
-    return FabricModule<M>(std::move(module), precision_, strategy_);
+    return FabricModule<M>(std::move(module), strategy_->precision_plugin(), strategy_);
   }
   template <typename Impl>
   FabricModule<Impl> setup_module(torch::nn::ModuleHolder<Impl> module) {
@@ -155,11 +155,11 @@ class Fabric {
   std::shared_ptr<M> init_module(Args&&... args) {
     std::shared_ptr<M> module;
     {
-      auto precision_scope = precision_->module_init_context();
+      auto precision_scope = strategy_->precision().module_init_context();
       auto strategy_scope = strategy_->module_init_context();
       module = std::make_shared<M>(std::forward<Args>(args)...);
     }
-    precision_->convert_module(*module);
+    strategy_->precision().convert_module(*module);
     strategy_->module_to_device(*module);
     return module;
   }
@@ -263,7 +263,8 @@ class Fabric {
   c10::Device device() const;
 
   const std::string& accelerator() const { return accelerator_name_; }
-  precision::Precision& precision() const { return *precision_; }
+  // The strategy's precision plugin (the strategy owns it, as in Lightning).
+  precision::Precision& precision() const { return strategy_->precision(); }
   strategies::Strategy& strategy() const { return *strategy_; }
   const std::vector<std::shared_ptr<Logger>>& loggers() const { return options_.loggers; }
   const std::vector<std::shared_ptr<Callback>>& callbacks() const { return options_.callbacks; }
@@ -276,7 +277,6 @@ class Fabric {
 
   FabricOptions options_;
   std::string accelerator_name_;
-  std::shared_ptr<precision::Precision> precision_;
   std::shared_ptr<strategies::Strategy> strategy_;
   std::optional<uint64_t> seed_;
   int64_t next_log_step_ = 0;

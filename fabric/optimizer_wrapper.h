@@ -1,5 +1,5 @@
 // FabricOptimizer: what Fabric::setup returns for an optimizer. step() goes through
-// the strategy and the precision plugin (unscale, inf/nan check, skip, scale
+// the strategy and its precision plugin (unscale, inf/nan check, skip, scale
 // update under "16-mixed"); everything else reaches the wrapped
 // torch::optim::Optimizer.
 #pragma once
@@ -12,9 +12,6 @@
 namespace torch::optim {
 class Optimizer;
 }
-namespace fabric::precision {
-class Precision;
-}
 namespace fabric::strategies {
 class Strategy;
 }
@@ -24,7 +21,6 @@ namespace fabric {
 class FabricOptimizer {
  public:
   FabricOptimizer(std::shared_ptr<torch::optim::Optimizer> optimizer,
-                  std::shared_ptr<precision::Precision> precision,
                   std::shared_ptr<strategies::Strategy> strategy);
 
   // Takes the step; with loss scaling it may be skipped (see
@@ -38,7 +34,6 @@ class FabricOptimizer {
 
  private:
   std::shared_ptr<torch::optim::Optimizer> optimizer_;
-  std::shared_ptr<precision::Precision> precision_;
   std::shared_ptr<strategies::Strategy> strategy_;
 };
 

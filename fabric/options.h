@@ -45,7 +45,7 @@ struct FabricOptions {
   // "auto" (cuda when a GPU is visible, else cpu), "cpu", "cuda", "gpu" (= cuda).
   std::string accelerator = "auto";
   // "auto" (single_device for a world of one, else ddp), "single_device", "ddp",
-  // "fsdp" (fully sharded: see strategies/fsdp.h), or a name the program added
+  // "fsdp" (fully sharded: see strategies/fsdp/fsdp.h), or a name the program added
   // with strategies::register_strategy (strategies/registry.h).
   std::string strategy = "auto";
   // A ready-made strategy object (Lightning's `strategy=` given an instance);

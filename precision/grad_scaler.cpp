@@ -1,5 +1,6 @@
 #include "precision/grad_scaler.h"
 
+#include <algorithm>
 #include <map>
 #include <stdexcept>
 #include <utility>
@@ -114,8 +115,7 @@ void GradScaler::check(torch::optim::Optimizer& optimizer, bool unscale) {
     at::_amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale.to(found.device()));
   }
   // Flags recorded earlier in this iteration (unscale_() after prepare_step() on an
-  // AmpScalingStep optimizer; a strategy may have agreed on them between ranks
-  // since) are kept and only widened by this check.
+  // AmpScalingStep optimizer) are kept and only widened by this check.
   auto& state = per_optimizer_[&optimizer];
   const auto previous = std::move(state.found_inf_per_device);
   state.found_inf_per_device.clear();
@@ -123,6 +123,14 @@ void GradScaler::check(torch::optim::Optimizer& optimizer, bool unscale) {
   for (size_t i = 0; i < previous.size() && i < state.found_inf_per_device.size(); ++i) {
     auto& found = state.found_inf_per_device[i];
     found = at::maximum(found, previous[i].to(found.device()));
+  }
+  if (reducer_) {
+    // Called even with no gradients here (a rank whose pieces are all empty), so
+    // that every rank takes part in the same agreements.
+    double local = 0;
+    for (const auto& f : state.found_inf_per_device) local = std::max(local, f.item<double>());
+    const double agreed = reducer_(local);
+    for (auto& f : state.found_inf_per_device) f.fill_(agreed);
   }
   state.stage = unscale ? Stage::kUnscaled : Stage::kChecked;
 }

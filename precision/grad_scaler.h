@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <unordered_map>
 #include <vector>
 
@@ -56,11 +57,20 @@ class GradScaler {
   double get_scale() const;
   int64_t growth_tracker() const;
   // The inf/nan flags unscale_() or prepare_step() recorded for this optimizer
-  // (one float per device; nonzero: found). A sharding strategy all-reduces them
-  // (max) so that every rank skips the same steps. Empty before either.
+  // (one float per device; nonzero: found). Empty before either.
   std::vector<at::Tensor>& found_inf(torch::optim::Optimizer& optimizer) {
     return per_optimizer_[&optimizer].found_inf_per_device;
   }
+  // Agreement between ranks that each hold only part of the gradients (a
+  // sharding strategy installs it): called with this rank's flag (0, or nonzero
+  // when its gradients hold inf/nan) after every inf/nan check, on every rank
+  // alike, it returns the job's maximum, which replaces the flags; so every rank
+  // skips the same steps and the scale stays equal. Empty (the default): the
+  // flags stay this process's own. A reducer that throws leaves the check
+  // unfinished (the error propagates from unscale_()/step()).
+  using FoundInfReducer = std::function<double(double)>;
+  void set_found_inf_reducer(FoundInfReducer reducer) { reducer_ = std::move(reducer); }
+  bool has_found_inf_reducer() const { return static_cast<bool>(reducer_); }
   // Whether the most recent step() was skipped because of inf/nan gradients.
   bool last_step_skipped() const { return last_step_skipped_; }
   const GradScalerOptions& options() const { return options_; }
@@ -90,6 +100,7 @@ class GradScaler {
   double pending_scale_;
   int64_t pending_tracker_ = 0;
   bool last_step_skipped_ = false;
+  FoundInfReducer reducer_;
   std::unordered_map<const torch::optim::Optimizer*, OptimizerState> per_optimizer_;
 };
 

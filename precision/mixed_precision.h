@@ -19,6 +19,7 @@ class MixedPrecision : public Precision {
                  std::unique_ptr<GradScaler> scaler = nullptr);
 
   std::string name() const override;
+  c10::ScalarType compute_dtype() const override { return dtype_; }
   ScopePtr forward_context() const override;
   at::Tensor convert_input(const at::Tensor& input) const override;
   at::Tensor convert_output(const at::Tensor& output) const override;

@@ -41,6 +41,9 @@ class Precision {
   virtual std::string name() const = 0;
   // The dtype the module's floating-point parameters and buffers are kept in.
   virtual c10::ScalarType param_dtype() const { return c10::ScalarType::Float; }
+  // The dtype forward's arithmetic runs in: autocast's under "-mixed", else the
+  // parameters'. A sharding strategy reduces gradients in it by default.
+  virtual c10::ScalarType compute_dtype() const { return param_dtype(); }
 
   // Casts the module's floating-point parameters and buffers to param_dtype()
   // (integer buffers, such as BatchNorm's counter, are left alone).

@@ -164,9 +164,9 @@ precision::ScopePtr DDPStrategy::forward_context(torch::nn::Module& module) {
   return nullptr;
 }
 
-void DDPStrategy::backward(const at::Tensor& loss, precision::Precision& precision) {
+void DDPStrategy::backward(const at::Tensor& loss) {
   if (!sync_) {
-    precision.pre_backward(loss).backward();
+    precision_->pre_backward(loss).backward();
     return;
   }
   for (auto& state : modules_) {
@@ -179,7 +179,7 @@ void DDPStrategy::backward(const at::Tensor& loss, precision::Precision& precisi
     state->next_launch = 0;
     state->touched = false;
   }
-  precision.pre_backward(loss).backward();
+  precision_->pre_backward(loss).backward();
   const auto backward_end = std::chrono::steady_clock::now();
   for (auto& state : modules_) {
     if (state->touched) finish_sync(*state, backward_end);

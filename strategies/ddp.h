@@ -47,7 +47,7 @@ class DDPStrategy : public ParallelStrategy {
   void setup_module(torch::nn::Module& module) override;
   // Re-broadcasts rank 0's buffers before a training forward (broadcast_buffers).
   precision::ScopePtr forward_context(torch::nn::Module& module) override;
-  void backward(const at::Tensor& loss, precision::Precision& precision) override;
+  void backward(const at::Tensor& loss) override;
 
   const DDPOptions& options() const { return options_; }
   const DDPStats& stats() const { return stats_; }

@@ -37,7 +37,7 @@ using AutoWrapPolicy =
 // (fabric/sharded.h) or chosen by auto_wrap_policy, and the root (everything
 // else). Between steps each rank holds 1/world_size of every unit's parameters,
 // gradients and optimizer state; a unit's full parameters exist only around its
-// forward and its backward (see strategies/fsdp.h).
+// forward and its backward (see strategies/fsdp/fsdp.h).
 struct FSDPOptions {
   // "FULL_SHARD" (ZeRO-3: parameters, gradients and optimizer state sharded;
   // a unit's parameters are freed after its forward and gathered again for its

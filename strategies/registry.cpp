@@ -54,8 +54,7 @@ Table& table() {
     t->entries.push_back(
         {{"fsdp", "fully sharded data parallel: parameters, gradients and optimizer state sharded"},
          [](const StrategyArgs& args) -> std::shared_ptr<Strategy> {
-           return std::make_shared<FSDPStrategy>(args.topology, process_group_options(args), args.fsdp,
-                                                 args.precision);
+           return std::make_shared<FSDPStrategy>(args.topology, process_group_options(args), args.fsdp);
          }});
     return t;
   }();

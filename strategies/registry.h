@@ -33,8 +33,9 @@ struct StrategyArgs {
   std::chrono::milliseconds timeout = std::chrono::minutes(30);
   DDPOptions ddp;
   FSDPOptions fsdp;
-  std::string precision;  // the run's precision plugin's name ("bf16-mixed", ...)
 };
+// (The precision plugin is not an argument: Fabric hands it to the built
+// strategy through Strategy::set_precision.)
 
 // Builds the strategy for this rank from what the connector resolved.
 using StrategyFactory = std::function<std::shared_ptr<Strategy>(const StrategyArgs&)>;

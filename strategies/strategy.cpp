@@ -8,7 +8,18 @@
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/optim/optimizer.h>
 
+#include "precision/true_precision.h"
+
 namespace fabric::strategies {
+
+Strategy::Strategy() : precision_(std::make_shared<precision::TruePrecision>(c10::ScalarType::Float)) {}
+
+void Strategy::set_precision(std::shared_ptr<precision::Precision> precision) {
+  if (!precision) {
+    throw std::invalid_argument(name() + ": set_precision was given a null precision plugin");
+  }
+  precision_ = std::move(precision);
+}
 
 const Topology& Strategy::topology() const {
   static const Topology one_process{};
@@ -38,28 +49,23 @@ void Strategy::setup_optimizer(torch::optim::Optimizer& optimizer) {
 }
 
 at::Tensor Strategy::optimizer_step(torch::optim::Optimizer& optimizer,
-                                    precision::Precision& precision,
                                     const precision::LossClosure& closure) {
-  return precision.optimizer_step(optimizer, closure);
+  return precision_->optimizer_step(optimizer, closure);
 }
 
-void Strategy::backward(const at::Tensor& loss, precision::Precision& precision) {
-  precision.pre_backward(loss).backward();
-}
+void Strategy::backward(const at::Tensor& loss) { precision_->pre_backward(loss).backward(); }
 
 double Strategy::clip_gradients_norm(torch::nn::Module* /*module*/,
-                                     torch::optim::Optimizer& optimizer,
-                                     precision::Precision& precision, double max_norm,
+                                     torch::optim::Optimizer& optimizer, double max_norm,
                                      double norm_type, bool error_if_nonfinite) {
-  precision.unscale_gradients(optimizer);
+  precision_->unscale_gradients(optimizer);
   return torch::nn::utils::clip_grad_norm_(optimizer_parameters(optimizer), max_norm, norm_type,
                                            error_if_nonfinite);
 }
 
 void Strategy::clip_gradients_value(torch::nn::Module* /*module*/,
-                                    torch::optim::Optimizer& optimizer,
-                                    precision::Precision& precision, double clip_val) {
-  precision.unscale_gradients(optimizer);
+                                    torch::optim::Optimizer& optimizer, double clip_val) {
+  precision_->unscale_gradients(optimizer);
   torch::nn::utils::clip_grad_value_(optimizer_parameters(optimizer), clip_val);
 }
 

@@ -4,10 +4,14 @@
 // backward, the optimizer step, gradient clipping, checkpoints and collectives
 // through it.
 //
-// What a strategy does not know: Fabric itself, option strings, how ranks were
-// started (launchers/), and numeric precision beyond the plugin handed in where
-// it matters (precision/). Every hook has a default that is right for one process
-// on one device; a new strategy is one file plus one registration
+// A strategy owns its precision plugin, as Lightning's strategy.precision: it
+// runs backward from the loss the plugin scales, steps and clips through it, and
+// a sharding strategy adapts what the plugin implies (FSDP reduces gradients in
+// its compute dtype and makes ranks agree on inf/nan under loss scaling).
+//
+// What a strategy does not know: Fabric itself, option strings, and how ranks
+// were started (launchers/). Every hook has a default that is right for one
+// process on one device; a new strategy is one file plus one registration
 // (strategies/registry.h: register_strategy, or an entry of its built-in table).
 //
 // Scopes (precision::ScopePtr) are RAII: the state they set up (gathered
@@ -15,6 +19,7 @@
 #pragma once
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -36,6 +41,8 @@ namespace fabric::strategies {
 
 class Strategy {
  public:
+  // Starts with "32-true" (precision::TruePrecision(Float)) until set_precision.
+  Strategy();
   virtual ~Strategy() = default;
 
   virtual std::string name() const = 0;
@@ -51,6 +58,14 @@ class Strategy {
 
   // Called by Fabric::launch() once the ranks exist (creates process groups).
   virtual void setup_environment() {}
+
+  // --- precision
+  // The plugin this strategy runs with. Fabric hands it its own (the `precision`
+  // option or FabricOptions::precision_plugin) when it is built, replacing any
+  // set earlier; set it before setup. Throws std::invalid_argument for null.
+  virtual void set_precision(std::shared_ptr<precision::Precision> precision);
+  precision::Precision& precision() const { return *precision_; }
+  const std::shared_ptr<precision::Precision>& precision_plugin() const { return precision_; }
 
   // --- modules
   // Held while Fabric::init_module constructs a module (after precision's scope).
@@ -70,13 +85,12 @@ class Strategy {
   virtual void setup_optimizer(torch::optim::Optimizer& optimizer);
   // Takes one step through the precision plugin (unscale, inf/nan skip).
   virtual at::Tensor optimizer_step(torch::optim::Optimizer& optimizer,
-                                    precision::Precision& precision,
                                     const precision::LossClosure& closure);
 
   // --- backward and gradients
   // Runs backward from the loss the precision plugin hands back, then makes the
   // gradients consistent across ranks.
-  virtual void backward(const at::Tensor& loss, precision::Precision& precision);
+  virtual void backward(const at::Tensor& loss);
   // Turns gradient synchronisation in backward off and on (no_backward_sync).
   virtual void set_gradient_sync(bool /*enabled*/) {}
   virtual bool gradient_sync() const { return true; }
@@ -84,11 +98,10 @@ class Strategy {
   // `norm_type` norm of `max_norm`; returns the total norm before clipping.
   // `module` (may be null) is the set-up module the optimizer belongs to.
   virtual double clip_gradients_norm(torch::nn::Module* module, torch::optim::Optimizer& optimizer,
-                                     precision::Precision& precision, double max_norm,
-                                     double norm_type, bool error_if_nonfinite);
+                                     double max_norm, double norm_type, bool error_if_nonfinite);
   // Unscales, then clamps every gradient element into [-clip_val, clip_val].
   virtual void clip_gradients_value(torch::nn::Module* module, torch::optim::Optimizer& optimizer,
-                                    precision::Precision& precision, double clip_val);
+                                    double clip_val);
 
   // --- checkpoints
   // Held while Fabric takes (loading=false) or restores (loading=true) the state
@@ -129,6 +142,9 @@ class Strategy {
   virtual at::Tensor all_gather(const at::Tensor& tensor) { return tensor.unsqueeze(0); }
   // Waits on the host until every rank gets here (nothing to wait for on one process).
   virtual void barrier() {}
+
+ protected:
+  std::shared_ptr<precision::Precision> precision_;
 };
 
 // The trainable parameters an optimizer updates, in group order.

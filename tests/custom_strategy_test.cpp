@@ -18,9 +18,9 @@ class CountingStrategy : public fabric::strategies::SingleDeviceStrategy {
  public:
   using SingleDeviceStrategy::SingleDeviceStrategy;
   std::string name() const override { return "test_counting"; }
-  void backward(const at::Tensor& loss, fabric::precision::Precision& precision) override {
+  void backward(const at::Tensor& loss) override {
     ++backwards;
-    SingleDeviceStrategy::backward(loss, precision);
+    SingleDeviceStrategy::backward(loss);
   }
   int backwards = 0;
 };

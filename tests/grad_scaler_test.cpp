@@ -222,3 +222,43 @@ TEST(GradScaler, MisuseIsReported) {
   EXPECT_THROW_WITH(GradScaler({.init_scale = -1}), "init_scale");
   EXPECT_THROW_WITH(GradScaler({.growth_interval = 0}), "growth_interval");
 }
+
+// A sharding strategy's agreement between ranks (set_found_inf_reducer): the
+// reducer sees this process's flag after every check and its answer decides.
+TEST(GradScaler, FoundInfReducerDecidesWhetherTheStepIsSkipped) {
+  auto model = make_net(0);
+  torch::optim::SGD optimizer(model->parameters(), 0.1);
+  GradScaler scaler;
+  std::vector<double> seen;
+  double answer = 1;  // "another rank found an inf"
+  scaler.set_found_inf_reducer([&](double local) {
+    seen.push_back(local);
+    return answer;
+  });
+  const auto x = torch::randn({4, 6});
+  const auto before = snapshot(*model);
+  scaler.scale(model->forward(x).sum()).backward();
+  EXPECT_FALSE(scaler.step(optimizer));  // local gradients are finite, the job's are not
+  EXPECT_TRUE(scaler.last_step_skipped());
+  scaler.update();
+  EXPECT_EQ(scaler.get_scale(), 32768.0);
+  const auto after_skip = snapshot(*model);
+  for (size_t i = 0; i < before.size(); ++i) EXPECT_TRUE(torch::equal(before[i], after_skip[i]));
+  ASSERT_EQ(seen, std::vector<double>({0.0}));
+  // Agreeing on "clean": unscale_ (clipping) then step check once, and it steps.
+  answer = 0;
+  optimizer.zero_grad();
+  scaler.scale(model->forward(x).sum()).backward();
+  scaler.unscale_(optimizer);
+  EXPECT_TRUE(scaler.step(optimizer));
+  scaler.update();
+  EXPECT_EQ(seen.size(), 2u);
+  EXPECT_FALSE(torch::equal(after_skip[0], model->parameters()[0]));
+  // A local inf is reported to the reducer.
+  optimizer.zero_grad();
+  scaler.scale(model->forward(x).sum() * std::numeric_limits<float>::infinity()).backward();
+  EXPECT_FALSE(scaler.step(optimizer));
+  EXPECT_EQ(seen.back(), 1.0);
+  scaler.set_found_inf_reducer(nullptr);
+  EXPECT_FALSE(scaler.has_found_inf_reducer());
+}

@@ -10,6 +10,7 @@
 #include "precision/mixed_precision.h"
 #include "precision/registry.h"
 #include "precision/scopes.h"
+#include "strategies/fsdp/fsdp.h"
 #include "test_util.h"
 
 namespace {
@@ -156,4 +157,51 @@ TEST(Precision, TupleAndVectorOutputsAreConverted) {
   EXPECT_EQ(y.scalar_type(), torch::kFloat);
   EXPECT_EQ(index.scalar_type(), torch::kLong);
   EXPECT_EQ(seven, 7);
+}
+
+// The strategy owns the precision plugin: Fabric hands it its own (or the user's
+// precision_plugin), and FSDP derives what the plugin implies from the object,
+// not from a name.
+TEST(Precision, TheStrategyOwnsThePluginAndFsdpDerivesItsReduceDtypeFromIt) {
+  using fabric::strategies::FSDPStrategy;
+  auto bf16 = std::make_shared<MixedPrecision>(torch::kBFloat16, c10::kCPU);
+  fabric::Fabric fabric({.accelerator = "cpu", .strategy = "fsdp", .precision_plugin = bf16});
+  EXPECT_EQ(&fabric.precision(), bf16.get());
+  EXPECT_EQ(fabric.strategy().precision_plugin(), bf16);
+  auto& fsdp = dynamic_cast<FSDPStrategy&>(fabric.strategy());
+  EXPECT_EQ(fsdp.reduce_dtype(), torch::kBFloat16);  // a plugin's compute dtype, not its name
+  for (const auto& [precision, expected] :
+       std::vector<std::pair<std::string, std::optional<c10::ScalarType>>>{
+           {"32-true", std::nullopt}, {"64-true", std::nullopt}, {"bf16-mixed", torch::kBFloat16},
+           {"bf16-true", torch::kBFloat16}, {"16-true", torch::kHalf}}) {
+    fabric::Fabric f({.accelerator = "cpu", .strategy = "fsdp", .precision = precision});
+    EXPECT_EQ(dynamic_cast<FSDPStrategy&>(f.strategy()).reduce_dtype(), expected) << precision;
+  }
+  // An explicit reduce_dtype wins over the plugin's.
+  fabric::Fabric fp32({.accelerator = "cpu", .strategy = "fsdp", .precision = "bf16-mixed",
+                       .fsdp = {.reduce_dtype = "fp32"}});
+  EXPECT_EQ(dynamic_cast<FSDPStrategy&>(fp32.strategy()).reduce_dtype(), torch::kFloat);
+  EXPECT_THROW_WITH(fabric.strategy().set_precision(nullptr), "null precision plugin");
+}
+
+TEST(Precision, ShardedFsdpGivesTheScalerItsFoundInfReducerAndTakesItBack) {
+  using fabric::strategies::FSDPStrategy;
+  auto plugin = std::make_shared<MixedPrecision>(torch::kHalf, c10::kCPU,
+                                                 std::make_unique<fabric::precision::GradScaler>());
+  auto* scaler = plugin->scaler();
+  {
+    FSDPStrategy sharded({}, {});
+    sharded.set_precision(plugin);
+    EXPECT_TRUE(scaler->has_found_inf_reducer());
+    EXPECT_EQ(sharded.reduce_dtype(), torch::kHalf);
+    // Handing it another plugin takes the reducer off the first one.
+    sharded.set_precision(std::make_shared<MixedPrecision>(torch::kBFloat16, c10::kCPU));
+    EXPECT_FALSE(scaler->has_found_inf_reducer());
+    sharded.set_precision(plugin);
+  }
+  EXPECT_FALSE(scaler->has_found_inf_reducer());  // the strategy is gone
+  // NO_SHARD all-reduces whole gradients: every rank's flags agree already.
+  FSDPStrategy replicated({}, {}, {.sharding_strategy = "NO_SHARD"});
+  replicated.set_precision(plugin);
+  EXPECT_FALSE(scaler->has_found_inf_reducer());
 }

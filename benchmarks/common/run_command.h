@@ -13,4 +13,11 @@ struct CommandResult {
 
 CommandResult run_command(const std::string& command);
 
+// The number a program printed after "<name>: " (the benchmarks' workers print
+// one figure a line, "seconds/step: 0.0123"). Throws std::runtime_error naming
+// `command` and showing its output when it failed or printed no such figure.
+double figure(const CommandResult& result, const std::string& name, const std::string& command);
+// Runs `command` and returns its figure `name`.
+double figure(const std::string& command, const std::string& name);
+
 }  // namespace benchmarks

@@ -19,7 +19,6 @@
 #include <cstdio>
 #include <iomanip>
 #include <iostream>
-#include <regex>
 
 #include <boost/program_options.hpp>
 
@@ -104,15 +103,6 @@ int worker(const std::string& strategy, bool smoke, const std::string& save) {
   return 0;
 }
 
-double figure(const std::string& command, const std::string& name) {
-  const auto result = benchmarks::run_command(command);
-  std::smatch match;
-  if (result.status != 0 || !std::regex_search(result.output, match, std::regex(name + ": ([0-9.eE+-]+)"))) {
-    throw std::runtime_error("`" + command + "` printed no '" + name + "':\n" + result.output);
-  }
-  return std::stod(match[1]);
-}
-
 }  // namespace
 
 int run(int argc, char** argv) {
@@ -142,14 +132,11 @@ int run(int argc, char** argv) {
                            std::to_string(::getpid()) + ".ckpt";
 
   // GPT: torchfabric single_device (saving its model), then the Python twin.
-  const auto single = benchmarks::run_command(self + " --worker --strategy single_device --save " + path);
-  std::smatch m_step, m_sum;
-  if (single.status != 0 || !std::regex_search(single.output, m_step, std::regex("seconds/step: ([0-9.eE+-]+)")) ||
-      !std::regex_search(single.output, m_sum, std::regex("checksum: ([0-9.eE+-]+)"))) {
-    throw std::runtime_error("the single_device worker failed:\n" + single.output);
-  }
-  const double ours = std::stod(m_step[1]);
-  const double theirs = figure(python + " " + script + " --accelerator " + where + flags_of(s), "seconds/step");
+  const std::string single_command = self + " --worker --strategy single_device --save " + path;
+  const auto single = benchmarks::run_command(single_command);
+  const double ours = benchmarks::figure(single, "seconds/step", single_command);
+  const double saved_checksum = benchmarks::figure(single, "checksum", single_command);
+  const double theirs = benchmarks::figure(python + " " + script + " --accelerator " + where + flags_of(s), "seconds/step");
   const double tokens = static_cast<double>(s.batch * s.config.block_size);
   GptImpl probe(s.config);
   const double n = static_cast<double>(probe.num_parameters() - probe.wpe->weight.numel());
@@ -163,7 +150,7 @@ int run(int argc, char** argv) {
 
   // DDP and FSDP at world size 1 against single_device.
   for (const std::string strategy_name : {"ddp", "fsdp"}) {
-    const double t = figure(self + " --worker --strategy " + strategy_name, "seconds/step");
+    const double t = benchmarks::figure(self + " --worker --strategy " + strategy_name, "seconds/step");
     std::cout << std::setprecision(3) << strategy_name << "/single_device step time: " << t / ours << std::endl;
   }
 
@@ -173,7 +160,7 @@ int run(int argc, char** argv) {
   fabric::load_checkpoint(path, state);
   double sum = 0;
   for (const auto& p : cpu->parameters()) sum += p.detach().to(torch::kDouble).sum().item<double>();
-  const double expected = std::stod(m_sum[1]);
+  const double expected = saved_checksum;
   std::remove(path.c_str());
   if (sum != expected) {
     std::cout << std::setprecision(17) << "gpu checkpoint loaded on cpu: DIFFERENT (checksum " << sum

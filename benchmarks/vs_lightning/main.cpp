@@ -16,7 +16,6 @@
 #include <cstdio>
 #include <iomanip>
 #include <iostream>
-#include <regex>
 #include <type_traits>
 
 #include <boost/program_options.hpp>
@@ -92,14 +91,7 @@ double train(const std::string& name, int64_t batch_size, int steps) {
   return steps / std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-double steps_per_second(const std::string& command) {
-  const auto result = benchmarks::run_command(command);
-  std::smatch match;
-  if (result.status != 0 || !std::regex_search(result.output, match, std::regex("steps/s: ([0-9.]+)"))) {
-    throw std::runtime_error("`" + command + "` failed:\n" + result.output);
-  }
-  return std::stod(match[1]);
-}
+double steps_per_second(const std::string& command) { return benchmarks::figure(command, "steps/s"); }
 
 }  // namespace
 

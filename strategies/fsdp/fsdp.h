@@ -29,11 +29,11 @@
 // a parameter's values or shape, calling a unit's submodule directly (call the
 // unit), and Module::to/clone. Inside fabric.save/load and a forward they are
 // whole. Mixed precision: gradients are reduced in FSDPOptions::reduce_dtype
-// (Lightning's mapping by default: bf16 under bf16 precisions, fp16 under fp16
-// ones); parameters are gathered in their own dtype (fp32 under "-mixed", where
-// autocast casts them; Lightning gathers them in the compute dtype). Under
-// "16-mixed" the ranks agree on inf/nan before every step, so all skip the same
-// steps.
+// (by default the precision plugin's compute dtype when it is bf16 or fp16,
+// Lightning's mapping); parameters are gathered in their own dtype (fp32 under
+// "-mixed", where autocast casts them; Lightning gathers them in the compute
+// dtype). Under loss scaling ("16-mixed") the strategy gives the plugin's
+// GradScaler a found-inf reducer, so every rank skips the same steps.
 #pragma once
 
 #include <memory>
@@ -50,27 +50,30 @@ namespace fabric::strategies {
 
 class FSDPStrategy : public ParallelStrategy, private UnitRunner {
  public:
-  // Throws std::invalid_argument for an unknown sharding_strategy or state_dict_type.
-  // `precision` (the run's precision name) decides the reduce dtype when
-  // options.reduce_dtype is empty (default_reduce_dtype).
-  FSDPStrategy(Topology topology, ProcessGroupOptions process_group, FSDPOptions options = {},
-               const std::string& precision = "");
-  // Lightning's mapping: "bf16" under bf16-mixed/bf16-true, "fp16" under
-  // 16-mixed/16-true, else "" (the parameters' own dtype).
-  static std::string default_reduce_dtype(const std::string& precision);
+  // Throws std::invalid_argument for an unknown sharding_strategy,
+  // reduce_dtype, check_unit_order or state_dict_type.
+  FSDPStrategy(Topology topology, ProcessGroupOptions process_group, FSDPOptions options = {});
+  // What reduce_dtype "" stands for under a precision plugin: its compute dtype
+  // when that is bf16 or fp16, else nullopt (each parameter's own dtype).
+  static std::optional<c10::ScalarType> default_reduce_dtype(const precision::Precision& precision);
   ~FSDPStrategy() override;
+
+  // Also derives the reduce dtype (unless options.reduce_dtype names one) and,
+  // when sharded, installs the found-inf reducer on the plugin's GradScaler.
+  void set_precision(std::shared_ptr<precision::Precision> precision) override;
+  // The dtype gradients are reduced in; nullopt: each parameter's own.
+  std::optional<c10::ScalarType> reduce_dtype() const { return reduce_dtype_; }
 
   void setup_module(torch::nn::Module& module) override;
   precision::ScopePtr forward_context(torch::nn::Module& module) override;
   // Also refuses an optimizer that already has state (it would be full-sized).
   void setup_optimizer(torch::optim::Optimizer& optimizer) override;
-  at::Tensor optimizer_step(torch::optim::Optimizer& optimizer, precision::Precision& precision,
+  at::Tensor optimizer_step(torch::optim::Optimizer& optimizer,
                             const precision::LossClosure& closure) override;
-  void backward(const at::Tensor& loss, precision::Precision& precision) override;
+  void backward(const at::Tensor& loss) override;
   // The norm over every rank's gradient pieces (one all-reduce).
   double clip_gradients_norm(torch::nn::Module* module, torch::optim::Optimizer& optimizer,
-                             precision::Precision& precision, double max_norm, double norm_type,
-                             bool error_if_nonfinite) override;
+                             double max_norm, double norm_type, bool error_if_nonfinite) override;
   precision::ScopePtr full_state_context(const std::vector<torch::nn::Module*>& modules,
                                          const std::vector<torch::optim::Optimizer*>& optimizers,
                                          bool loading) override;
@@ -131,6 +134,7 @@ class FSDPStrategy : public ParallelStrategy, private UnitRunner {
   std::vector<std::unique_ptr<ModuleState>> modules_;
   std::vector<std::shared_ptr<torch::nn::Module>> adapters_;  // auto-wrap installed them
   std::optional<c10::ScalarType> reduce_dtype_;
+  precision::GradScaler* reducing_scaler_ = nullptr;  // the scaler our reducer is installed on
   int64_t next_flat_id_ = 0;
   bool stepped_ = false;  // an optimizer step has run (ends check_unit_order="first_step")
   bool in_backward_ = false;  // inside fabric.backward's autograd pass

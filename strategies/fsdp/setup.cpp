@@ -6,16 +6,17 @@ namespace fabric::strategies {
 
 using namespace fsdp_detail;
 
-std::string FSDPStrategy::default_reduce_dtype(const std::string& precision) {
+std::optional<c10::ScalarType> FSDPStrategy::default_reduce_dtype(
+    const precision::Precision& precision) {
   // Lightning's FSDPPrecision: gradients reduced in the compute dtype of a
   // half-precision run, else in the parameters' own dtype.
-  if (precision == "bf16-mixed" || precision == "bf16-true") return "bf16";
-  if (precision == "16-mixed" || precision == "16-true") return "fp16";
-  return "";
+  const auto dtype = precision.compute_dtype();
+  if (dtype == at::kBFloat16 || dtype == at::kHalf) return dtype;
+  return std::nullopt;
 }
 
 FSDPStrategy::FSDPStrategy(Topology topology, ProcessGroupOptions process_group,
-                           FSDPOptions options, const std::string& precision)
+                           FSDPOptions options)
     : ParallelStrategy("fsdp", std::move(topology), std::move(process_group)),
       options_(std::move(options)) {
   // Every mode is parsed here once; the run-time paths test enums.
@@ -26,7 +27,6 @@ FSDPStrategy::FSDPStrategy(Topology topology, ProcessGroupOptions process_group,
                                                              strategies));
   }
   sharding_ = static_cast<Sharding>(found - strategies.begin());
-  if (options_.reduce_dtype.empty()) options_.reduce_dtype = default_reduce_dtype(precision);
   const std::map<std::string, std::optional<c10::ScalarType>> reduce_dtypes = {
       {"", std::nullopt},         {"fp32", at::kFloat},      {"float32", at::kFloat},
       {"bf16", at::kBFloat16},    {"bfloat16", at::kBFloat16}, {"fp16", at::kHalf},
@@ -37,7 +37,7 @@ FSDPStrategy::FSDPStrategy(Topology topology, ProcessGroupOptions process_group,
                                 "' is not supported. Valid values: '' (the parameters' dtype), "
                                 "'fp32', 'bf16', 'fp16'");
   }
-  reduce_dtype_ = dtype->second;
+  reduce_dtype_ = options_.reduce_dtype.empty() ? default_reduce_dtype(precision()) : dtype->second;
   const std::vector<std::string> checks = {"first_step", "always", "never"};
   const auto check = std::find(checks.begin(), checks.end(), options_.check_unit_order);
   if (check == checks.end()) {
@@ -51,7 +51,21 @@ FSDPStrategy::FSDPStrategy(Topology topology, ProcessGroupOptions process_group,
   }
 }
 
+void FSDPStrategy::set_precision(std::shared_ptr<precision::Precision> plugin) {
+  Strategy::set_precision(std::move(plugin));
+  if (options_.reduce_dtype.empty()) reduce_dtype_ = default_reduce_dtype(precision());
+  if (reducing_scaler_) reducing_scaler_->set_found_inf_reducer(nullptr);
+  reducing_scaler_ = nullptr;
+  // Each rank checks only its gradient pieces for inf/nan: the ranks agree
+  // (max) after every check, so all skip the same steps and the scale stays equal.
+  if (auto* scaler = precision().scaler(); scaler && sharded()) {
+    scaler->set_found_inf_reducer([this](double found) { return all_reduce_value(found, ReduceOp::kMax); });
+    reducing_scaler_ = scaler;
+  }
+}
+
 FSDPStrategy::~FSDPStrategy() {
+  if (reducing_scaler_) reducing_scaler_->set_found_inf_reducer(nullptr);
   for (auto& state : modules_) {
     for (auto& unit : state->units) {
       if (!unit->root && !unit->identity.expired()) set_unit_runner(*unit->module, nullptr);

@@ -17,26 +17,17 @@ void FSDPStrategy::setup_optimizer(torch::optim::Optimizer& optimizer) {
 }
 
 at::Tensor FSDPStrategy::optimizer_step(torch::optim::Optimizer& optimizer,
-                                        precision::Precision& precision,
                                         const precision::LossClosure& closure) {
-  if (auto* scaler = precision.scaler(); scaler && scaler->is_enabled() && sharded()) {
-    // Each rank checked only its gradient pieces for inf/nan: agree (max) before
-    // the step, so every rank skips the same steps and the scale stays equal.
-    scaler->prepare_step(optimizer);  // (an AmpScalingStep optimizer: checked only)
-    auto& found = scaler->found_inf(optimizer);
-    double any = 0;
-    for (const auto& f : found) any = std::max(any, f.item<double>());
-    const double agreed = all_reduce_value(any, ReduceOp::kMax);
-    for (auto& f : found) f.fill_(agreed);
-  }
+  // Under loss scaling the ranks agree on inf/nan inside the scaler's check (the
+  // reducer set_precision installed).
   stepped_ = true;
-  return precision.optimizer_step(optimizer, closure);
+  return precision_->optimizer_step(optimizer, closure);
 }
 
-void FSDPStrategy::backward(const at::Tensor& loss, precision::Precision& precision) {
+void FSDPStrategy::backward(const at::Tensor& loss) {
   in_backward_ = true;
   try {
-    precision.pre_backward(loss).backward();
+    precision_->pre_backward(loss).backward();
   } catch (...) {
     in_backward_ = false;
     throw;
@@ -61,14 +52,12 @@ void FSDPStrategy::backward(const at::Tensor& loss, precision::Precision& precis
 }
 
 double FSDPStrategy::clip_gradients_norm(torch::nn::Module* module,
-                                         torch::optim::Optimizer& optimizer,
-                                         precision::Precision& precision, double max_norm,
+                                         torch::optim::Optimizer& optimizer, double max_norm,
                                          double norm_type, bool error_if_nonfinite) {
   if (!sharded()) {
-    return Strategy::clip_gradients_norm(module, optimizer, precision, max_norm, norm_type,
-                                         error_if_nonfinite);
+    return Strategy::clip_gradients_norm(module, optimizer, max_norm, norm_type, error_if_nonfinite);
   }
-  precision.unscale_gradients(optimizer);
+  precision_->unscale_gradients(optimizer);
   std::vector<at::Tensor> grads;
   for (const auto& p : optimizer_parameters(optimizer)) {
     if (p.grad().defined()) grads.push_back(p.grad());
