@@ -163,6 +163,7 @@ TEST(Precision, TupleAndVectorOutputsAreConverted) {
 // precision_plugin), and FSDP derives what the plugin implies from the object,
 // not from a name.
 TEST(Precision, TheStrategyOwnsThePluginAndFsdpDerivesItsReduceDtypeFromIt) {
+  using fabric::precision::MixedPrecision;
   using fabric::strategies::FSDPStrategy;
   auto bf16 = std::make_shared<MixedPrecision>(torch::kBFloat16, c10::kCPU);
   fabric::Fabric fabric({.accelerator = "cpu", .strategy = "fsdp", .precision_plugin = bf16});
@@ -185,6 +186,7 @@ TEST(Precision, TheStrategyOwnsThePluginAndFsdpDerivesItsReduceDtypeFromIt) {
 }
 
 TEST(Precision, ShardedFsdpGivesTheScalerItsFoundInfReducerAndTakesItBack) {
+  using fabric::precision::MixedPrecision;
   using fabric::strategies::FSDPStrategy;
   auto plugin = std::make_shared<MixedPrecision>(torch::kHalf, c10::kCPU,
                                                  std::make_unique<fabric::precision::GradScaler>());
