@@ -233,7 +233,7 @@ TEST(GradScaler, FoundInfReducerDecidesWhetherTheStepIsSkipped) {
   double answer = 1;  // "another rank found an inf"
   scaler.set_found_inf_reducer([&](double local) {
     seen.push_back(local);
-    return answer;
+    return std::max(local, answer);  // the maximum over this rank and "the others"
   });
   const auto x = torch::randn({4, 6});
   const auto before = snapshot(*model);

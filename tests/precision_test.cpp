@@ -191,8 +191,10 @@ TEST(Precision, ShardedFsdpGivesTheScalerItsFoundInfReducerAndTakesItBack) {
   auto plugin = std::make_shared<MixedPrecision>(torch::kHalf, c10::kCPU,
                                                  std::make_unique<fabric::precision::GradScaler>());
   auto* scaler = plugin->scaler();
+  fabric::strategies::Topology one;
+  one.parallel_devices = {c10::Device(c10::kCPU)};
   {
-    FSDPStrategy sharded({}, {});
+    FSDPStrategy sharded(one, {});
     sharded.set_precision(plugin);
     EXPECT_TRUE(scaler->has_found_inf_reducer());
     EXPECT_EQ(sharded.reduce_dtype(), torch::kHalf);
@@ -203,7 +205,7 @@ TEST(Precision, ShardedFsdpGivesTheScalerItsFoundInfReducerAndTakesItBack) {
   }
   EXPECT_FALSE(scaler->has_found_inf_reducer());  // the strategy is gone
   // NO_SHARD all-reduces whole gradients: every rank's flags agree already.
-  FSDPStrategy replicated({}, {}, {.sharding_strategy = "NO_SHARD"});
+  FSDPStrategy replicated(one, {}, {.sharding_strategy = "NO_SHARD"});
   replicated.set_precision(plugin);
   EXPECT_FALSE(scaler->has_found_inf_reducer());
 }
