@@ -96,6 +96,11 @@ Connection connect(const FabricOptions& raw) {
     }
     c.needs_launch = true;
   }
+  if (options.max_restarts < 0) {
+    throw std::invalid_argument("max_restarts=" + std::to_string(options.max_restarts) +
+                                " is not supported. Valid values: 0 (no restarts) or more");
+  }
+  c.supervises_restarts = options.max_restarts > 0 && env.kind == "none";
   if (options.strategy_plugin) {
     const auto& plugin = *options.strategy_plugin;
     if (options.strategy != "auto" && options.strategy != plugin.name()) {

@@ -26,6 +26,9 @@ struct Connection {
   launchers::ClusterEnvironment environment;
   // True when nothing launched the other ranks: Fabric::launch() must start them.
   bool needs_launch = false;
+  // True when launch() supervises restarting attempts (max_restarts > 0, nothing
+  // launched this process); it then starts every rank, rank 0 included.
+  bool supervises_restarts = false;
 };
 
 // Applies LT_ACCELERATOR, LT_DEVICES, LT_STRATEGY, LT_NUM_NODES, LT_PRECISION to

@@ -20,6 +20,7 @@
 #include "accelerators/cpu_memory.h"
 #include "launchers/mpirun.h"
 #include "launchers/local_ranks.h"
+#include "launchers/restarts.h"
 #include "precision/registry.h"
 #include "strategies/registry.h"
 #include "util/quoted_list.h"
@@ -30,6 +31,7 @@ Fabric::Fabric(FabricOptions options) : options_(std::move(options)) {
   Connection connection = connect(options_);
   accelerator_name_ = connection.accelerator->name();
   needs_launch_ = connection.needs_launch;
+  supervises_restarts_ = connection.supervises_restarts;
   strategies::StrategyArgs args;
   args.topology = connection.topology;
   args.process_group_backend = options_.process_group_backend;
@@ -64,6 +66,25 @@ Fabric::~Fabric() {
 void Fabric::launch() {
   if (launched_) {
     throw std::logic_error("Fabric::launch() was already called on this Fabric");
+  }
+  if (supervises_restarts_) {
+    // This process only supervises: each attempt starts every rank, rank 0
+    // included, as a child, so that any rank can die and be started again.
+    const auto command = launchers::own_command_line();
+    const int n = static_cast<int>(world_size());
+    const bool mpi = device().is_cpu() && n > 1;  // CPU ranks form one MPI world
+    const int status = launchers::run_with_restarts(options_.max_restarts, "torchfabric", [&] {
+      return mpi ? launchers::run_mpirun_attempt(launchers::mpirun_command(n, command))
+                 : launchers::run_local_attempt(n, command);
+    });
+    std::cout.flush();
+    std::exit(status);
+  }
+  if (options_.max_restarts > 0 && !std::getenv("FABRIC_RESTART_COUNT") && is_global_zero()) {
+    std::cerr << "torchfabric: max_restarts=" << options_.max_restarts
+              << " is not applied: this job's ranks were started by a launcher, which decides about "
+                 "restarts (fabric-run --max-restarts N, torchrun --max-restarts N)"
+              << std::endl;
   }
   if (needs_launch_) {
     if (device().is_cpu()) {

@@ -69,6 +69,8 @@ class Fabric {
 
   // Starts the other ranks if this process must (multi-process strategies) and
   // connects this process to them. A no-op for a world of one, but harmless to call.
+  // With max_restarts > 0 in a program nothing launched, it does not return: this
+  // process supervises attempts of the whole job and exits with its status.
   void launch();
   // launch(), then fn(*this); returns what fn returns.
   template <typename F>
@@ -282,6 +284,7 @@ class Fabric {
   int64_t next_log_step_ = 0;
   bool launched_ = false;
   bool needs_launch_ = false;
+  bool supervises_restarts_ = false;
   // Ranks this process spawned (CUDA); waited for when the Fabric is destroyed.
   std::unique_ptr<launchers::LocalRanks> local_ranks_;
 };

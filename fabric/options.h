@@ -67,6 +67,14 @@ struct FabricOptions {
   std::string process_group_backend;
   // How long rendezvous and collectives may wait for the other ranks.
   std::chrono::seconds timeout = std::chrono::minutes(30);
+  // When Fabric starts the ranks itself (launch() in a program nothing launched,
+  // one process included): how many times a job whose rank died is started again
+  // (torchrun's --max-restarts, launchers/restarts.h). The process that called
+  // launch() then only supervises and exits with the job's status; the ranks of
+  // each attempt see FABRIC_RESTART_COUNT and should resume from their newest
+  // checkpoint. Under an external launcher that launcher decides (fabric-run
+  // --max-restarts); a value here is then not applied, and rank 0 says so.
+  int max_restarts = 0;
   // Options of strategy "ddp" (find_unused_parameters, gradient_as_bucket_view,
   // bucket sizes, broadcast_buffers); ignored by the other strategies.
   strategies::DDPOptions ddp;

@@ -10,7 +10,10 @@
 // CPU ranks are started through mpirun (their collectives run on Open MPI, which
 // only joins processes it started); GPU ranks are started directly with
 // torchrun-style variables and supervised: when one fails, the rest are stopped
-// and fabric-run exits with its status.
+// and fabric-run exits with its status. With --max-restarts N the job is started
+// again instead, up to N times (launchers/restarts.h); the program resumes from
+// its newest checkpoint.
+//   fabric-run --devices 2 --max-restarts 3 -- ./train --checkpoint-dir ckpts
 #include <cstdlib>
 #include <iostream>
 #include <map>
@@ -21,6 +24,7 @@
 
 #include "accelerators/accelerator.h"
 #include "launchers/mpirun.h"
+#include "launchers/restarts.h"
 #include "launchers/supervisor.h"
 #include "strategies/registry.h"
 
@@ -29,7 +33,7 @@ namespace po = boost::program_options;
 int main(int argc, char** argv) {
   std::string accelerator = "auto", strategy = "auto", devices = "1", precision = "32-true";
   std::string main_address = "127.0.0.1", launcher = "auto";
-  int num_nodes = 1, node_rank = 0, main_port = 29400;
+  int num_nodes = 1, node_rank = 0, main_port = 29400, max_restarts = 0;
   std::vector<std::string> program;
   po::options_description flags(
       "fabric-run: start the ranks of a torchfabric program on this node\n\n"
@@ -53,6 +57,10 @@ int main(int argc, char** argv) {
        "32-true, 64-true, 16-mixed, bf16-mixed, 16-true, bf16-true (passed as LT_PRECISION when given)")
       ("launcher", po::value(&launcher)->default_value(launcher),
        "auto (mpirun for cpu, subprocess for cuda), mpirun, or subprocess")
+      ("max-restarts", po::value(&max_restarts)->default_value(max_restarts),
+       "when a rank dies, end every rank and start the job again, up to this many times "
+       "(FABRIC_RESTART_COUNT tells the program which attempt it is; it resumes from its newest "
+       "checkpoint); one node only")
       ("program", po::value(&program), "the program and its arguments");
   po::positional_options_description positional;
   positional.add("program", -1);
@@ -76,6 +84,16 @@ int main(int argc, char** argv) {
     if (num_nodes < 1 || node_rank < 0 || node_rank >= num_nodes) {
       throw std::invalid_argument("--node-rank " + std::to_string(node_rank) +
                                   " is out of range for --num-nodes " + std::to_string(num_nodes));
+    }
+    if (max_restarts < 0) {
+      throw std::invalid_argument("--max-restarts " + std::to_string(max_restarts) +
+                                  " is not supported; valid: 0 (no restarts) or more");
+    }
+    if (max_restarts > 0 && num_nodes > 1) {
+      throw std::invalid_argument(
+          "--max-restarts with --num-nodes " + std::to_string(num_nodes) +
+          " is not supported: one node's fabric-run cannot end the other nodes' ranks, which would "
+          "wait in their next collective. Restart jobs of one node (--num-nodes 1)");
     }
     if (main_port < 1 || main_port > 65535) {
       throw std::invalid_argument("--main-port " + std::to_string(main_port) +
@@ -106,18 +124,30 @@ int main(int argc, char** argv) {
             "separate fabric-run commands (and Gloo is not in this LibTorch). Start one job "
             "across the nodes instead: mpirun -np N -H host1:n,host2:n PROGRAM");
       }
-      fabric::launchers::exec_command(fabric::launchers::mpirun_command(local, program));
+      const auto command = fabric::launchers::mpirun_command(local, program);
+      if (max_restarts == 0) fabric::launchers::exec_command(command);
+      return fabric::launchers::run_with_restarts(max_restarts, "fabric-run", [&] {
+        return fabric::launchers::run_mpirun_attempt(command);
+      });
     }
-    fabric::launchers::Supervisor supervisor;
-    supervisor.forward_signals();
     const int world = local * num_nodes;
-    for (int r = 0; r < local; ++r) {
-      supervisor.start(node_rank * local + r, program,
-                       fabric::launchers::torchrun_environment(node_rank * local + r, r, world,
-                                                               local, node_rank, main_address,
-                                                               main_port));
+    auto start_ranks = [&](fabric::launchers::Supervisor& supervisor) {
+      for (int r = 0; r < local; ++r) {
+        supervisor.start(node_rank * local + r, program,
+                         fabric::launchers::torchrun_environment(node_rank * local + r, r, world,
+                                                                 local, node_rank, main_address,
+                                                                 main_port));
+      }
+    };
+    if (max_restarts == 0) {
+      fabric::launchers::Supervisor supervisor;
+      supervisor.forward_signals();
+      start_ranks(supervisor);
+      return supervisor.wait_all();
     }
-    return supervisor.wait_all();
+    return fabric::launchers::run_with_restarts(max_restarts, "fabric-run", [&] {
+      return fabric::launchers::run_supervised_attempt(start_ranks);
+    });
   } catch (const std::exception& e) {
     std::cerr << "fabric-run: " << e.what() << std::endl;
     return 2;

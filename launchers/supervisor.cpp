@@ -118,10 +118,10 @@ int Supervisor::wait_all() {
     const bool failed = WIFSIGNALED(status) || WEXITSTATUS(status) != 0;
     if (stopping || !failed || result != 0) continue;
     result = WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+    failure_ = "rank " + std::to_string(ranks_[i]) + " (pid " + std::to_string(pids_[i]) + ") " +
+               describe(status);
     // One write, so messages of several supervisors do not interleave.
-    const std::string message = "torchfabric: rank " + std::to_string(ranks_[i]) + " (pid " +
-                                std::to_string(pids_[i]) + ") " + describe(status) +
-                                "; stopping the other ranks\n";
+    const std::string message = "torchfabric: " + failure_ + "; stopping the other ranks\n";
     (void)!::write(STDERR_FILENO, message.data(), message.size());
     signal_all(SIGTERM);
     // Give them the grace period, then SIGKILL whoever is left.

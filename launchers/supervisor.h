@@ -37,6 +37,9 @@ class Supervisor {
   void forward_signals();
 
   const std::vector<pid_t>& pids() const { return pids_; }
+  // After wait_all() returned non-zero: which rank failed first and how
+  // ("rank 1 (pid 123) was killed by signal 9 (Killed)").
+  const std::string& failure() const { return failure_; }
   // Children still running.
   size_t running() const;
 
@@ -49,6 +52,7 @@ class Supervisor {
   std::vector<int> ranks_;
   std::vector<bool> running_;
   std::atomic<bool> stop_requested_{false};
+  std::string failure_;
 };
 
 // The variables a torchrun-style launch sets for one rank.

@@ -93,7 +93,7 @@ if cmake -S . -B "$build" "${generator[@]}" -DCMAKE_PREFIX_PATH="$prefix_path" -
     ddp_tests+=(--gtest_filter=-Ddp.CollectivesTakeTensorsOfTwoGibibytesAndMore)
     "${fabric_tests[@]}" > "$out/fabric_tests.log" 2>&1
     # The examples write their logs and checkpoints into the current directory.
-    (cd "$build" && ./example_tests ./autoencoder ./classifier ./gpt ./custom_trainer \
+    (cd "$build" && ./example_tests ./autoencoder ./classifier ./gpt ./custom_trainer ./fabric-run \
        --gtest_output="xml:$out/example_tests.xml" > "$out/example_tests.log" 2>&1)
     "${ddp_tests[@]}" > "$out/ddp_tests.log" 2>&1
     # Two simulated hosts (network namespaces; every case skips without root).

@@ -1,6 +1,7 @@
 // Runs the example programs end to end: the autoencoder in every precision mode
 // for a few steps, and the classifier to its reported test accuracy.
-// argv[1..4]: paths of the autoencoder, classifier, gpt and custom_trainer binaries.
+// argv[1..4]: paths of the autoencoder, classifier, gpt and custom_trainer binaries;
+// argv[5] (optional): fabric-run, for the restart tests through it.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -15,11 +16,13 @@
 #include <map>
 #include <regex>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 #include "test_util.h"
 
 namespace {
-std::string g_autoencoder, g_classifier, g_gpt, g_custom_trainer;
+std::string g_autoencoder, g_classifier, g_gpt, g_custom_trainer, g_fabric_run;
 
 std::string absolute(const char* path) {
   char resolved[PATH_MAX];
@@ -386,6 +389,101 @@ TEST(Examples, CustomTrainerRanksResumeFromTheCheckpointRankZeroChose) {
   EXPECT_EQ(compare.output, "max diff 0.0 6\n") << compare.output;
 }
 
+namespace {
+
+// "max diff D A B": the largest difference between the tensors of two
+// checkpoints (files, or sharded directories compared file by file) and how
+// many tensors each holds.
+std::string compare_checkpoints(const std::string& a, const std::string& b) {
+  const std::string script = ::testing::TempDir() + "/compare_checkpoints.py";
+  std::ofstream(script) <<
+      "import os, sys, torch\n"
+      "def files(p): return [os.path.join(p, f) for f in sorted(os.listdir(p))] if os.path.isdir(p) else [p]\n"
+      "def tensors(x, out):\n"
+      "    if isinstance(x, torch.Tensor): out.append(x)\n"
+      "    elif isinstance(x, dict): [tensors(x[k], out) for k in sorted(x, key=str)]\n"
+      "    elif isinstance(x, (list, tuple)): [tensors(v, out) for v in x]\n"
+      "    return out\n"
+      "def load(p): return [t for f in files(p) for t in tensors(torch.load(f, weights_only=False), [])]\n"
+      "a, b = load(sys.argv[1]), load(sys.argv[2])\n"
+      "d = max(((x.double() - y.double()).abs().max().item() for x, y in zip(a, b) if x.numel()), default=-1)\n"
+      "print('max diff', d, len(a), len(b))\n";
+  const auto result = testutil::run_command(testutil::python() + " " + script + " " + a + " " + b);
+  EXPECT_EQ(result.status, 0) << result.output;
+  return result.output;
+}
+
+// A job that loses `rank` (SIGKILL at step 50, after the checkpoint of step 40)
+// in its first two attempts and is restarted each time: it ends with status 0
+// and the weights of an uninterrupted run, each restart naming the dead rank.
+void expect_restarts_reach_the_uninterrupted_weights(const std::string& launch, const std::string& flags,
+                                                     const std::string& name, int rank = 1) {
+  const std::string dir = ::testing::TempDir() + "/restarts_" + name;
+  ASSERT_EQ(testutil::run_command("rm -rf " + dir + " && mkdir -p " + dir).status, 0);
+  const std::string common = g_custom_trainer + " --max-steps 60 --checkpoint-every 20 --val-every 0"
+                             " --logger none --batch-size 32 " + flags;
+  auto whole = testutil::run_command("timeout -k 10 300 " + launch + " " + common + " --checkpoint-dir " + dir +
+                                     "/a --checkpoint " + dir + "/a.pt");
+  ASSERT_EQ(whole.status, 0) << whole.output;
+  auto restarted = testutil::run_command("timeout -k 10 300 " + launch + " " + common + " --checkpoint-dir " +
+                                         dir + "/b --checkpoint " + dir + "/b.pt --kill-at-step 50 --kill-rank " +
+                                         std::to_string(rank) + " --kill-attempts 2");
+  ASSERT_EQ(restarted.status, 0) << restarted.output;
+  for (const char* attempt : {"attempt 1 of 3 failed (rank ", "attempt 2 of 3 failed (rank "}) {
+    EXPECT_NE(restarted.output.find(attempt + std::to_string(rank)), std::string::npos)
+        << attempt << rank << "\n" << restarted.output;
+  }
+  EXPECT_NE(restarted.output.find("killed by signal 9"), std::string::npos) << restarted.output;
+  EXPECT_NE(restarted.output.find("attempt 3 (FABRIC_RESTART_COUNT=2)"), std::string::npos) << restarted.output;
+  EXPECT_NE(restarted.output.find("resumed from " + dir + "/b/step-40.ckpt at step 40"), std::string::npos)
+      << restarted.output;
+  EXPECT_EQ(last_line(restarted.output), last_line(whole.output));
+  const auto compare = compare_checkpoints(dir + "/a.pt", dir + "/b.pt");
+  EXPECT_EQ(compare.rfind("max diff 0.0 ", 0), 0u) << compare;
+}
+
+}  // namespace
+
+TEST(Restarts, FabricRunRestartsADdpJobWhoseRankDiedAndItResumes) {
+  if (g_fabric_run.empty()) GTEST_SKIP() << "no fabric-run given (argv[5])";
+  for (const auto& [flags, message] : std::vector<std::pair<std::string, std::string>>{
+           {"--num-nodes 2 --max-restarts 1", "--max-restarts with --num-nodes 2 is not supported"},
+           {"--max-restarts -1", "--max-restarts -1 is not supported; valid: 0 (no restarts) or more"}}) {
+    const auto refused = testutil::run_command(g_fabric_run + " " + flags + " -- true");
+    EXPECT_EQ(refused.status, 2) << refused.output;
+    EXPECT_NE(refused.output.find(message), std::string::npos) << refused.output;
+  }
+  expect_restarts_reach_the_uninterrupted_weights(g_fabric_run + " --devices 2 --max-restarts 2 --", "--strategy ddp",
+                                                  "fabric_run_ddp");
+}
+
+TEST(Restarts, FabricsOwnLaunchRestartsAnFsdpJobWithShardedCheckpoints) {
+  expect_restarts_reach_the_uninterrupted_weights(
+      "", "--devices 2 --max-restarts 2 --strategy fsdp --state-dict-type sharded", "spawn_fsdp");
+}
+
+// One process is supervised too (its ranks are started directly, not by mpirun).
+TEST(Restarts, FabricsOwnLaunchRestartsASingleProcess) {
+  expect_restarts_reach_the_uninterrupted_weights("", "--devices 1 --max-restarts 2", "single", 0);
+}
+
+TEST(Restarts, MoreDeathsThanRestartsEndTheJobNamingTheLastOne) {
+  const std::string dir = ::testing::TempDir() + "/restarts_exhausted";
+  ASSERT_EQ(testutil::run_command("rm -rf " + dir + " && mkdir -p " + dir).status, 0);
+  const std::string job = g_custom_trainer + " --max-steps 20 --val-every 0 --logger none --batch-size 32"
+                          " --devices 2 --strategy ddp --checkpoint-dir " + dir + " --kill-at-step 3 --kill-rank 1";
+  auto result = testutil::run_command("timeout -k 10 300 " + job + " --max-restarts 1");
+  EXPECT_NE(result.status, 0) << result.output;
+  EXPECT_NE(result.output.find("attempt 1 of 2 failed (rank 1"), std::string::npos) << result.output;
+  EXPECT_NE(result.output.find("attempt 2 of 2 failed (rank 1"), std::string::npos) << result.output;
+  EXPECT_NE(result.output.find("no restarts left (max_restarts=1)"), std::string::npos) << result.output;
+  EXPECT_EQ(result.output.find("test accuracy"), std::string::npos) << result.output;
+  auto bad = testutil::run_command(job + " --max-restarts -1");
+  EXPECT_EQ(bad.status, 2) << bad.output;
+  EXPECT_NE(bad.output.find("--max-restarts must be 0 (no restarts) or more, got -1"), std::string::npos)
+      << bad.output;
+}
+
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   if (argc < 5) {
@@ -396,5 +494,6 @@ int main(int argc, char** argv) {
   g_classifier = absolute(argv[2]);
   g_gpt = absolute(argv[3]);
   g_custom_trainer = absolute(argv[4]);
+  if (argc > 5) g_fabric_run = absolute(argv[5]);
   return RUN_ALL_TESTS();
 }

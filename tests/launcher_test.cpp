@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "launchers/local_ranks.h"
+#include "launchers/restarts.h"
 #include "launchers/supervisor.h"
 #include "test_util.h"
 
@@ -100,4 +101,57 @@ TEST(Launcher, AFailingRankStopsTheOthersAndGivesItsStatus) {
   EXPECT_EQ(ranks.join(), 5);
   EXPECT_EQ(reported, 5);
   EXPECT_LT(seconds_since(start), 20) << "rank 2 was not stopped";
+}
+
+// The restart loop: the count each attempt sees, the stop after max_restarts,
+// and what a restart says.
+TEST(Restarts, EachAttemptSeesItsCountAndTheLoopStopsAtTheLimit) {
+  testutil::EnvGuard a{"FABRIC_RESTART_COUNT", std::nullopt}, b{"TORCHELASTIC_RESTART_COUNT", std::nullopt},
+      c{"TORCHELASTIC_MAX_RESTARTS", std::nullopt};
+  std::vector<std::string> seen;
+  int attempts = 0;
+  const int status = fabric::launchers::run_with_restarts(3, "test", [&] {
+    seen.push_back(std::string(std::getenv("FABRIC_RESTART_COUNT")) + "/" +
+                   std::getenv("TORCHELASTIC_RESTART_COUNT") + "/" + std::getenv("TORCHELASTIC_MAX_RESTARTS"));
+    EXPECT_EQ(fabric::launchers::restart_count(), attempts);
+    return fabric::launchers::AttemptOutcome{++attempts < 3 ? 137 : 0, "rank 1 was killed"};
+  });
+  EXPECT_EQ(status, 0);
+  EXPECT_EQ(seen, std::vector<std::string>({"0/0/3", "1/1/3", "2/2/3"}));
+  attempts = 0;
+  testing::internal::CaptureStderr();
+  const int failed = fabric::launchers::run_with_restarts(1, "test", [&] {
+    ++attempts;
+    return fabric::launchers::AttemptOutcome{3, ""};
+  });
+  const std::string said = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(failed, 3);
+  EXPECT_EQ(attempts, 2);
+  EXPECT_NE(said.find("test: attempt 1 of 2 failed (exit status 3); restarting every rank as attempt 2 "
+                      "(FABRIC_RESTART_COUNT=1)"), std::string::npos) << said;
+  EXPECT_NE(said.find("test: attempt 2 of 2 failed (exit status 3); no restarts left (max_restarts=1), "
+                      "exiting with status 3"), std::string::npos) << said;
+  EXPECT_THROW_WITH(fabric::launchers::run_with_restarts(-1, "test", [] { return fabric::launchers::AttemptOutcome{}; }),
+                    "max_restarts=-1 is not supported", "0 (no restarts) or more");
+  testutil::EnvGuard bad{"FABRIC_RESTART_COUNT", std::string("two")};
+  EXPECT_THROW_WITH(fabric::launchers::restart_count(), "FABRIC_RESTART_COUNT='two'");
+}
+
+// What Open MPI 4.1's mpirun prints when a rank of its job dies (verbatim).
+TEST(Restarts, MpirunsReportNamesTheRankThatEndedTheJob) {
+  EXPECT_EQ(fabric::launchers::mpirun_failure(
+                "--------\nmpirun noticed that process rank 1 with PID 0 on node vm exited on signal 9 (Killed).\n"),
+            "rank 1 on vm was killed by signal 9 (Killed)");
+  EXPECT_EQ(fabric::launchers::mpirun_failure(
+                "mpirun detected that one or more processes exited with non-zero status, thus causing\n"
+                "the job to be terminated. The first process to do so was:\n\n  Process name: [[29264,1],3]\n"
+                "  Exit code:    7\n--------\n"),
+            "rank 3 exited with status 7");
+  EXPECT_EQ(fabric::launchers::mpirun_failure("nothing about ranks"), "");
+  // A real one: a rank of an mpirun job that exits 5.
+  const auto outcome = fabric::launchers::run_mpirun_attempt(
+      {"mpirun", "-np", "2", "--oversubscribe", "--allow-run-as-root", "sh", "-c",
+       "[ \"$OMPI_COMM_WORLD_RANK\" = 1 ] && exit 5; sleep 2"});
+  EXPECT_EQ(outcome.status, 5);
+  EXPECT_EQ(outcome.failure, "rank 1 exited with status 5");
 }

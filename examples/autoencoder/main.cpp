@@ -62,14 +62,14 @@ int run(int argc, char** argv) {
 
   // Resume: model, optimizer, RNG state and the position in the data.
   int64_t step = 0, start_epoch = 0, skip_batches = 0;
-  if (!args.resume.empty()) {
+  if (const auto resume = examples::resume_path(fabric, args); !resume.empty()) {
     fabric::State state{{"model", net}, {"optimizer", opt}, {"step", 0}, {"epoch", 0},
                         {"batch", 0}, {"rng", fabric::RngState()}};
-    fabric.load(args.resume, state);
+    fabric.load(resume, state);
     step = state.at("step").to_int();
     start_epoch = state.at("epoch").to_int();
     skip_batches = state.at("batch").to_int();
-    fabric.print("resumed from ", args.resume, " at step ", step);
+    fabric.print("resumed from ", resume, " at step ", step);
   }
 
   fabric.print("training on ", fabric.device(), " with precision ", fabric.precision().name(),

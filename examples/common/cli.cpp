@@ -5,9 +5,12 @@
 #include <memory>
 #include <exception>
 #include <iostream>
+#include <sys/stat.h>
 
 #include <boost/program_options.hpp>
 
+#include "checkpoint/filesystem.h"
+#include "fabric/fabric.h"
 #include "loggers/csv_logger.h"
 #include "loggers/tensorboard_logger.h"
 #include "strategies/registry.h"
@@ -59,6 +62,10 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
       ("sharding-strategy",
        po::value(&args.fabric.fsdp.sharding_strategy)->default_value(args.fabric.fsdp.sharding_strategy),
        "with --strategy fsdp: FULL_SHARD, SHARD_GRAD_OP or NO_SHARD")
+      ("state-dict-type",
+       po::value(&args.fabric.fsdp.state_dict_type)->default_value(args.fabric.fsdp.state_dict_type),
+       "with --strategy fsdp: what checkpoints hold, full (one file) or sharded (a directory, one file "
+       "per rank)")
       ("num-nodes", po::value(&args.fabric.num_nodes)->default_value(args.fabric.num_nodes),
        "number of nodes")
       ("precision", po::value(&precision)->default_value(precision),
@@ -72,7 +79,11 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
       ("checkpoint", po::value(&args.checkpoint)->default_value(args.checkpoint),
        "where to write the final checkpoint (empty: do not write)")
       ("resume", po::value(&args.resume)->default_value(args.resume),
-       "continue training from this checkpoint (model, optimizer, step, epoch, RNG)")
+       "continue training from this checkpoint (model, optimizer, step, epoch, RNG); auto: from the "
+       "newest checkpoint beside --checkpoint, if any")
+      ("max-restarts", po::value(&args.fabric.max_restarts)->default_value(args.fabric.max_restarts),
+       "when Fabric starts the ranks: start the job again when a rank dies, up to this many times "
+       "(with --resume auto it continues from the newest checkpoint)")
       ("logger", po::value(&args.loggers)->multitoken()->composing()->default_value(args.loggers, default_loggers),
        "csv, tensorboard (both allowed, e.g. --logger csv tensorboard) or none")
       ("log-dir", po::value(&args.log_dir)->default_value(args.log_dir),
@@ -107,6 +118,9 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
     reject("--max-steps must be -1 (no limit) or at least 1, got " + std::to_string(args.max_steps));
   }
   if (!(args.lr > 0)) reject("--lr must be positive, got " + std::to_string(args.lr));
+  if (args.fabric.max_restarts < 0) {
+    reject("--max-restarts must be 0 (no restarts) or more, got " + std::to_string(args.fabric.max_restarts));
+  }
   if (args.log_every < 1) reject("--log-every must be at least 1, got " + std::to_string(args.log_every));
   try {
     args.progress = fabric::parse_progress_mode(progress);
@@ -154,6 +168,46 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
   args.fabric.devices = fabric::Devices(devices);
   args.fabric.precision = precision;
   return args;
+}
+
+std::string resume_path(fabric::Fabric& fabric, const TrainArgs& args) {
+  if (args.resume != "auto") return args.resume;
+  if (args.checkpoint.empty()) {
+    throw std::invalid_argument("--resume auto looks for checkpoints beside --checkpoint, which is empty");
+  }
+  std::string chosen;
+  if (fabric.is_global_zero()) {
+    const auto slash = args.checkpoint.rfind('/');
+    const std::string folder = slash == std::string::npos ? "." : args.checkpoint.substr(0, slash);
+    std::string stem = slash == std::string::npos ? args.checkpoint : args.checkpoint.substr(slash + 1);
+    if (const auto dot = stem.rfind('.'); dot != std::string::npos && dot > 0) stem = stem.substr(0, dot);
+    struct stat newest {};
+    if (fabric::fs::is_directory(folder)) {
+      for (const auto& name : fabric::fs::list_directory(folder)) {
+        // Not the temporaries of atomic writes (NAME.tmp.PID, a sharded
+        // directory's NAME.partial and NAME.old): only complete checkpoints.
+        const auto ends_with = [&](const std::string& end) {
+          return name.size() >= end.size() && name.compare(name.size() - end.size(), end.size(), end) == 0;
+        };
+        if (name.rfind(stem, 0) != 0 || name.find(".tmp.") != std::string::npos || ends_with(".partial") ||
+            ends_with(".old")) {
+          continue;
+        }
+        const std::string path = folder + "/" + name;
+        struct stat info {};
+        if (::stat(path.c_str(), &info) != 0) continue;
+        const bool newer = chosen.empty() || info.st_mtim.tv_sec > newest.st_mtim.tv_sec ||
+                           (info.st_mtim.tv_sec == newest.st_mtim.tv_sec &&
+                            (info.st_mtim.tv_nsec > newest.st_mtim.tv_nsec ||
+                             (info.st_mtim.tv_nsec == newest.st_mtim.tv_nsec && path > chosen)));
+        if (newer) {
+          chosen = path;
+          newest = info;
+        }
+      }
+    }
+  }
+  return fabric.broadcast(chosen, 0);
 }
 
 }  // namespace examples

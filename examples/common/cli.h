@@ -15,6 +15,10 @@ class options_description;
 class variables_map;
 }  // namespace boost::program_options
 
+namespace fabric {
+class Fabric;
+}
+
 namespace examples {
 
 // Parses argv against `flags` into `vm` (and the flags' targets). --help prints
@@ -35,7 +39,9 @@ struct TrainArgs {
   uint64_t seed = 42;
   double lr = 1e-3;
   std::string checkpoint;
-  std::string resume;  // checkpoint to continue from (empty: start fresh)
+  // Checkpoint to continue from (empty: start fresh); "auto": the newest one
+  // beside --checkpoint (see resume_path), fresh when there is none.
+  std::string resume;
   // Logging: parse_args puts one logger per --logger entry into fabric.loggers,
   // writing to log_dir/run_name/version_N (Lightning's layout).
   std::string run_name = "run";
@@ -61,5 +67,13 @@ struct ExtraFlag {
 // for --help; prints the error and exits 2 for a bad flag.
 TrainArgs parse_args(int argc, char** argv, const std::string& description, TrainArgs defaults,
                      const std::vector<ExtraFlag>& extra = {});
+
+// The checkpoint --resume names, after launch(): the path itself, or for "auto"
+// the newest file or checkpoint directory in --checkpoint's folder whose name
+// starts with --checkpoint's stem ("gpt.pt" matches gpt.pt, gpt-step-100.pt),
+// newest by modification time, as rank 0 sees it (every rank gets rank 0's
+// choice, so all resume from the same step); "" to start fresh. The pattern that
+// makes a job survive a lost rank: --max-restarts N --resume auto.
+std::string resume_path(fabric::Fabric& fabric, const TrainArgs& args);
 
 }  // namespace examples

@@ -10,6 +10,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <csignal>
 #include <iomanip>
 
@@ -20,14 +21,21 @@
 #include "trainer.h"
 
 namespace {
-// Raises SIGKILL at this step (a crash, for the resume test); 0: never.
+// Raises SIGKILL at this step (a crash, for the resume and restart tests; 0:
+// never), on rank `rank` (-1: every rank), in the first `attempts` attempts of
+// a restarted job (FABRIC_RESTART_COUNT below it; 0: in every attempt). Fault
+// injection belongs to the program, not to the library.
 struct KillAt : fabric::Callback {
-  explicit KillAt(const Trainer<ClassifierImpl>* trainer, int64_t step) : trainer(trainer), step(step) {}
-  void on(const std::string& hook, fabric::Fabric&) override {
-    if (hook == "on_train_batch_end" && step > 0 && trainer->global_step() == step) std::raise(SIGKILL);
+  KillAt(int64_t step, int64_t rank, int64_t attempts) : step(step), rank(rank), attempts(attempts) {}
+  void on(const std::string& hook, fabric::Fabric& fabric) override {
+    if (hook != "on_train_batch_end" || step <= 0 || trainer->global_step() != step) return;
+    if (rank >= 0 && fabric.global_rank() != rank) return;
+    const char* count = std::getenv("FABRIC_RESTART_COUNT");
+    if (attempts > 0 && (count ? std::atoll(count) : 0) >= attempts) return;
+    std::raise(SIGKILL);
   }
-  const Trainer<ClassifierImpl>* trainer;
-  int64_t step;
+  const Trainer<ClassifierImpl>* trainer = nullptr;
+  int64_t step, rank, attempts;
 };
 }  // namespace
 
@@ -38,6 +46,7 @@ int run(int argc, char** argv) {
   defaults.run_name = "custom_trainer";
   defaults.checkpoint = "";
   int64_t accumulate = 1, val_every = 0, checkpoint_every = 0, warmup = 100, kill_at_step = 0;
+  int64_t kill_rank = -1, kill_attempts = 0;
   std::string checkpoint_dir, clip = "1.0";
   auto args = examples::parse_args(
       argc, argv, "Fashion-MNIST classifier trained by a custom trainer built on torchfabric", defaults,
@@ -48,7 +57,10 @@ int run(int argc, char** argv) {
        {"checkpoint-dir", "checkpoints go here; the newest is resumed from (empty: none)", nullptr, 1,
         nullptr, &checkpoint_dir},
        {"warmup", "steps of linear learning-rate warm-up before the cosine decay", &warmup, 0},
-       {"kill-at-step", "raise SIGKILL at this step, to try resuming (0: never)", &kill_at_step, 0}});
+       {"kill-at-step", "raise SIGKILL at this step, to try resuming (0: never)", &kill_at_step, 0},
+       {"kill-rank", "with --kill-at-step: only on this rank (-1: every rank)", &kill_rank, -1},
+       {"kill-attempts", "with --kill-at-step: only in the first N attempts of a restarted job "
+                         "(FABRIC_RESTART_COUNT < N; 0: in every attempt)", &kill_attempts, 0}});
   double clip_norm = 0;
   try {
     clip_norm = std::stod(clip);
@@ -60,7 +72,7 @@ int run(int argc, char** argv) {
     return 2;
   }
 
-  auto kill = std::make_shared<KillAt>(nullptr, kill_at_step);
+  auto kill = std::make_shared<KillAt>(kill_at_step, kill_rank, kill_attempts);
   args.fabric.callbacks.push_back(kill);
   fabric::Fabric fabric(args.fabric);
   fabric.launch();

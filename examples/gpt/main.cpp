@@ -76,11 +76,11 @@ int run(int argc, char** argv) {
   auto [net, opt] = fabric.setup(model, optimizer);
 
   int64_t step = 0;
-  if (!args.resume.empty()) {
+  if (const auto resume = examples::resume_path(fabric, args); !resume.empty()) {
     fabric::State state{{"model", net}, {"optimizer", opt}, {"step", 0}};
-    fabric.load(args.resume, state);
+    fabric.load(resume, state);
     step = state.at("step").to_int();
-    fabric.print("resumed from ", args.resume, " at step ", step);
+    fabric.print("resumed from ", resume, " at step ", step);
   }
   const int64_t total = args.max_steps >= 0 ? args.max_steps : args.epochs * eval_every;
   fabric.print("gpt: ", n_params, " parameters, ", config.n_layer, " blocks, ", text.size(0),
