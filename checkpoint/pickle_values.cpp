@@ -163,34 +163,34 @@ std::vector<c10::IValue> elements(const c10::IValue& args) {
 namespace {
 
 // The dtype a _rebuild_tensor_v3 names (the global torch.<name>).
-  c10::ScalarType tensor_dtype(const c10::IValue& value) {
-    static const std::unordered_map<std::string, c10::ScalarType> dtypes = {
-        {"torch.float32", c10::kFloat},       {"torch.float64", c10::kDouble},
-        {"torch.float16", c10::kHalf},        {"torch.bfloat16", c10::kBFloat16},
-        {"torch.int8", c10::kChar},           {"torch.int16", c10::kShort},
-        {"torch.int32", c10::kInt},           {"torch.int64", c10::kLong},
-        {"torch.uint8", c10::kByte},          {"torch.bool", c10::kBool},
-        {"torch.uint16", c10::kUInt16},       {"torch.uint32", c10::kUInt32},
-        {"torch.uint64", c10::kUInt64},       {"torch.complex64", c10::kComplexFloat},
-        {"torch.complex128", c10::kComplexDouble},
-        {"torch.float8_e4m3fn", c10::ScalarType::Float8_e4m3fn},
-        {"torch.float8_e5m2", c10::ScalarType::Float8_e5m2},
-        {"torch.float8_e4m3fnuz", c10::ScalarType::Float8_e4m3fnuz},
-        {"torch.float8_e5m2fnuz", c10::ScalarType::Float8_e5m2fnuz},
-        {"torch.float8_e8m0fnu", c10::ScalarType::Float8_e8m0fnu}};
-    const std::string name = is_global(value) ? global_name(value)
-                             : value.isString() ? value.toStringRef()
-                                                : std::string("a ") + value.tagKind();
-    auto it = dtypes.find(name);
-    if (it == dtypes.end()) {
-      std::vector<std::string> names;
-      for (const auto& item : dtypes) names.push_back(item.first);
-      std::sort(names.begin(), names.end());
-      throw PickleError("a tensor of dtype " + name + ", which this reader does not support (it reads " +
-                        quoted_list(names) + ")");
-    }
-    return it->second;
+c10::ScalarType tensor_dtype(const c10::IValue& value) {
+  static const std::unordered_map<std::string, c10::ScalarType> dtypes = {
+      {"torch.float32", c10::kFloat},       {"torch.float64", c10::kDouble},
+      {"torch.float16", c10::kHalf},        {"torch.bfloat16", c10::kBFloat16},
+      {"torch.int8", c10::kChar},           {"torch.int16", c10::kShort},
+      {"torch.int32", c10::kInt},           {"torch.int64", c10::kLong},
+      {"torch.uint8", c10::kByte},          {"torch.bool", c10::kBool},
+      {"torch.uint16", c10::kUInt16},       {"torch.uint32", c10::kUInt32},
+      {"torch.uint64", c10::kUInt64},       {"torch.complex64", c10::kComplexFloat},
+      {"torch.complex128", c10::kComplexDouble},
+      {"torch.float8_e4m3fn", c10::ScalarType::Float8_e4m3fn},
+      {"torch.float8_e5m2", c10::ScalarType::Float8_e5m2},
+      {"torch.float8_e4m3fnuz", c10::ScalarType::Float8_e4m3fnuz},
+      {"torch.float8_e5m2fnuz", c10::ScalarType::Float8_e5m2fnuz},
+      {"torch.float8_e8m0fnu", c10::ScalarType::Float8_e8m0fnu}};
+  const std::string name = is_global(value) ? global_name(value)
+                           : value.isString() ? value.toStringRef()
+                                              : std::string("a ") + value.tagKind();
+  auto it = dtypes.find(name);
+  if (it == dtypes.end()) {
+    std::vector<std::string> names;
+    for (const auto& item : dtypes) names.push_back(item.first);
+    std::sort(names.begin(), names.end());
+    throw PickleError("a tensor of dtype " + name + ", which this reader does not support (it reads " +
+                      quoted_list(names) + ")");
   }
+  return it->second;
+}
 
 }  // namespace
 

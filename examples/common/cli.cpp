@@ -6,6 +6,7 @@
 #include <exception>
 #include <iostream>
 #include <sys/stat.h>
+#include <tuple>
 
 #include <boost/program_options.hpp>
 
@@ -181,31 +182,23 @@ std::string resume_path(fabric::Fabric& fabric, const TrainArgs& args) {
     const std::string folder = slash == std::string::npos ? "." : args.checkpoint.substr(0, slash);
     std::string stem = slash == std::string::npos ? args.checkpoint : args.checkpoint.substr(slash + 1);
     if (const auto dot = stem.rfind('.'); dot != std::string::npos && dot > 0) stem = stem.substr(0, dot);
-    struct stat newest {};
+    // Newest by (seconds, nanoseconds, path): ties go to the later name.
+    std::tuple<int64_t, int64_t, std::string> newest{-1, -1, ""};
     if (fabric::fs::is_directory(folder)) {
       for (const auto& name : fabric::fs::list_directory(folder)) {
         // Not the temporaries of atomic writes (NAME.tmp.PID, a sharded
         // directory's NAME.partial and NAME.old): only complete checkpoints.
-        const auto ends_with = [&](const std::string& end) {
-          return name.size() >= end.size() && name.compare(name.size() - end.size(), end.size(), end) == 0;
-        };
-        if (name.rfind(stem, 0) != 0 || name.find(".tmp.") != std::string::npos || ends_with(".partial") ||
-            ends_with(".old")) {
+        if (!name.starts_with(stem) || name.find(".tmp.") != std::string::npos || name.ends_with(".partial") ||
+            name.ends_with(".old")) {
           continue;
         }
-        const std::string path = folder + "/" + name;
+        const std::string path = fabric::fs::join(folder, name);
         struct stat info {};
         if (::stat(path.c_str(), &info) != 0) continue;
-        const bool newer = chosen.empty() || info.st_mtim.tv_sec > newest.st_mtim.tv_sec ||
-                           (info.st_mtim.tv_sec == newest.st_mtim.tv_sec &&
-                            (info.st_mtim.tv_nsec > newest.st_mtim.tv_nsec ||
-                             (info.st_mtim.tv_nsec == newest.st_mtim.tv_nsec && path > chosen)));
-        if (newer) {
-          chosen = path;
-          newest = info;
-        }
+        newest = std::max(newest, {info.st_mtim.tv_sec, info.st_mtim.tv_nsec, path});
       }
     }
+    chosen = std::get<2>(newest);
   }
   return fabric.broadcast(chosen, 0);
 }

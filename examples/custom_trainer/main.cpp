@@ -10,13 +10,13 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <csignal>
 #include <iomanip>
 
 #include "cli.h"
 #include "data/fashion_mnist.h"
 #include "fabric/fabric.h"
+#include "launchers/restarts.h"
 #include "model.h"
 #include "trainer.h"
 
@@ -30,8 +30,7 @@ struct KillAt : fabric::Callback {
   void on(const std::string& hook, fabric::Fabric& fabric) override {
     if (hook != "on_train_batch_end" || step <= 0 || trainer->global_step() != step) return;
     if (rank >= 0 && fabric.global_rank() != rank) return;
-    const char* count = std::getenv("FABRIC_RESTART_COUNT");
-    if (attempts > 0 && (count ? std::atoll(count) : 0) >= attempts) return;
+    if (attempts > 0 && fabric::launchers::restart_count() >= attempts) return;
     std::raise(SIGKILL);
   }
   const Trainer<ClassifierImpl>* trainer = nullptr;
