@@ -125,6 +125,30 @@ TEST(Examples, AutoencoderResumesToIdenticalWeights) {
   EXPECT_NE(other.status, 0) << other.output;
 }
 
+// --resume auto: nothing beside --checkpoint starts fresh; then the newest
+// complete checkpoint whose name starts with --checkpoint's stem is resumed
+// from, not a newer half-written temporary or an unrelated file.
+TEST(Examples, AutoencoderResumeAutoTakesTheNewestCheckpointBesideCheckpoint) {
+  const std::string dir = ::testing::TempDir() + "/resume_auto";
+  ASSERT_EQ(testutil::run_command("rm -rf " + dir + " && mkdir -p " + dir).status, 0);
+  const std::string base = g_autoencoder + " --accelerator cpu --seed 5 --logger none --checkpoint " + dir +
+                           "/ae.pt --resume auto ";
+  auto fresh = testutil::run_command(base + "--max-steps 10");
+  ASSERT_EQ(fresh.status, 0) << fresh.output;
+  EXPECT_EQ(fresh.output.find("resumed from"), std::string::npos) << fresh.output;
+  ASSERT_EQ(testutil::run_command("sleep 0.01 && cp " + dir + "/ae.pt " + dir + "/ae-older.pt && touch -d '1 hour ago' " +
+                                  dir + "/ae-older.pt && echo partial > " + dir + "/ae.pt.tmp.99 && echo other > " +
+                                  dir + "/other.pt").status, 0);
+  auto resumed = testutil::run_command(base + "--max-steps 20");
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resumed from " + dir + "/ae.pt at step 10"), std::string::npos) << resumed.output;
+  auto refused = testutil::run_command(g_autoencoder + " --accelerator cpu --logger none --max-steps 1 --checkpoint ''"
+                                       " --resume auto");
+  EXPECT_NE(refused.status, 0) << refused.output;
+  EXPECT_NE(refused.output.find("--resume auto looks for checkpoints beside --checkpoint, which is empty"),
+            std::string::npos) << refused.output;
+}
+
 TEST(Examples, AutoencoderRejectsBadFlagsByMessage) {
   auto result = testutil::run_command(g_autoencoder + " --precision 8-mixed --max-steps 1");
   EXPECT_NE(result.status, 0);
