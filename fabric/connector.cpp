@@ -101,6 +101,10 @@ Connection connect(const FabricOptions& raw) {
                                 " is not supported. Valid values: 0 (no restarts) or more");
   }
   c.supervises_restarts = options.max_restarts > 0 && env.kind == "none";
+  if (options.collective_timeout.count() < 0) {
+    throw std::invalid_argument("collective_timeout=" + std::to_string(options.collective_timeout.count()) +
+                                " s is not supported. Valid values: 0 (no stall detection) or more seconds");
+  }
   if (options.strategy_plugin) {
     const auto& plugin = *options.strategy_plugin;
     if (options.strategy != "auto" && options.strategy != plugin.name()) {

@@ -38,6 +38,7 @@ Fabric::Fabric(FabricOptions options) : options_(std::move(options)) {
   args.main_address = connection.environment.main_address;
   args.main_port = connection.environment.main_port;
   args.timeout = options_.timeout;
+  args.collective_timeout = options_.collective_timeout;
   args.ddp = options_.ddp;
   args.fsdp = options_.fsdp;
   strategy_ = options_.strategy_plugin ? options_.strategy_plugin

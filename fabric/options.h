@@ -65,8 +65,16 @@ struct FabricOptions {
   // Multi-process options. Backend: "nccl" (CUDA, the default there), "mpi"
   // (CPU, the default there); "gloo" is named but not built.
   std::string process_group_backend;
-  // How long rendezvous and collectives may wait for the other ranks.
+  // How long the rendezvous waits for every rank to arrive (and a rank for the
+  // store of rank 0).
   std::chrono::seconds timeout = std::chrono::minutes(30);
+  // Stall detection: a collective that has not completed within this time ends the
+  // job with a message naming it, its sequence number and the ranks that had not
+  // entered it (mpi backend: our watchdog; nccl: ProcessGroupNCCL's watchdog with
+  // this timeout, which names the collective and sequence number). 0: off, a
+  // collective waits forever. Allow for the longest legitimate wait: a rank that
+  // saves a large checkpoint while the others wait in the next collective.
+  std::chrono::seconds collective_timeout = std::chrono::minutes(10);
   // When Fabric starts the ranks itself (launch() in a program nothing launched,
   // one process included): how many times a job whose rank died is started again
   // (torchrun's --max-restarts, launchers/restarts.h). The process that called

@@ -156,8 +156,10 @@ bool launched_by_mpi() {
 
 class MPIBackend::Work : public c10d::Work {
  public:
-  Work(int rank, c10d::OpType type, std::vector<at::Tensor> outputs)
+  Work(int rank, c10d::OpType type, const char* name, int64_t seq, std::vector<at::Tensor> outputs)
       : c10d::Work(rank, type),
+        name(name),
+        seq(seq),
         outputs_(std::move(outputs)),
         future_(c10::make_intrusive<at::ivalue::Future>(
             c10::ListType::create(c10::TensorType::get()))) {}
@@ -183,14 +185,29 @@ class MPIBackend::Work : public c10d::Work {
   }
 
   CollectiveTiming timing;
+  const char* name;  // for the watchdog's report
+  int64_t seq;       // issue order, 1, 2, ... (0 without a watchdog)
 
  private:
   std::vector<at::Tensor> outputs_;
   c10::intrusive_ptr<at::ivalue::Future> future_;
 };
 
-MPIBackend::MPIBackend()
-    : c10d::Backend(mpi_world().first, mpi_world().second), worker_([this] { loop(); }) {}
+MPIBackend::MPIBackend(MPIBackendOptions options)
+    : c10d::Backend(mpi_world().first, mpi_world().second) {
+  if (options.collective_timeout.count() < 0) {
+    throw std::invalid_argument("mpi backend: collective_timeout must be 0 (off) or positive");
+  }
+  if (options.collective_timeout.count() > 0 && getSize() > 1) {
+    CollectiveWatchdogOptions watch;
+    watch.timeout = options.collective_timeout;
+    watch.rank = getRank();
+    watch.world_size = getSize();
+    watch.store = options.store;
+    watchdog_ = std::make_unique<CollectiveWatchdog>(std::move(watch));
+  }
+  worker_ = std::thread([this] { loop(); });
+}
 
 MPIBackend::~MPIBackend() {
   {
@@ -199,6 +216,7 @@ MPIBackend::~MPIBackend() {
   }
   cv_.notify_all();
   if (worker_.joinable()) worker_.join();
+  watchdog_.reset();
 }
 
 void MPIBackend::loop() {
@@ -211,14 +229,17 @@ void MPIBackend::loop() {
       job = std::move(queue_.front());
       queue_.pop_front();
     }
+    if (watchdog_) watchdog_->started(job.first->seq, job.first->name);
     job.first->run(job.second);
+    if (watchdog_) watchdog_->finished(job.first->seq);
   }
 }
 
-c10::intrusive_ptr<c10d::Work> MPIBackend::enqueue(c10d::OpType type,
+c10::intrusive_ptr<c10d::Work> MPIBackend::enqueue(c10d::OpType type, const char* name,
                                                    std::vector<at::Tensor> outputs,
                                                    std::function<void()> run) {
-  auto work = c10::make_intrusive<Work>(getRank(), type, std::move(outputs));
+  const int64_t seq = watchdog_ ? watchdog_->issued(name) : 0;
+  auto work = c10::make_intrusive<Work>(getRank(), type, name, seq, std::move(outputs));
   {
     std::lock_guard<std::mutex> lock(mutex_);
     queue_.emplace_back(work, std::move(run));
@@ -231,7 +252,7 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::broadcast(std::vector<at::Tensor>& te
                                                      const c10d::BroadcastOptions& opts) {
   for (const auto& t : tensors) check_tensor(t, "broadcast");
   const int root = static_cast<int>(opts.rootRank);
-  return enqueue(c10d::OpType::BROADCAST, tensors, [tensors, root]() mutable {
+  return enqueue(c10d::OpType::BROADCAST, "broadcast", tensors, [tensors, root]() mutable {
     for (auto& tensor : tensors) {
       at::Tensor buffer = tensor.is_contiguous() ? tensor : tensor.contiguous();
       char* data = static_cast<char*>(buffer.data_ptr());
@@ -259,7 +280,7 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::allreduce(std::vector<at::Tensor>& te
   const MPI_Op op = mpi_op(opts.reduceOp);
   const bool average = opts.reduceOp.op_ == c10d::ReduceOp::AVG;
   const int size = getSize();
-  return enqueue(c10d::OpType::ALLREDUCE, tensors, [tensors, op, average, size]() mutable {
+  return enqueue(c10d::OpType::ALLREDUCE, "allreduce", tensors, [tensors, op, average, size]() mutable {
     for (auto& tensor : tensors) {
       with_mpi_buffer(tensor, [&](at::Tensor& buffer) {
         char* data = static_cast<char*>(buffer.data_ptr());
@@ -294,7 +315,7 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::allgather(
   auto input = inputs[0];
   auto outs = outputs[0];
   const int size = getSize();
-  return enqueue(c10d::OpType::ALLGATHER, outs, [input, outs, size]() mutable {
+  return enqueue(c10d::OpType::ALLGATHER, "allgather", outs, [input, outs, size]() mutable {
     at::Tensor send = input.contiguous();
     at::Tensor recv = at::empty({size * send.numel()}, send.options());
     allgather_bytes(static_cast<const char*>(send.data_ptr()), static_cast<char*>(recv.data_ptr()),
@@ -317,7 +338,7 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::_allgather_base(at::Tensor& output, a
         std::to_string(input.numel()) + " x " + std::to_string(getSize()) + ")");
   }
   auto in = input, out = output;
-  return enqueue(c10d::OpType::_ALLGATHER_BASE, {out}, [in, out]() mutable {
+  return enqueue(c10d::OpType::_ALLGATHER_BASE, "all_gather_into_tensor", {out}, [in, out]() mutable {
     at::Tensor send = in.contiguous();
     allgather_bytes(static_cast<const char*>(send.data_ptr()), static_cast<char*>(out.data_ptr()),
                     static_cast<int64_t>(send.nbytes()));
@@ -339,7 +360,7 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::_reduce_scatter_base(
   const bool average = opts.reduceOp.op_ == c10d::ReduceOp::AVG;
   const int size = getSize();
   auto in = input, out = output;
-  return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, {out}, [in, out, op, average, size]() mutable {
+  return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, "reduce_scatter_tensor", {out}, [in, out, op, average, size]() mutable {
     // bf16/fp16 are reduced in fp32 (MPI has no such types), then cast back.
     const bool half = in.scalar_type() == c10::ScalarType::Half ||
                       in.scalar_type() == c10::ScalarType::BFloat16;
@@ -369,7 +390,7 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::_reduce_scatter_base(
 }
 
 c10::intrusive_ptr<c10d::Work> MPIBackend::barrier(const c10d::BarrierOptions& /*opts*/) {
-  return enqueue(c10d::OpType::BARRIER, {}, [] { MPI_Barrier(MPI_COMM_WORLD); });
+  return enqueue(c10d::OpType::BARRIER, "barrier", {}, [] { MPI_Barrier(MPI_COMM_WORLD); });
 }
 
 std::optional<CollectiveTiming> collective_timing(const c10::intrusive_ptr<c10d::Work>& work) {

@@ -9,6 +9,8 @@
 // all-reduce with the rest of backward, and MPI only ever sees one caller
 // (MPI_THREAD_SERIALIZED). The ranks must have been started by mpirun (or another
 // Open MPI launcher): two independently started processes cannot form a world.
+// With a collective timeout, a CollectiveWatchdog (collective_watchdog.h) ends the
+// job when a collective does not complete in time, naming the ranks not in it.
 #pragma once
 
 #include <chrono>
@@ -16,9 +18,12 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <memory>
 #include <thread>
 
 #include <torch/csrc/distributed/c10d/Backend.hpp>
+
+#include "strategies/collective_watchdog.h"
 
 namespace fabric::strategies {
 
@@ -33,10 +38,18 @@ struct CollectiveTiming {
   std::chrono::steady_clock::time_point start, end;
 };
 
+struct MPIBackendOptions {
+  // How long a collective may take on this rank before the watchdog ends the job;
+  // 0: no watchdog (a collective some rank never enters waits forever).
+  std::chrono::milliseconds collective_timeout{0};
+  // The rendezvous store, through which the watchdogs tell each other where they are.
+  c10::intrusive_ptr<c10d::Store> store;
+};
+
 class MPIBackend : public c10d::Backend {
  public:
   // Uses MPI_COMM_WORLD; initialises MPI if needed.
-  MPIBackend();
+  explicit MPIBackend(MPIBackendOptions options = {});
   ~MPIBackend() override;
 
   const std::string getBackendName() const override { return "mpi"; }
@@ -59,14 +72,15 @@ class MPIBackend : public c10d::Backend {
   class Work;  // completed on the worker thread; records its timing
 
  private:
-  c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, std::vector<at::Tensor> outputs,
-                                         std::function<void()> run);
+  c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, const char* name,
+                                         std::vector<at::Tensor> outputs, std::function<void()> run);
   void loop();
 
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<std::pair<c10::intrusive_ptr<Work>, std::function<void()>>> queue_;
   bool stop_ = false;
+  std::unique_ptr<CollectiveWatchdog> watchdog_;  // null without a timeout or alone
   std::thread worker_;
 };
 

@@ -435,7 +435,10 @@ ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
       c10::make_intrusive<c10d::PrefixStore>("torchfabric", tcp),
       static_cast<int>(options.rank), static_cast<int>(options.world_size));
   if (options.backend == "mpi") {
-    auto backend = c10::make_intrusive<MPIBackend>();
+    MPIBackendOptions mpi;
+    mpi.collective_timeout = options.collective_timeout;
+    mpi.store = tcp;
+    auto backend = c10::make_intrusive<MPIBackend>(mpi);
     if (backend->getRank() != options.rank || backend->getSize() != options.world_size) {
       throw std::runtime_error("MPI says rank " + std::to_string(backend->getRank()) + " of " +
                                std::to_string(backend->getSize()) + " but Fabric expected rank " +
@@ -447,7 +450,8 @@ ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
   } else {
     auto backend = make_nccl_backend(c10::make_intrusive<c10d::PrefixStore>("nccl", tcp),
                                      static_cast<int>(options.rank),
-                                     static_cast<int>(options.world_size), options.timeout);
+                                     static_cast<int>(options.world_size),
+                                     options.collective_timeout);
     group->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL, backend);
     group->setDefaultBackend(c10d::ProcessGroup::BackendType::NCCL);
   }

@@ -40,7 +40,9 @@ struct ProcessGroupOptions {
   std::string master_addr;  // empty: MASTER_ADDR, or (under mpirun) broadcast by rank 0
   int master_port = 0;      // 0: MASTER_PORT, or (under mpirun) the job-id port on one
                             // node, a free port broadcast by rank 0 across nodes
-  std::chrono::milliseconds timeout = std::chrono::minutes(30);
+  std::chrono::milliseconds timeout = std::chrono::minutes(30);  // rendezvous
+  // Stall detection (0: off): mpi's CollectiveWatchdog, nccl's own watchdog.
+  std::chrono::milliseconds collective_timeout = std::chrono::minutes(10);
   c10::Device device = c10::Device(c10::DeviceType::CPU);
 };
 

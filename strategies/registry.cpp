@@ -19,6 +19,7 @@ ProcessGroupOptions process_group_options(const StrategyArgs& args) {
   pg.master_addr = args.main_address;
   pg.master_port = args.main_port;
   pg.timeout = args.timeout;
+  pg.collective_timeout = args.collective_timeout;
   return pg;
 }
 

@@ -31,6 +31,7 @@ struct StrategyArgs {
   std::string main_address;           // empty: from the environment or broadcast
   int main_port = 0;
   std::chrono::milliseconds timeout = std::chrono::minutes(30);
+  std::chrono::milliseconds collective_timeout = std::chrono::minutes(10);  // 0: off
   DDPOptions ddp;
   FSDPOptions fsdp;
 };

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <regex>
 #include <iterator>
 #include <thread>
 #include <unistd.h>
@@ -355,6 +356,44 @@ TEST(Ddp, ARankThatNeverJoinsFailsTheRendezvousAfterTheTimeout) {
   EXPECT_LT(seconds, 60.0);
   EXPECT_NE(result.output.find("timed out after 3"), std::string::npos) << result.output;
   EXPECT_NE(result.output.find("rank(s) 1 of 2 never joined"), std::string::npos) << result.output;
+}
+
+// Stall detection (FabricOptions::collective_timeout): rank 1 of 3 never reaches the
+// second barrier; the others' watchdogs end the job soon after the timeout, naming
+// the barrier, its sequence number and rank 1 (which answers from its watchdog
+// thread while its main thread sleeps).
+TEST(Ddp, ARankThatSkipsABarrierEndsTheJobWithinTheTimeoutNamingThatRank) {
+  const auto dir = fresh_dir("late_barrier");
+  const auto start = std::chrono::steady_clock::now();
+  auto result = testutil::run_command(mpirun(3) + " " + g_worker + " late_barrier " + dir +
+                                      " --collective-timeout 2");
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_NE(result.status, 0) << result.output;
+  EXPECT_LT(seconds, 60.0) << "rank 1 sleeps 120 s: the job waited for it";
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(result.output, m, std::regex(
+      "collective barrier #([0-9]+) has not completed within collective_timeout \\(2 s\\) on rank [02] of 3")))
+      << result.output;
+  const int seq = std::stoi(m[1]);
+  EXPECT_NE(result.output.find("rank(s) 1 had not entered it"), std::string::npos) << result.output;
+  EXPECT_NE(result.output.find("waiting in it: rank(s) 0, 2"), std::string::npos) << result.output;
+  EXPECT_NE(result.output.find("rank 1 is in none; its last was barrier #" + std::to_string(seq - 1)),
+            std::string::npos) << result.output;
+  EXPECT_EQ(result.output.find("late_barrier done"), std::string::npos) << result.output;
+}
+
+// A rank that is late by less than the timeout is no stall; with 0 there is none.
+TEST(Ddp, ALateRankWithinTheCollectiveTimeoutIsNoStall) {
+  for (const char* timeout : {"8", "0"}) {
+    const auto dir = fresh_dir(std::string("late_barrier_ok_") + timeout);
+    auto result = testutil::run_command("FABRIC_TEST_DELAY=3 " + mpirun() + " -x FABRIC_TEST_DELAY " +
+                                        g_worker + " late_barrier " + dir + " --collective-timeout " +
+                                        timeout);
+    EXPECT_EQ(result.status, 0) << "collective_timeout " << timeout << ": " << result.output;
+    EXPECT_NE(result.output.find("late_barrier done"), std::string::npos) << result.output;
+    EXPECT_EQ(result.output.find("has not completed"), std::string::npos) << result.output;
+  }
 }
 
 TEST(Ddp, FabricRunHelpDocumentsEveryFlag) {

@@ -153,7 +153,8 @@ int sweep(fabric::Fabric& fabric, const std::string& out) {
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::cerr << "usage: ddp_worker MODE OUTDIR [--devices N] [--timeout SECONDS]" << std::endl;
+    std::cerr << "usage: ddp_worker MODE OUTDIR [--devices N] [--timeout SECONDS] "
+                 "[--collective-timeout SECONDS]" << std::endl;
     return 2;
   }
   const std::string mode = argv[1], out = argv[2];
@@ -163,6 +164,9 @@ int main(int argc, char** argv) {
     const std::string flag = argv[i];
     if (flag == "--devices") options.devices = fabric::Devices(std::string(argv[i + 1]));
     if (flag == "--timeout") options.timeout = std::chrono::seconds(std::stoi(argv[i + 1]));
+    if (flag == "--collective-timeout") {
+      options.collective_timeout = std::chrono::seconds(std::stoi(argv[i + 1]));
+    }
     if (flag == "--accelerator") options.accelerator = argv[i + 1];
     if (flag == "--strategy") options.strategy = argv[i + 1];
     if (flag == "--sharding") options.fsdp.sharding_strategy = argv[i + 1];
@@ -230,6 +234,18 @@ int main(int argc, char** argv) {
       return 0;
     }
 
+    // Stall detection: after a first barrier, rank 1 is late for the second by
+    // DELAY seconds (FABRIC_TEST_DELAY; 120 by default, i.e. it never comes).
+    if (mode == "late_barrier") {
+      fabric.barrier();
+      if (rank == 1) {
+        const char* delay = std::getenv("FABRIC_TEST_DELAY");
+        std::this_thread::sleep_for(std::chrono::seconds(delay ? std::atoi(delay) : 120));
+      }
+      fabric.barrier();
+      fabric.print("late_barrier done");
+      return 0;
+    }
     if (mode == "sweep") return sweep(fabric, out);
     if (mode == "large") return large(fabric);
     torch::manual_seed(0);
