@@ -45,7 +45,7 @@ def bazel_rules():
                 rules.append((kind, "//%s:%s" % (package, name), name, sources))
             return add
 
-        env = {"glob": do_glob, "package": lambda **_: None, "load": lambda *a, **k: None,
+        env = {"glob": do_glob, "package": lambda **_: None, "load": lambda *a, **k: None, "TORCH_PCH_COPTS": [],
                "cc_library": rule("library"), "cc_binary": rule("binary"), "cc_test": rule("test"),
                "select": lambda d: list(d.values())[0], "exports_files": lambda *a, **k: None,
                "filegroup": lambda **_: None, "sh_test": rule("sh"), "py_binary": lambda **_: None}

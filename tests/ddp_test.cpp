@@ -360,8 +360,9 @@ TEST(Ddp, ARankThatNeverJoinsFailsTheRendezvousAfterTheTimeout) {
 
 // Stall detection (FabricOptions::collective_timeout): rank 1 of 3 never reaches the
 // second barrier; the others' watchdogs end the job soon after the timeout, naming
-// the barrier, its sequence number and rank 1 (which answers from its watchdog
-// thread while its main thread sleeps).
+// the barrier (fabric.barrier() is an all-reduce of one element), its sequence
+// number and rank 1 (which answers from its watchdog thread while its main thread
+// sleeps).
 TEST(Ddp, ARankThatSkipsABarrierEndsTheJobWithinTheTimeoutNamingThatRank) {
   const auto dir = fresh_dir("late_barrier");
   const auto start = std::chrono::steady_clock::now();
@@ -373,12 +374,12 @@ TEST(Ddp, ARankThatSkipsABarrierEndsTheJobWithinTheTimeoutNamingThatRank) {
   EXPECT_LT(seconds, 60.0) << "rank 1 sleeps 120 s: the job waited for it";
   std::smatch m;
   ASSERT_TRUE(std::regex_search(result.output, m, std::regex(
-      "collective barrier #([0-9]+) has not completed within collective_timeout \\(2 s\\) on rank [02] of 3")))
+      "collective allreduce #([0-9]+) has not completed within collective_timeout \\(2 s\\) on rank [02] of 3")))
       << result.output;
   const int seq = std::stoi(m[1]);
   EXPECT_NE(result.output.find("rank(s) 1 had not entered it"), std::string::npos) << result.output;
   EXPECT_NE(result.output.find("waiting in it: rank(s) 0, 2"), std::string::npos) << result.output;
-  EXPECT_NE(result.output.find("rank 1 is in none; its last was barrier #" + std::to_string(seq - 1)),
+  EXPECT_NE(result.output.find("rank 1 is in none; its last was allreduce #" + std::to_string(seq - 1)),
             std::string::npos) << result.output;
   EXPECT_EQ(result.output.find("late_barrier done"), std::string::npos) << result.output;
 }
