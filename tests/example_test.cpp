@@ -158,7 +158,8 @@ TEST(Examples, AutoencoderRejectsBadFlagsByMessage) {
   result = testutil::run_command(g_autoencoder + " --help");
   EXPECT_EQ(result.status, 0);
   for (const char* flag : {"--accelerator", "--devices", "--strategy", "--precision", "--epochs",
-                           "--batch-size", "--max-steps", "--seed", "--checkpoint"}) {
+                           "--batch-size", "--max-steps", "--seed", "--checkpoint", "--max-restarts",
+                           "--collective-timeout"}) {
     EXPECT_NE(result.output.find(flag), std::string::npos) << flag;
   }
 }
@@ -225,6 +226,7 @@ TEST(Examples, FlagsBelowTheirMinimumAreErrors) {
       {g_autoencoder + " --logger csv none", "--logger none cannot be combined"},
       {g_classifier + " --progress maybe", "--progress must be auto, on or off, got 'maybe'"},
       {g_gpt + " --log-every 0", "--log-every must be at least 1"},
+      {g_classifier + " --collective-timeout -5", "--collective-timeout must be 0 (off) or more seconds, got -5"},
   };
   for (const auto& [command, message] : cases) {
     SCOPED_TRACE(command);

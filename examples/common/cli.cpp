@@ -1,6 +1,7 @@
 #include "cli.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <memory>
 #include <exception>
@@ -49,6 +50,7 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
   std::string devices = args.fabric.devices.str();
   std::string precision = args.fabric.precision.str();
   std::string progress = "auto";
+  int64_t collective_timeout = args.fabric.collective_timeout.count();
   std::string default_loggers;
   for (const auto& name : args.loggers) default_loggers += (default_loggers.empty() ? "" : " ") + name;
   po::options_description flags(description + "\n\nOptions");
@@ -85,6 +87,9 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
       ("max-restarts", po::value(&args.fabric.max_restarts)->default_value(args.fabric.max_restarts),
        "when Fabric starts the ranks: start the job again when a rank dies, up to this many times "
        "(with --resume auto it continues from the newest checkpoint)")
+      ("collective-timeout", po::value(&collective_timeout)->default_value(collective_timeout),
+       "stall detection: seconds a collective may wait for the other ranks before the job ends, "
+       "naming the ranks not in it (0: wait forever)")
       ("logger", po::value(&args.loggers)->multitoken()->composing()->default_value(args.loggers, default_loggers),
        "csv, tensorboard (both allowed, e.g. --logger csv tensorboard) or none")
       ("log-dir", po::value(&args.log_dir)->default_value(args.log_dir),
@@ -122,6 +127,10 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
   if (args.fabric.max_restarts < 0) {
     reject("--max-restarts must be 0 (no restarts) or more, got " + std::to_string(args.fabric.max_restarts));
   }
+  if (collective_timeout < 0) {
+    reject("--collective-timeout must be 0 (off) or more seconds, got " + std::to_string(collective_timeout));
+  }
+  args.fabric.collective_timeout = std::chrono::seconds(collective_timeout);
   if (args.log_every < 1) reject("--log-every must be at least 1, got " + std::to_string(args.log_every));
   try {
     args.progress = fabric::parse_progress_mode(progress);
