@@ -148,10 +148,13 @@ TEST(Restarts, MpirunsReportNamesTheRankThatEndedTheJob) {
                 "  Exit code:    7\n--------\n"),
             "rank 3 exited with status 7");
   EXPECT_EQ(fabric::launchers::mpirun_failure("nothing about ranks"), "");
-  // A real one: a rank of an mpirun job that exits 5.
+  // A real one: a rank of an mpirun job that exits 5. Rank 0 sleeps long enough
+  // that mpirun sees rank 1's end first even on a loaded machine (mpirun then ends
+  // rank 0, about a second in); with 2 s, under load, the report once did not
+  // name rank 1.
   const auto outcome = fabric::launchers::run_mpirun_attempt(
       {"mpirun", "-np", "2", "--oversubscribe", "--allow-run-as-root", "sh", "-c",
-       "[ \"$OMPI_COMM_WORLD_RANK\" = 1 ] && exit 5; sleep 2"});
+       "[ \"$OMPI_COMM_WORLD_RANK\" = 1 ] && exit 5; sleep 60"});
   EXPECT_EQ(outcome.status, 5);
   EXPECT_EQ(outcome.failure, "rank 1 exited with status 5");
 }
