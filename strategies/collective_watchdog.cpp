@@ -78,13 +78,13 @@ std::chrono::milliseconds CollectiveWatchdog::poll_interval() const {
                                                std::chrono::seconds(5));
 }
 
-int64_t CollectiveWatchdog::issued(const std::string& op) {
+int64_t CollectiveWatchdog::issued(const char* op) {
   std::lock_guard<std::mutex> lock(mutex_);
   state_.issued_op = op;
   return ++state_.issued;
 }
 
-void CollectiveWatchdog::started(int64_t seq, const std::string& op) {
+void CollectiveWatchdog::started(int64_t seq, const char* op) {
   std::lock_guard<std::mutex> lock(mutex_);
   state_.running = seq;
   state_.running_op = op;
@@ -95,7 +95,7 @@ void CollectiveWatchdog::finished(int64_t seq) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (state_.running == seq) {
     state_.running = 0;
-    state_.running_op.clear();
+    state_.running_op = "";
   }
 }
 

@@ -42,9 +42,11 @@ class CollectiveWatchdog {
   CollectiveWatchdog& operator=(const CollectiveWatchdog&) = delete;
 
   // The program issued collective `op` ("allreduce", ...): its sequence number.
-  int64_t issued(const std::string& op);
+  // `op` must outlive the watchdog (a string literal): it is kept, not copied,
+  // since these calls sit on every collective's path.
+  int64_t issued(const char* op);
   // The backend's worker entered collective `seq` / it completed on this rank.
-  void started(int64_t seq, const std::string& op);
+  void started(int64_t seq, const char* op);
   void finished(int64_t seq);
 
   // timeout / 10, within [50 ms, 5 s]: how often the thread looks (and answers).
@@ -53,7 +55,8 @@ class CollectiveWatchdog {
  private:
   struct State {
     int64_t issued = 0, running = 0;
-    std::string issued_op, running_op;
+    const char* issued_op = "";
+    const char* running_op = "";
     std::chrono::steady_clock::time_point since;
   };
   void loop();
