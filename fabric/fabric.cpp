@@ -19,6 +19,7 @@
 
 #include "accelerators/cpu_memory.h"
 #include "launchers/mpirun.h"
+#include "launchers/rank_watch.h"
 #include "launchers/local_ranks.h"
 #include "launchers/restarts.h"
 #include "precision/registry.h"
@@ -68,12 +69,20 @@ void Fabric::launch() {
   if (launched_) {
     throw std::logic_error("Fabric::launch() was already called on this Fabric");
   }
+  if (const char* watch = std::getenv(launchers::kWatchRankVariable); watch && std::string(watch) == "1") {
+    // A rank of a restarted mpirun job: this process becomes the rank's watcher
+    // and runs the program again as its child, which trains (launchers/rank_watch.h).
+    ::unsetenv(launchers::kWatchRankVariable);
+    launchers::watch_rank(launchers::own_command_line());
+  }
   if (supervises_restarts_) {
     // This process only supervises: each attempt starts every rank, rank 0
     // included, as a child, so that any rank can die and be started again.
     const auto command = launchers::own_command_line();
     const int n = static_cast<int>(world_size());
     const bool mpi = device().is_cpu() && n > 1;  // CPU ranks form one MPI world
+    // mpirun's ranks run below a watcher that names the one that fails.
+    if (mpi) ::setenv(launchers::kWatchRankVariable, "1", 1);
     const int status = launchers::run_with_restarts(options_.max_restarts, "torchfabric", [&] {
       return mpi ? launchers::run_mpirun_attempt(launchers::mpirun_command(n, command))
                  : launchers::run_local_attempt(n, command);

@@ -24,6 +24,7 @@
 
 #include "accelerators/accelerator.h"
 #include "launchers/mpirun.h"
+#include "launchers/rank_watch.h"
 #include "launchers/restarts.h"
 #include "launchers/supervisor.h"
 #include "strategies/registry.h"
@@ -31,6 +32,18 @@
 namespace po = boost::program_options;
 
 int main(int argc, char** argv) {
+  // Internal: how fabric-run --max-restarts starts each rank under mpirun, below a
+  // watcher that names the rank when it fails (launchers/rank_watch.h).
+  if (argc >= 2 && std::string(argv[1]) == "--watch-rank") {
+    std::vector<std::string> program(argv + 2, argv + argc);
+    if (!program.empty() && program.front() == "--") program.erase(program.begin());
+    try {
+      fabric::launchers::watch_rank(program);
+    } catch (const std::exception& e) {
+      std::cerr << "fabric-run --watch-rank: " << e.what() << std::endl;
+      return 2;
+    }
+  }
   std::string accelerator = "auto", strategy = "auto", devices = "1", precision = "32-true";
   std::string main_address = "127.0.0.1", launcher = "auto";
   int num_nodes = 1, node_rank = 0, main_port = 29400, max_restarts = 0;
@@ -124,8 +137,11 @@ int main(int argc, char** argv) {
             "separate fabric-run commands (and Gloo is not in this LibTorch). Start one job "
             "across the nodes instead: mpirun -np N -H host1:n,host2:n PROGRAM");
       }
-      const auto command = fabric::launchers::mpirun_command(local, program);
-      if (max_restarts == 0) fabric::launchers::exec_command(command);
+      if (max_restarts == 0) fabric::launchers::exec_command(fabric::launchers::mpirun_command(local, program));
+      // Each rank below this fabric-run as its watcher, so that each restart names the rank.
+      std::vector<std::string> watched = {fabric::launchers::own_command_line().front(), "--watch-rank", "--"};
+      watched.insert(watched.end(), program.begin(), program.end());
+      const auto command = fabric::launchers::mpirun_command(local, watched);
       return fabric::launchers::run_with_restarts(max_restarts, "fabric-run", [&] {
         return fabric::launchers::run_mpirun_attempt(command);
       });

@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "launchers/rank_watch.h"
 #include "launchers/supervisor.h"
 
 namespace fabric::launchers {
@@ -140,14 +141,23 @@ AttemptOutcome run_mpirun_attempt(const std::vector<std::string>& argv) {
   g_child = pid;
   // Only mpirun's own messages are kept for parsing (the ranks' output passes
   // through too; the tail is enough, mpirun reports last).
-  std::string tail;
+  // The first rank watcher's line (launchers/rank_watch.h) is kept wherever it
+  // comes: it names the rank that failed first even when mpirun's report does not.
+  std::string tail, watched;
   char buffer[4096];
   while (true) {
     const ssize_t n = ::read(fds[0], buffer, sizeof(buffer));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
     (void)!::write(STDERR_FILENO, buffer, static_cast<size_t>(n));
+    const size_t before = tail.size();
     tail.append(buffer, static_cast<size_t>(n));
+    if (watched.empty()) {
+      const size_t from = before > 256 ? before - 256 : 0;  // a line cut between two reads
+      if (tail.find("torchfabric: rank ", from) != std::string::npos) {
+        watched = watched_rank_failure(tail.substr(from));
+      }
+    }
     if (tail.size() > (1 << 16)) tail.erase(0, tail.size() - (1 << 15));
   }
   ::close(fds[0]);
@@ -158,7 +168,7 @@ AttemptOutcome run_mpirun_attempt(const std::vector<std::string>& argv) {
   AttemptOutcome outcome;
   outcome.status = WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
   if (outcome.status != 0) {
-    outcome.failure = mpirun_failure(tail);
+    outcome.failure = watched.empty() ? mpirun_failure(tail) : watched;
     if (outcome.failure.empty()) outcome.failure = "mpirun: " + describe_status(outcome.status);
   }
   return outcome;

@@ -38,9 +38,11 @@ int run_with_restarts(int max_restarts, const std::string& who,
 int restart_count();
 
 // Runs `argv` (an mpirun command line) as a child and waits for it, copying its
-// standard error to ours while reading from it which rank ended the job and how
-// (mpirun's "process rank R ... exited on signal S", "Process name: [[j,1],R]
-// Exit code: S"). SIGINT and SIGTERM reach the child while it runs.
+// standard error to ours while reading from it which rank ended the job and how:
+// the first rank watcher's line (launchers/rank_watch.h; ranks started through
+// watched_mpirun_command), else mpirun's own report ("process rank R ... exited on
+// signal S", "Process name: [[j,1],R] Exit code: S"), which mpirun sometimes
+// leaves out. SIGINT and SIGTERM reach the child while it runs.
 AttemptOutcome run_mpirun_attempt(const std::vector<std::string>& argv);
 
 class Supervisor;
