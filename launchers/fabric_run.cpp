@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
     }
   }
   std::string accelerator = "auto", strategy = "auto", devices = "1", precision = "32-true";
-  std::string main_address = "127.0.0.1", launcher = "auto";
+  std::string main_address = "127.0.0.1", launcher = "auto", hosts;
   int num_nodes = 1, node_rank = 0, main_port = 29400, max_restarts = 0;
   std::vector<std::string> program;
   po::options_description flags(
@@ -70,10 +70,14 @@ int main(int argc, char** argv) {
        "32-true, 64-true, 16-mixed, bf16-mixed, 16-true, bf16-true (passed as LT_PRECISION when given)")
       ("launcher", po::value(&launcher)->default_value(launcher),
        "auto (mpirun for cpu, subprocess for cuda), mpirun, or subprocess")
+      ("hosts", po::value(&hosts),
+       "one job across nodes through mpirun, as HOST:N,HOST:N (N ranks on each; the same N "
+       "everywhere); fabric-run and the program must be at the same paths on every host. Instead "
+       "of --devices, --num-nodes and --node-rank")
       ("max-restarts", po::value(&max_restarts)->default_value(max_restarts),
        "when a rank dies, end every rank and start the job again, up to this many times "
        "(FABRIC_RESTART_COUNT tells the program which attempt it is; it resumes from its newest "
-       "checkpoint); one node only")
+       "checkpoint); across nodes with --hosts")
       ("program", po::value(&program), "the program and its arguments");
   po::positional_options_description positional;
   positional.add("program", -1);
@@ -106,11 +110,53 @@ int main(int argc, char** argv) {
       throw std::invalid_argument(
           "--max-restarts with --num-nodes " + std::to_string(num_nodes) +
           " is not supported: one node's fabric-run cannot end the other nodes' ranks, which would "
-          "wait in their next collective. Restart jobs of one node (--num-nodes 1)");
+          "wait in their next collective. Start the whole job from one fabric-run with --hosts "
+          "HOST:N,HOST:N (through mpirun, which ends and restarts the ranks on every host)");
     }
     if (main_port < 1 || main_port > 65535) {
       throw std::invalid_argument("--main-port " + std::to_string(main_port) +
                                   " is not a TCP port (1..65535)");
+    }
+    if (vm.count("hosts")) {
+      for (const char* flag : {"devices", "num-nodes", "node-rank"}) {
+        if (!vm[flag].defaulted()) {
+          throw std::invalid_argument(std::string("--") + flag +
+                                      " with --hosts: --hosts already says the ranks on each host and "
+                                      "the number of nodes; leave out --" + flag);
+        }
+      }
+      if (launcher == "subprocess") {
+        throw std::invalid_argument("--hosts starts the ranks through mpirun; it cannot be used with "
+                                    "--launcher subprocess");
+      }
+      const auto job = fabric::launchers::parse_hosts(hosts);
+      std::map<std::string, std::string> environment = {
+          {"LT_DEVICES", std::to_string(job.ranks_per_host)},
+          {"LT_NUM_NODES", std::to_string(job.hosts)},
+          {"LT_CLI_USED", "1"}};
+      if (!vm["accelerator"].defaulted()) environment["LT_ACCELERATOR"] = accelerator;
+      if (!vm["strategy"].defaulted()) environment["LT_STRATEGY"] = strategy;
+      if (!vm["precision"].defaulted()) environment["LT_PRECISION"] = precision;
+      // mpirun passes its environment only to the ranks of its own host: the
+      // others get these with -x.
+      std::vector<std::string> mpirun_flags = {"-H", hosts};
+      for (const auto& [key, value] : environment) {
+        ::setenv(key.c_str(), value.c_str(), 1);
+        mpirun_flags.insert(mpirun_flags.end(), {"-x", key});
+      }
+      const int ranks = job.hosts * job.ranks_per_host;
+      if (max_restarts == 0) {
+        fabric::launchers::exec_command(fabric::launchers::mpirun_command(ranks, program, mpirun_flags));
+      }
+      for (const char* key : {"FABRIC_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS"}) {
+        mpirun_flags.insert(mpirun_flags.end(), {"-x", key});
+      }
+      std::vector<std::string> watched = {fabric::launchers::own_command_line().front(), "--watch-rank", "--"};
+      watched.insert(watched.end(), program.begin(), program.end());
+      const auto command = fabric::launchers::mpirun_command(ranks, watched, mpirun_flags);
+      return fabric::launchers::run_with_restarts(max_restarts, "fabric-run", [&] {
+        return fabric::launchers::run_mpirun_attempt(command);
+      });
     }
     auto acc = fabric::make_accelerator(accelerator);
     const int local = static_cast<int>(acc->parse_devices(fabric::Devices(devices)).size());
@@ -135,7 +181,8 @@ int main(int argc, char** argv) {
             "--num-nodes " + std::to_string(num_nodes) +
             " with CPU ranks: the CPU backend is Open MPI, which cannot join ranks started by "
             "separate fabric-run commands (and Gloo is not in this LibTorch). Start one job "
-            "across the nodes instead: mpirun -np N -H host1:n,host2:n PROGRAM");
+            "across the nodes instead: fabric-run --hosts host1:n,host2:n -- PROGRAM (or mpirun -np N "
+            "-H host1:n,host2:n PROGRAM)");
       }
       if (max_restarts == 0) fabric::launchers::exec_command(fabric::launchers::mpirun_command(local, program));
       // Each rank below this fabric-run as its watcher, so that each restart names the rank.

@@ -13,7 +13,18 @@ namespace fabric::launchers {
 // argv of `mpirun -np N ... PROGRAM ARGS...` for N local ranks: no core binding
 // (ranks use all cores between them), oversubscription allowed, root allowed
 // when running as root (CI does).
-std::vector<std::string> mpirun_command(int nprocs, const std::vector<std::string>& program);
+// `flags` go to mpirun before the program (e.g. -H hosts, -x VARIABLE).
+std::vector<std::string> mpirun_command(int nprocs, const std::vector<std::string>& program,
+                                        const std::vector<std::string>& flags = {});
+
+// A job across hosts in mpirun's -H form, "hostA:2,hostB:2" (a bare host is one
+// rank): every host must run the same number of ranks (Lightning's devices per
+// node). Throws std::invalid_argument naming the item that is wrong.
+struct HostList {
+  int hosts = 0;
+  int ranks_per_host = 0;
+};
+HostList parse_hosts(const std::string& hosts);
 
 // This program's own command line (/proc/self/exe and /proc/self/cmdline).
 std::vector<std::string> own_command_line();

@@ -102,6 +102,7 @@ if cmake -S . -B "$build" "${generator[@]}" -DCMAKE_PREFIX_PATH="$prefix_path" -
        --gtest_output="xml:$out/example_tests.xml" > "$out/example_tests.log" 2>&1) &
     # Two simulated hosts (network namespaces; every case skips without root).
     "$build/host_tests" scripts/two_hosts.sh "$build/ddp_worker" "$build/fsdp_worker" \
+      "$build/fabric-run" "$build/custom_trainer" \
       --gtest_output="xml:$out/host_tests.xml" > "$out/host_tests.log" 2>&1 &
     wait
     # The installed package, used by a project outside the tree (tests/downstream).

@@ -4,6 +4,8 @@
 #   two_hosts.sh up [--no-names]   create the two hosts (runs `down` first)
 #   two_hosts.sh down              remove everything `up` made; safe to repeat
 #   two_hosts.sh run [--] ARGS...  mpirun ARGS on host A, able to start ranks on B
+#   two_hosts.sh launch [--] CMD...  CMD on host A, where a launcher that calls
+#                                  mpirun itself (fabric-run --hosts) reaches B
 #   two_hosts.sh exec A|B CMD...   a command on one host
 #   two_hosts.sh agent HOST CMD... (what mpirun calls to "log in" to HOST)
 #
@@ -141,6 +143,14 @@ case $cmd in
     host=$1
     shift
     on_host "$host" sh -c "$*"
+    ;;
+  launch)
+    # The settings `run` passes as flags, as the variables Open MPI reads instead.
+    [ "${1:-}" = "--" ] && shift
+    [ $# -ge 1 ] || die "usage: two_hosts.sh launch [--] CMD..."
+    export TWO_HOSTS_ID=$ID OMPI_MCA_plm_rsh_agent="$SELF agent"
+    export OMPI_MCA_oob_tcp_if_include=$SUBNET.0/24 OMPI_MCA_btl_tcp_if_include=$SUBNET.0/24
+    on_host A "$@"
     ;;
   run)
     [ "${1:-}" = "--" ] && shift

@@ -373,6 +373,29 @@ TEST(FabricRun, EveryRestartNamesTheRankThatFailedAndHow) {
   }
 }
 
+// fabric-run --hosts: one mpirun job across the hosts named (here only this one;
+// tests/two_host_test.cpp runs it across two), and what it refuses.
+TEST(FabricRun, HostsStartOneJobAndBadListsAreNamed) {
+  auto job = testutil::run_command(g_fabric_run + " --hosts localhost:2 -- sh -c 'echo rank "
+                                   "$OMPI_COMM_WORLD_RANK of $OMPI_COMM_WORLD_SIZE devices $LT_DEVICES nodes $LT_NUM_NODES'");
+  EXPECT_EQ(job.status, 0) << job.output;
+  EXPECT_NE(job.output.find("rank 1 of 2 devices 2 nodes 1"), std::string::npos) << job.output;
+  for (const auto& [flags, message] : std::vector<std::pair<std::string, std::string>>{
+           {"--hosts a:2,b:1", "--hosts a:2,b:1: a runs 2 rank(s) but b 1; valid: HOST:N,HOST:N"},
+           {"--hosts a:x", "'a:x' does not give a number of ranks"},
+           {"--hosts a:0", "'a:0' does not give a number of ranks"},
+           {"--hosts a:2,a:2", "a is named twice"},
+           {"--hosts a:2,", "an empty host name"},
+           {"--hosts a:2 --devices 2", "--devices with --hosts: --hosts already says the ranks on each host"},
+           {"--hosts a:2 --num-nodes 2", "--num-nodes with --hosts"},
+           {"--hosts a:2 --launcher subprocess", "--hosts starts the ranks through mpirun"},
+           {"--num-nodes 2 --max-restarts 1", "Start the whole job from one fabric-run with --hosts"}}) {
+    auto refused = testutil::run_command(g_fabric_run + " " + flags + " -- true");
+    EXPECT_EQ(refused.status, 2) << flags << "\n" << refused.output;
+    EXPECT_NE(refused.output.find(message), std::string::npos) << flags << "\n" << refused.output;
+  }
+}
+
 // The watcher on its own: it ends as its program ended, forwards a SIGTERM (and
 // says nothing then: the stop was asked for), and names a program it cannot start.
 TEST(FabricRun, TheRankWatcherEndsAsItsProgramEnded) {

@@ -6,7 +6,8 @@
 // Each test brings the hosts up and always tears them down; without the rights to
 // create network namespaces (root, CAP_SYS_ADMIN) every test is skipped.
 // argv[1]: scripts/two_hosts.sh, argv[2]: the ddp_worker binary, argv[3]: the
-// fsdp_worker binary.
+// fsdp_worker binary, argv[4] and argv[5] (optional): fabric-run and the custom
+// trainer example, for restarts across the hosts.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -14,18 +15,20 @@
 #include <csignal>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <string>
 #include <thread>
 #include <unistd.h>
 #include <vector>
 
+#include "checkpoint/checkpoint.h"
 #include "checkpoint/filesystem.h"
 #include "mpi_test_util.h"
 #include "test_util.h"
 
 namespace {
 
-std::string g_script, g_ddp_worker, g_fsdp_worker;
+std::string g_script, g_ddp_worker, g_fsdp_worker, g_fabric_run, g_custom_trainer;
 
 std::string absolute(const char* path) {
   char resolved[PATH_MAX];
@@ -228,15 +231,71 @@ TEST_F(TwoHosts, KillingARankOnTheSecondHostEndsTheJobNamingIt) {
   }
 }
 
+// Every tensor in a checkpoint file, in key order (nested dicts and lists walked).
+void collect_tensors(const c10::IValue& value, std::vector<torch::Tensor>& out) {
+  if (value.isTensor()) {
+    out.push_back(value.toTensor());
+  } else if (value.isGenericDict()) {
+    std::map<std::string, c10::IValue> sorted;
+    for (const auto& item : value.toGenericDict()) {
+      if (item.key().isString()) sorted.emplace(item.key().toStringRef(), item.value());
+    }
+    for (const auto& [key, item] : sorted) collect_tensors(item, out);
+  } else if (value.isList()) {
+    for (const auto& item : value.toListRef()) collect_tensors(item, out);
+  } else if (value.isTuple()) {
+    for (const auto& item : value.toTupleRef().elements()) collect_tensors(item, out);
+  }
+}
+
+// fabric-run --hosts starts one job across both hosts; with --max-restarts, rank 3
+// (on hostB) killed at step 50 ends every rank on both hosts, the job starts again
+// on both, resumes from its step-40 checkpoint and ends with the weights of the
+// same job uninterrupted. Nothing is left on either host.
+TEST_F(TwoHosts, ARankKilledOnTheSecondHostRestartsTheJobOnBothAndItResumes) {
+  if (g_fabric_run.empty() || g_custom_trainer.empty()) GTEST_SKIP() << "no fabric-run and custom_trainer given";
+  const auto dir = fresh_dir("restart");
+  const std::string job = g_script + " launch " + g_fabric_run + " --hosts hostA:2,hostB:2 --max-restarts 1 -- " +
+                          g_custom_trainer + " --max-steps 60 --checkpoint-every 20 --val-every 0 --logger none"
+                          " --batch-size 32 --strategy ddp";
+  auto whole = run(job + " --checkpoint-dir " + dir + "/a --checkpoint " + dir + "/a.pt", 400);
+  ASSERT_EQ(whole.result.status, 0) << whole.result.output;
+  auto restarted = run(job + " --checkpoint-dir " + dir + "/b --checkpoint " + dir + "/b.pt"
+                       " --kill-at-step 50 --kill-rank 3 --kill-attempts 1", 400);
+  ASSERT_EQ(restarted.result.status, 0) << restarted.result.output;
+  const std::string& said = restarted.result.output;
+  EXPECT_NE(said.find("fabric-run: attempt 1 of 2 failed (rank 3 on hostB was killed by signal 9 (Killed)); "
+                      "restarting every rank as attempt 2 (FABRIC_RESTART_COUNT=1)"), std::string::npos) << said;
+  EXPECT_NE(said.find("resumed from " + dir + "/b/step-40.ckpt at step 40"), std::string::npos) << said;
+  std::vector<torch::Tensor> a, b;
+  collect_tensors(fabric::read_checkpoint(dir + "/a.pt"), a);
+  collect_tensors(fabric::read_checkpoint(dir + "/b.pt"), b);
+  ASSERT_FALSE(a.empty());
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_TRUE(torch::equal(a[i], b[i])) << "tensor " << i << " max diff "
+                                          << (a[i].to(torch::kDouble) - b[i].to(torch::kDouble)).abs().max().item<double>();
+  }
+  const char* id = std::getenv("TWO_HOSTS_ID");
+  for (const char* ns : {"A", "B"}) {
+    auto left = run("ip netns pids " + std::string(id) + ns);
+    EXPECT_EQ(left.result.output, "") << "processes left on host " << ns;
+  }
+}
+
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s TWO_HOSTS_SH DDP_WORKER FSDP_WORKER\n", argv[0]);
+    std::fprintf(stderr, "usage: %s TWO_HOSTS_SH DDP_WORKER FSDP_WORKER [FABRIC_RUN CUSTOM_TRAINER]\n", argv[0]);
     return 2;
   }
   g_script = absolute(argv[1]);
   g_ddp_worker = absolute(argv[2]);
   g_fsdp_worker = absolute(argv[3]);
+  if (argc > 5) {
+    g_fabric_run = absolute(argv[4]);
+    g_custom_trainer = absolute(argv[5]);
+  }
   // The workers must not inherit a launcher environment from whoever runs the tests.
   for (const char* var : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
                           "MASTER_ADDR", "MASTER_PORT"}) {
