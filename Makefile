@@ -48,6 +48,7 @@ bench: build
 	./bazel-bin/benchmarks/fused/fused_bench
 	./bazel-bin/benchmarks/vs_lightning/vs_lightning_bench --python $(PYTHON)
 	./bazel-bin/benchmarks/checkpoint/checkpoint_bench --python $(PYTHON)
+	./bazel-bin/benchmarks/checkpoint/sharded_checkpoint_bench --python $(PYTHON)
 	./bazel-bin/benchmarks/gpu/gpu_bench --python $(PYTHON)
 
 # No set-up: the GPU machines have CMake, nvcc and torch but no network (see the script).

@@ -353,8 +353,9 @@ c10::IValue read_checkpoint(const std::string& path, ReadMode mode) {
   if (S_ISDIR(info.st_mode)) {
     if (is_sharded_checkpoint(path)) return read_sharded_checkpoint(path);
     throw std::runtime_error("checkpoint " + path +
-                             " is a directory without metadata.pt, not a sharded checkpoint "
-                             "(a save that was interrupted leaves <path>.partial, never <path>)");
+                             " is a directory without .metadata (nor the metadata.pt of torchfabric's earlier "
+                             "layout), not a sharded checkpoint (a save that was interrupted leaves "
+                             "<path>.partial, never <path>)");
   }
   {
     std::ifstream in(path, std::ios::binary);
@@ -443,7 +444,11 @@ void save_checkpoint(const std::string& path, const State& state) {
 LoadResult load_checkpoint(const std::string& path, State& state, bool strict) {
   // Mapped: the load copies each tensor into its target straight from the file's
   // pages, so a model's weights are not held twice; what is handed back is copied.
-  const auto loaded = read_checkpoint(path, ReadMode::kMapped);
+  return load_checkpoint_value(read_checkpoint(path, ReadMode::kMapped), state, strict, path);
+}
+
+LoadResult load_checkpoint_value(const c10::IValue& loaded, State& state, bool strict,
+                                 const std::string& path) {
   if (!loaded.isGenericDict()) {
     throw std::runtime_error("checkpoint " + path + " holds a " + loaded.tagKind() +
                              ", not a dict of named entries");

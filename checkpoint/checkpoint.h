@@ -140,6 +140,9 @@ void save_checkpoint(const std::string& path, const State& state);
 // with the loaded ones. strict: a missing key or any module mismatch throws,
 // listing every problem.
 LoadResult load_checkpoint(const std::string& path, State& state, bool strict = true);
+// The same from a checkpoint dict already read (`path` names it in errors).
+LoadResult load_checkpoint_value(const c10::IValue& loaded, State& state, bool strict,
+                                 const std::string& path);
 // A bare state dict (Python's torch.save(model.state_dict())) into a module or optimizer.
 void load_raw(const std::string& path, torch::nn::Module& module, bool strict = true);
 void load_raw(const std::string& path, torch::optim::Optimizer& optimizer);

@@ -1,6 +1,7 @@
 #include "checkpoint/mapped_file.h"
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <fcntl.h>
 #include <stdexcept>
@@ -39,14 +40,23 @@ std::shared_ptr<const MappedFile> MappedFile::open(const std::string& path) {
 }
 
 MappedFile::~MappedFile() {
-  if (data_) ::munmap(const_cast<char*>(data_), size_);
+  if (data_ && !parent_) ::munmap(const_cast<char*>(data_), size_);
+}
+
+std::shared_ptr<const MappedFile> MappedFile::slice(size_t offset, size_t length) const {
+  if (offset > size_ || length > size_ - offset) {
+    throw std::invalid_argument("MappedFile::slice: bytes outside the file");
+  }
+  std::shared_ptr<const MappedFile> part(new MappedFile(data_ + offset, length, self_.lock()));
+  part->self_ = part;
+  return part;
 }
 
 at::Tensor MappedFile::tensor(size_t offset, int64_t numel, c10::ScalarType dtype) const {
   const size_t item = c10::elementSize(dtype);
   const size_t nbytes = static_cast<size_t>(numel) * item;
   if (numel < 0 || offset > size_ || nbytes / item != static_cast<size_t>(numel) ||
-      nbytes > size_ - offset || offset % item != 0) {
+      nbytes > size_ - offset || reinterpret_cast<uintptr_t>(data_ + offset) % item != 0) {
     throw std::invalid_argument("MappedFile::tensor: bytes outside the file or misaligned");
   }
   char* begin = const_cast<char*>(data_) + offset;

@@ -25,17 +25,23 @@ class MappedFile {
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
 
+  // The bytes [offset, offset + length) as a file of their own, sharing this
+  // map (an item inside a larger file: a distributed checkpoint's .distcp).
+  std::shared_ptr<const MappedFile> slice(size_t offset, size_t length) const;
+
   const char* data() const { return data_; }
   size_t size() const { return size_; }
   // A 1-D tensor of `numel` elements of `dtype` over bytes [offset, offset + numel
   // * itemsize), keeping the map alive. The range must lie inside the file and
-  // be aligned for the dtype.
+  // be aligned (in memory) for the dtype.
   at::Tensor tensor(size_t offset, int64_t numel, c10::ScalarType dtype) const;
 
  private:
-  MappedFile(const char* data, size_t size) : data_(data), size_(size) {}
+  MappedFile(const char* data, size_t size, std::shared_ptr<const MappedFile> parent = nullptr)
+      : data_(data), size_(size), parent_(std::move(parent)) {}
   const char* data_;
   size_t size_;
+  std::shared_ptr<const MappedFile> parent_;  // a slice keeps the whole map; only the whole unmaps
   mutable std::weak_ptr<const MappedFile> self_;
 };
 

@@ -22,7 +22,7 @@ using namespace pickle_detail;
 
 class Machine {
  public:
-  Machine(caffe2::serialize::PyTorchStreamReader& reader, std::string what,
+  Machine(caffe2::serialize::PyTorchStreamReader* reader, std::string what,
           std::vector<std::string>* notes, std::shared_ptr<const MappedFile> file)
       : reader_(reader), what_(std::move(what)), notes_(notes), file_(std::move(file)) {}
   // Nothing the machine built is destroyed recursively: what the result does
@@ -204,7 +204,8 @@ class Machine {
 
  private:
   [[noreturn]] void fail(const std::string& why) const {
-    throw std::runtime_error(what_ + ": " + why + " at byte " + std::to_string(pos_) + " of data.pkl");
+    throw std::runtime_error(what_ + ": " + why + " at byte " + std::to_string(pos_) +
+                             (reader_ ? " of data.pkl" : ""));
   }
   uint8_t byte() {
     if (pos_ >= size_) fail("the pickle ends early");
@@ -317,9 +318,17 @@ class Machine {
     auto dict = target.toGenericDict();
     check_depth(target, items);  // before hashing keys (a deep tuple key hashes recursively)
     for (size_t i = 0; i + 1 < items.size(); i += 2) {
-      auto old = dict.find(items[i]);
+      c10::IValue key = items[i];
+      if (key.isGenericDict() || key.isList()) {  // a Python object (placeholder) as the key
+        try {
+          key = object_key(key);
+        } catch (const PickleError& e) {
+          fail(e.what());
+        }
+      }
+      auto old = dict.find(key);
       if (old != dict.end()) graveyard_.push_back(old->value());
-      dict.insert_or_assign(items[i], items[i + 1]);
+      dict.insert_or_assign(key, items[i + 1]);
     }
   }
   c10::IValue placeholder(const std::string& cls, const c10::IValue& args) {
@@ -353,16 +362,17 @@ class Machine {
       fail("an unknown persistent reference (expected ('storage', type, key, location, size))");
     }
     const auto type = is_global(parts[1]) ? global_name(parts[1]) : std::string("UntypedStorage");
+    if (!reader_) fail("a tensor (persistent reference) in a plain pickle, which holds no storages");
     const auto key = parts[2].toStringRef();
     auto cached = storages_.find(key);
     if (cached != storages_.end()) return cached->second;
     const auto dtype = storage_dtype(type);
     const std::string record = "data/" + key;
-    if (!reader_.hasRecord(record)) fail("the archive has no storage record " + record);
+    if (!reader_->hasRecord(record)) fail("the archive has no storage record " + record);
     const int64_t item = static_cast<int64_t>(c10::elementSize(dtype));
     // The pickle names the storage's size too; a consistent file agrees with its
     // record (checked before anything is read or allocated).
-    const size_t record_bytes = reader_.getRecordSize(record);
+    const size_t record_bytes = reader_->getRecordSize(record);
     int64_t claimed = 0;
     if (!parts[4].isInt() || parts[4].toInt() < 0 ||
         __builtin_mul_overflow(parts[4].toInt(), item, &claimed) ||
@@ -375,7 +385,7 @@ class Machine {
     at::Tensor t;
     if (file_) t = mapped(record, dtype);
     if (!t.defined()) {
-      auto [data, nbytes] = reader_.getRecord(record);
+      auto [data, nbytes] = reader_->getRecord(record);
       const int64_t numel = static_cast<int64_t>(nbytes) / item;
       c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, std::move(data), nullptr, false);
       t = at::empty({0}, at::TensorOptions().dtype(dtype));
@@ -389,23 +399,23 @@ class Machine {
   // undefined when the record is not such (it is then read into memory).
   at::Tensor mapped(const std::string& record, c10::ScalarType dtype) {
     const size_t item = c10::elementSize(dtype);
-    const size_t header = reader_.getRecordHeaderOffset(record);
+    const size_t header = reader_->getRecordHeaderOffset(record);
     if (header > file_->size() || file_->size() - header < 30) return {};
     const char* local = file_->data() + header;
     uint16_t method = 0;
     std::memcpy(&method, local + 8, 2);
     if (std::memcmp(local, "PK\x03\x04", 4) != 0 || method != 0) return {};
-    const size_t offset = reader_.getRecordOffset(record);
-    const size_t nbytes = reader_.getRecordSize(record);
+    const size_t offset = reader_->getRecordOffset(record);
+    const size_t nbytes = reader_->getRecordSize(record);
     if (offset > file_->size() || nbytes > file_->size() - offset) {
       fail("storage record " + record + " claims " + std::to_string(nbytes) +
            " bytes but the file holds " + std::to_string(file_->size()));
     }
-    if (offset % item != 0) return {};
+    if (reinterpret_cast<uintptr_t>(file_->data() + offset) % item != 0) return {};
     return file_->tensor(offset, static_cast<int64_t>(nbytes / item), dtype);
   }
 
-  caffe2::serialize::PyTorchStreamReader& reader_;
+  caffe2::serialize::PyTorchStreamReader* reader_;
   std::string what_;
   std::vector<std::string>* notes_;
   std::shared_ptr<const MappedFile> file_;
@@ -427,8 +437,16 @@ c10::IValue read_pickle_archive(caffe2::serialize::PyTorchStreamReader& reader,
                                 std::shared_ptr<const MappedFile> file) {
   if (!reader.hasRecord("data.pkl")) throw std::runtime_error(what + ": the archive has no data.pkl");
   auto [data, size] = reader.getRecord("data.pkl");
-  Machine machine(reader, what, notes, std::move(file));
+  Machine machine(&reader, what, notes, std::move(file));
   auto value = machine.read(static_cast<const char*>(data.get()), size);
+  if (is_global(value)) return global_name(value);
+  name_globals(value);
+  return value;
+}
+
+c10::IValue read_pickle(const char* data, size_t size, const std::string& what) {
+  Machine machine(nullptr, what, nullptr, nullptr);
+  auto value = machine.read(data, size);
   if (is_global(value)) return global_name(value);
   name_globals(value);
   return value;

@@ -43,4 +43,9 @@ c10::IValue read_pickle_archive(caffe2::serialize::PyTorchStreamReader& reader,
                                 const std::string& what, std::vector<std::string>* notes = nullptr,
                                 std::shared_ptr<const MappedFile> file = nullptr);
 
+// Unpickles a plain pickle (no archive, so no tensors), such as the .metadata
+// of a distributed checkpoint. A Python object used as a dict key (DCP's
+// MetadataIndex) reads as the tuple pickle_detail::object_key builds.
+c10::IValue read_pickle(const char* data, size_t size, const std::string& what);
+
 }  // namespace fabric

@@ -1,6 +1,8 @@
 #include "checkpoint/pickle_values.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <unordered_map>
@@ -263,6 +265,125 @@ std::optional<c10::IValue> call_global(const std::string& name, const std::vecto
   }
   if (name == "_codecs.encode" && !a.empty()) return a[0];  // bytes written by protocol 2
   return std::nullopt;
+}
+
+namespace {
+// c10 dicts hash only strings, numbers and the like, so an object key becomes
+// a string: the marker, then its class and fields in a small tagged encoding.
+constexpr const char* kObjectKey = "\x01object-key:";
+
+void encode(const c10::IValue& v, std::string& out) {
+  if (v.isString()) {
+    out += "s" + std::to_string(v.toStringRef().size()) + ":" + v.toStringRef();
+  } else if (v.isInt()) {
+    out += "i" + std::to_string(v.toInt()) + ";";
+  } else if (v.isBool()) {
+    out += v.toBool() ? "T" : "F";
+  } else if (v.isNone()) {
+    out += "N";
+  } else if (v.isDouble()) {
+    char buf[40];
+    std::snprintf(buf, sizeof(buf), "%a", v.toDouble());
+    out += std::string("d") + buf + ";";
+  } else if (v.isTuple()) {
+    const auto& items = v.toTupleRef().elements();
+    out += "t" + std::to_string(items.size()) + ":";
+    for (const auto& item : items) encode(item, out);
+  } else {
+    throw PickleError(std::string("a dict key that is an object holding a ") + v.tagKind());
+  }
+}
+
+struct Decoder {
+  const std::string& s;
+  size_t pos;
+  // Throws std::invalid_argument or std::out_of_range on a malformed key (a
+  // forged file can hold any string that starts like one of ours).
+  int64_t number(char end) {
+    const size_t stop = s.find(end, pos);
+    if (stop == std::string::npos) throw std::invalid_argument("unterminated number");
+    const int64_t n = std::stoll(s.substr(pos, stop - pos));
+    pos = stop + 1;
+    return n;
+  }
+  size_t count(char end) {
+    const int64_t n = number(end);
+    if (n < 0 || static_cast<size_t>(n) > s.size() - pos) throw std::out_of_range("a count past the end");
+    return static_cast<size_t>(n);
+  }
+  c10::IValue next() {
+    const char tag = s.at(pos++);
+    switch (tag) {
+      case 's': {
+        const auto n = count(':');
+        std::string text = s.substr(pos, n);
+        pos += n;
+        return text;
+      }
+      case 'i': return number(';');
+      case 'T': return true;
+      case 'F': return false;
+      case 'N': return c10::IValue();
+      case 'd': {
+        const size_t stop = s.find(';', pos);
+        if (stop == std::string::npos) throw std::invalid_argument("unterminated number");
+        const double d = std::strtod(s.substr(pos, stop - pos).c_str(), nullptr);
+        pos = stop + 1;
+        return d;
+      }
+      default: {  // 't'
+        if (tag != 't') throw std::invalid_argument("an unknown tag");
+        const auto n = count(':');
+        std::vector<c10::IValue> items;
+        for (size_t i = 0; i < n; ++i) items.push_back(next());
+        return c10::ivalue::Tuple::create(std::move(items));
+      }
+    }
+  }
+};
+}  // namespace
+
+c10::IValue object_key(const c10::IValue& placeholder) {
+  if (!placeholder.isGenericDict()) throw PickleError("a dict key that is a list");
+  const auto dict = placeholder.toGenericDict();
+  const auto cls = dict.find("__python_class__");
+  if (cls == dict.end() || !cls->value().isString()) throw PickleError("a dict key that is a dict");
+  std::string key = kObjectKey;
+  encode(cls->value(), key);
+  const auto state = dict.find("__state__");
+  if (state != dict.end() && state->value().isGenericDict()) {
+    const auto fields = state->value().toGenericDict();
+    key += "t" + std::to_string(fields.size()) + ":";
+    for (const auto& item : fields) {
+      if (!item.key().isString()) throw PickleError("a dict key that is an object with a field not named by a string");
+      encode(c10::ivalue::Tuple::create({item.key(), item.value()}), key);
+    }
+  } else if (state != dict.end() && !state->value().isNone()) {
+    throw PickleError("a dict key that is a " + cls->value().toStringRef() + " with a state that is not a dict");
+  } else {
+    key += "t0:";
+  }
+  return key;
+}
+
+std::optional<std::vector<std::pair<std::string, c10::IValue>>> object_key_fields(const c10::IValue& key) {
+  if (!key.isString() || key.toStringRef().rfind(kObjectKey, 0) != 0) return std::nullopt;
+  std::vector<std::pair<std::string, c10::IValue>> out;
+  try {
+    Decoder d{key.toStringRef(), std::strlen(kObjectKey)};
+    d.next();  // the class
+    const auto fields = d.next();
+    if (!fields.isTuple()) return std::nullopt;
+    for (const auto& field : fields.toTupleRef().elements()) {
+      if (!field.isTuple() || field.toTupleRef().elements().size() != 2) return std::nullopt;
+      const auto& kv = field.toTupleRef().elements();
+      if (!kv[0].isString()) return std::nullopt;
+      out.emplace_back(kv[0].toStringRef(), kv[1]);
+    }
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+  return out;
 }
 
 void name_globals(c10::IValue& value) {

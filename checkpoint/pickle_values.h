@@ -45,6 +45,13 @@ std::vector<c10::IValue> elements(const c10::IValue& args);
 // Throws PickleError for a malformed rebuild.
 std::optional<c10::IValue> call_global(const std::string& name, const std::vector<c10::IValue>& args);
 
+// A Python object (placeholder) as a dict key: a string (c10 dicts hash no
+// tuples) that encodes its class and its __dict__ fields; PickleError when a
+// field is not hashable (a list or dict).
+c10::IValue object_key(const c10::IValue& placeholder);
+// The fields of such a key; nullopt for any other value.
+std::optional<std::vector<std::pair<std::string, c10::IValue>>> object_key_fields(const c10::IValue& key);
+
 // Containers nested deeper than this are refused (Python's own pickler stops
 // at its recursion limit, 1000, so no file Python writes comes near it): every
 // walk over a checkpoint, and the destruction of its values, recurses once per

@@ -1,25 +1,20 @@
 // Sharded checkpoints: what fabric.save writes under fsdp with
-// state_dict_type="sharded". A directory holding
-//   shard_<rank>.pt   per rank: the checkpoint dict as that rank holds it between
-//                     steps (each sharded parameter and its per-element optimizer
-//                     state as this rank's flat piece; everything else whole)
-//   metadata.pt       written last by rank 0: the world size and, for every
-//                     sharded tensor, its key path and full shape
-// Each file is the same zip/pickle format as a full checkpoint (Python's
-// torch.load reads it). The pieces of a tensor concatenate, in rank order, to the
-// flattened tensor, so reading at any world size (and under any strategy) is
-// concatenation: fabric.load(dir, state) accepts such a directory wherever it
-// accepts a file, and consolidate_checkpoint writes it as one full file.
+// state_dict_type="sharded". A torch.distributed.checkpoint (DCP) directory in
+// Lightning's layout, so that Python's dcp.load, dcp_to_torch_save and
+// Lightning's fabric.load read it, and the reverse:
+//   __<rank>_0.distcp  per rank: its items (checkpoint/dcp.h): every sharded
+//                      parameter's flat piece as up to 2*ndim-1 rectangular
+//                      chunks, and its per-element optimizer state likewise;
+//                      rank 0 also writes what every rank holds whole
+//   .metadata          written last by rank 0: every key, its dtype, size and
+//                      chunks, and where each item lies (dcp_metadata.h)
+//   meta.pt            everything that is not a module or an optimizer (torch.save)
+// Keys are Lightning's: "model.<param>", "optimizer.state.<param>.exp_avg",
+// "optimizer.param_groups.0.lr" (optimizer state keyed by parameter name, as
+// FSDP's optim_state_dict keys it). Reading accepts any DCP directory (meta.pt
+// optional: a plain dcp.save has none) at any world size, and the earlier
+// torchfabric layout (shard_<rank>.pt + metadata.pt), read-only.
 //
-// Atomic and durable like every save: ranks write into `<dir>.partial`, and only
-// when every rank has succeeded does rank 0 add the metadata and swap it with
-// `<dir>` in one step (renameat2 RENAME_EXCHANGE; the parent directory is synced
-// before the previous copy is removed), so an interruption at any point leaves a
-// complete checkpoint at `<dir>`: the previous one or the new one. Filesystems
-// without the exchange get two renames through `<dir>.old`; an interruption
-// between them leaves `<dir>` missing, and loads (and the next save) then take
-// the newest complete copy (`<dir>.partial`, else `<dir>.old`). The directory
-// must be on a filesystem every rank sees (one node, or a shared one).
 #pragma once
 
 #include <functional>
@@ -38,23 +33,41 @@ namespace fabric {
 struct ShardedJob {
   int64_t rank = 0;
   int64_t world_size = 1;
-  // The full shape of a parameter this rank holds only a flat piece of (the
-  // pieces of all ranks, in rank order, concatenate to the flattened
-  // parameter); nullopt for one held whole.
-  std::function<std::optional<std::vector<int64_t>>(const at::Tensor&)> full_shape;
+  // Where a parameter this rank holds only a flat piece of lies in the whole:
+  // its full shape and the piece's first element in the flattened parameter;
+  // nullopt for one held whole.
+  struct Shard {
+    std::vector<int64_t> full_shape;
+    int64_t flat_offset = 0;
+  };
+  std::function<std::optional<Shard>(const at::Tensor&)> shard_of;
   // Called by every rank at the same points: whether any rank failed.
   std::function<bool(bool failed_here)> any_rank_failed;
 };
 
 // Every rank calls it (between steps); every rank throws if any rank failed.
 void save_sharded_checkpoint(const std::string& dir, const State& state, const ShardedJob& job);
-// Whether `path` is a directory holding a sharded checkpoint's metadata (or,
+// Whether `path` is a directory holding a sharded checkpoint's metadata (DCP's
+// .metadata, or the earlier layout's metadata.pt) (or,
 // while `path` is missing, an interrupted save left a complete copy beside it).
 bool is_sharded_checkpoint(const std::string& path);
 // The full checkpoint dict of a sharded directory (what a full save would have
 // written); errors name the missing or damaged file.
 c10::IValue read_sharded_checkpoint(const std::string& dir);
-// Writes a sharded directory as one full checkpoint file (atomically).
+// Whether `path` is a (complete) distributed-checkpoint directory, ours or Python's.
+bool is_distributed_checkpoint(const std::string& path);
+// The checkpoint dict of a distributed-checkpoint directory as this rank needs
+// it: each sharded parameter of `state` (shard_of answers as in ShardedJob) and
+// its per-element optimizer state read as just this rank's flat piece, from
+// the chunks that overlap it; everything else whole. No rank builds the full
+// state. nullopt when nothing in `state` is sharded (or an optimizer holds a
+// sharded parameter no module of `state` names): read it whole instead.
+std::optional<c10::IValue> read_sharded_pieces(
+    const std::string& path, const State& state,
+    const std::function<std::optional<ShardedJob::Shard>(const at::Tensor&)>& shard_of);
+// Writes a sharded directory (ours or Python's) as one full checkpoint file
+// (atomically): what a full save writes, optimizer state numbered as
+// torch.optim numbers it (a distributed checkpoint keys it by parameter name).
 void consolidate_checkpoint(const std::string& dir, const std::string& file);
 
 }  // namespace fabric

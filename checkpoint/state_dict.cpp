@@ -193,18 +193,26 @@ PreparedOptimizerState prepare_optimizer_state(const torch::optim::Optimizer& op
     for (size_t pi = 0; pi < group.params().size(); ++pi, ++index) {
       const auto& param = group.params()[pi];
       void* key = param.unsafeGetTensorImpl();
-      const int64_t id = ids.get(pi).toInt();
+      // Python numbers parameters (torch.optim); FSDP's optim_state_dict and
+      // distributed checkpoints key them by name: either way the group lists
+      // them in the optimizer's order.
+      const c10::IValue id = ids.get(pi);
+      if (!id.isInt() && !id.isString()) {
+        throw std::runtime_error(what + ": parameter group " + std::to_string(gi) + " lists a " +
+                                 id.tagKind() + " among its params (expected indices or names)");
+      }
+      const std::string shown = id.isInt() ? std::to_string(id.toInt()) : "'" + id.toStringRef() + "'";
       auto it = state.find(id);
       if (it == state.end()) {
         prepared.states.emplace_back(key, nullptr);
         continue;
       }
       if (!it->value().isGenericDict()) {
-        throw std::runtime_error(what + ": the state of parameter " + std::to_string(id) +
+        throw std::runtime_error(what + ": the state of parameter " + shown +
                                  " is a " + it->value().tagKind() + ", not a dict");
       }
       auto restored = codec.load_state(
-          optim::StateEntry(it->value().toGenericDict(), param, id, what));
+          optim::StateEntry(it->value().toGenericDict(), param, id.isInt() ? id.toInt() : index, what));
       prepared.states.emplace_back(key, std::move(restored));
     }
   }

@@ -195,6 +195,16 @@ void collect_stateful(const State& state, std::vector<torch::nn::Module*>& modul
   }
 }
 
+// Where a parameter the strategy shards lies in the whole (sharded checkpoints).
+std::function<std::optional<ShardedJob::Shard>(const at::Tensor&)> shard_answers(
+    const strategies::Strategy& strategy) {
+  return [&strategy](const at::Tensor& param) -> std::optional<ShardedJob::Shard> {
+    auto shard = strategy.parameter_shard(param);
+    if (!shard) return std::nullopt;
+    return ShardedJob::Shard{std::move(shard->full_shape), shard->flat_offset};
+  };
+}
+
 }  // namespace
 
 void Fabric::save(const std::string& path, const State& state) {
@@ -205,7 +215,7 @@ void Fabric::save(const std::string& path, const State& state) {
     ShardedJob job;
     job.rank = strategy_->global_rank();
     job.world_size = strategy_->world_size();
-    job.full_shape = [this](const at::Tensor& param) { return strategy_->full_shape(param); };
+    job.shard_of = shard_answers(*strategy_);
     job.any_rank_failed = [this](bool failed_here) {
       return strategy_->all_reduce_value(failed_here ? 1.0 : 0.0, strategies::Strategy::ReduceOp::kMax) != 0;
     };
@@ -220,6 +230,14 @@ LoadResult Fabric::load(const std::string& path, State& state, bool strict) {
   std::vector<torch::nn::Module*> modules;
   std::vector<torch::optim::Optimizer*> optimizers;
   collect_stateful(state, modules, optimizers);
+  if (is_distributed_checkpoint(path)) {
+    // Each rank reads just its pieces of what it holds sharded, into place: no
+    // rank gathers or builds the full state (at any world size: the chunks
+    // that overlap a piece are read, whoever wrote them).
+    if (auto pieces = read_sharded_pieces(path, state, shard_answers(*strategy_))) {
+      return load_checkpoint_value(*pieces, state, strict, path);
+    }
+  }
   auto scope = strategy_->full_state_context(modules, optimizers, /*loading=*/true);
   return load_checkpoint(path, state, strict);
 }

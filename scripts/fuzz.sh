@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and runs the libFuzzer targets of tests/fuzz/ (see its README.md):
-#   scripts/fuzz.sh [SECONDS] [TARGET...]    # default 60 s each, pickle and checkpoint
+#   scripts/fuzz.sh [SECONDS] [TARGET...]    # default 60 s each: pickle, checkpoint, dcp
 # Everything goes to build/fuzz/: objects, the binaries, the seed corpora
 # (tests/fuzz/make_seeds.py, rewritten each run), the growing corpora
 # (corpus-<target>/, kept between runs) and what a run finds
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(pickle checkpoint)
+[ ${#targets[@]} -gt 0 ] || targets=(pickle checkpoint dcp)
 PYTHON=${PYTHON:-python3}
 CXX=${CXX:-clang++}
 JOBS=${JOBS:-2}
@@ -39,8 +39,9 @@ compile_sanitize=${SANITIZE//fuzzer/fuzzer-no-link}
 ldflags=(-L"$torch_dir/lib" -Wl,-rpath,"$torch_dir/lib" -ltorch -ltorch_cpu -lc10 -pthread)
 
 # The project sources each target needs, nothing else (no strategies, no MPI).
-pickle_srcs=(checkpoint/pickle_reader.cpp checkpoint/mapped_file.cpp)
-checkpoint_srcs=(checkpoint/checkpoint.cpp checkpoint/pickle_reader.cpp checkpoint/mapped_file.cpp
+pickle_srcs=(checkpoint/pickle_reader.cpp checkpoint/pickle_values.cpp checkpoint/mapped_file.cpp)
+dcp_srcs=(checkpoint/dcp_metadata.cpp "${pickle_srcs[@]}")
+checkpoint_srcs=(checkpoint/checkpoint.cpp checkpoint/pickle_reader.cpp checkpoint/pickle_values.cpp checkpoint/mapped_file.cpp
                  checkpoint/state_dict.cpp checkpoint/rng_state.cpp checkpoint/serialization.cpp
                  checkpoint/filesystem.cpp optim/codec.cpp optim/builtin_codecs.cpp
                  tests/fuzz/sharded_stub.cpp)
@@ -80,7 +81,8 @@ for t in "${targets[@]}"; do
   case $t in
     pickle) sources+=("${pickle_srcs[@]}" tests/fuzz/pickle_fuzz.cpp) ;;
     checkpoint) sources+=("${checkpoint_srcs[@]}" tests/fuzz/checkpoint_fuzz.cpp) ;;
-    *) echo "fuzz.sh: unknown target $t (pickle, checkpoint)" >&2; exit 2 ;;
+    dcp) sources+=("${dcp_srcs[@]}" tests/fuzz/dcp_fuzz.cpp) ;;
+    *) echo "fuzz.sh: unknown target $t (pickle, checkpoint, dcp)" >&2; exit 2 ;;
   esac
 done
 mapfile -t sources < <(printf '%s\n' "${sources[@]}" | sort -u)
@@ -94,7 +96,11 @@ for src in "${sources[@]}"; do
 done
 
 for t in "${targets[@]}"; do
-  if [ "$t" = pickle ]; then srcs=("${pickle_srcs[@]}"); else srcs=("${checkpoint_srcs[@]}"); fi
+  case $t in
+    pickle) srcs=("${pickle_srcs[@]}") ;;
+    dcp) srcs=("${dcp_srcs[@]}") ;;
+    *) srcs=("${checkpoint_srcs[@]}") ;;
+  esac
   objs=()
   for s in "${srcs[@]}" "tests/fuzz/${t}_fuzz.cpp"; do objs+=("$(object_of "$s")"); done
   echo "fuzz.sh: linking $out/${t}_fuzz" >&2
@@ -117,7 +123,7 @@ status=0
 for t in "${targets[@]}"; do
   corpus=$out/corpus-$t findings=$out/findings-$t
   mkdir -p "$corpus" "$findings"
-  case $t in pickle) max_len=16384 ;; checkpoint) max_len=65536 ;; esac
+  case $t in pickle|dcp) max_len=16384 ;; checkpoint) max_len=65536 ;; esac
   echo "fuzz.sh: fuzzing $t for ${seconds}s (corpus $corpus, findings $findings)" >&2
   before=$(find "$findings" -type f | wc -l)
   # shellcheck disable=SC2086

@@ -64,9 +64,10 @@ struct FSDPOptions {
   // CPU), "never".
   std::string check_unit_order = "first_step";
   // What fabric.save writes: "full" (rank 0 writes the same file DDP writes) or
-  // "sharded" (a directory: one file per rank with what that rank holds, and a
-  // metadata file written last; fabric.load reads it at any world size, and
-  // tools/consolidate_checkpoint turns it into one full file).
+  // "sharded" (a torch.distributed.checkpoint directory in Lightning's layout:
+  // one data file per rank with what that rank holds, .metadata written last;
+  // fabric.load reads it, and Python's dcp.load and Lightning read it, at any
+  // world size; tools/consolidate_checkpoint turns it into one full file).
   std::string state_dict_type = "full";
 };
 

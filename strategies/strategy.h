@@ -114,13 +114,17 @@ class Strategy {
     return nullptr;
   }
   // Sharded checkpoints (fsdp with state_dict_type="sharded"): whether
-  // fabric.save writes a directory with one file per rank holding what each rank
+  // fabric.save writes a distributed-checkpoint directory of what each rank
   // holds at rest (checkpoint/sharded_checkpoint.h) instead of one full file.
   virtual bool sharded_checkpoints() const { return false; }
-  // For a sharded checkpoint: the full shape of a parameter whose tensor between
-  // steps is only this rank's flat piece of it (in rank order, the pieces of all
-  // ranks concatenate to the flattened parameter); nullopt for one held whole.
-  virtual std::optional<std::vector<int64_t>> full_shape(const at::Tensor& /*param*/) const {
+  // For a sharded checkpoint: where a parameter whose tensor between steps is
+  // only this rank's flat piece of it lies in the whole (its full shape, and the
+  // piece's first element in the flattened parameter); nullopt for one held whole.
+  struct ParameterShard {
+    std::vector<int64_t> full_shape;
+    int64_t flat_offset = 0;
+  };
+  virtual std::optional<ParameterShard> parameter_shard(const at::Tensor& /*param*/) const {
     return std::nullopt;
   }
   // Runs `write(path)` on the rank(s) that write checkpoints (global rank 0 by

@@ -407,14 +407,21 @@ TEST(FabricRun, TheRankWatcherEndsAsItsProgramEnded) {
   EXPECT_EQ(fine.status, 0);
   EXPECT_EQ(fine.output, "trained\n");
   // SIGTERM reaches the program, which reports it, and the watcher ends by it too.
+  // Each program says when it is ready (a file), so that a loaded machine's
+  // slow start-up is not mistaken for a signal that was not forwarded.
+  const std::string ready = ::testing::TempDir() + "/watcher_ready";
+  const std::string wait_ready = "; while [ ! -e " + ready + " ]; do sleep 0.05; done; ";
+  fabric::fs::remove_all(ready);
   auto stopped = testutil::run_command(
-      g_fabric_run + " --watch-rank -- sh -c 'sleep 30 & s=$!; "
-      "trap \"echo program got TERM; kill $s; exit 0\" TERM; wait' & p=$!; sleep 1; kill -TERM $p; wait $p; echo watcher ended with $?");
+      g_fabric_run + " --watch-rank -- sh -c 'trap \"echo program got TERM; kill $s; exit 0\" TERM; "
+      "sleep 30 & s=$!; touch " + ready + "; wait' & p=$!" + wait_ready +
+      "kill -TERM $p; wait $p; echo watcher ended with $?");
   EXPECT_NE(stopped.output.find("program got TERM"), std::string::npos) << stopped.output;
   EXPECT_NE(stopped.output.find("watcher ended with 0"), std::string::npos) << stopped.output;
+  fabric::fs::remove_all(ready);
   auto killed = testutil::run_command(
-      g_fabric_run + " --watch-rank -- sleep 30 & p=$!; sleep 1; kill -TERM $p; wait $p; "
-      "echo watcher ended with $?");
+      g_fabric_run + " --watch-rank -- sh -c 'touch " + ready + "; exec sleep 30' & p=$!" + wait_ready +
+      "kill -TERM $p; wait $p; echo watcher ended with $?");
   EXPECT_NE(killed.output.find("watcher ended with 143"), std::string::npos) << killed.output;
   EXPECT_EQ(killed.output.find("torchfabric: rank"), std::string::npos) << killed.output;
   auto missing = testutil::run_command(g_fabric_run + " --watch-rank -- /nonexistent/train");

@@ -436,19 +436,23 @@ TEST(Examples, CustomTrainerRanksResumeFromTheCheckpointRankZeroChose) {
 namespace {
 
 // "max diff D A B": the largest difference between the tensors of two
-// checkpoints (files, or sharded directories compared file by file) and how
-// many tensors each holds.
+// checkpoints (files, or sharded directories read by PyTorch's own
+// dcp_to_torch_save) and how many tensors each holds.
 std::string compare_checkpoints(const std::string& a, const std::string& b) {
   const std::string script = ::testing::TempDir() + "/compare_checkpoints.py";
   std::ofstream(script) <<
       "import os, sys, torch\n"
-      "def files(p): return [os.path.join(p, f) for f in sorted(os.listdir(p))] if os.path.isdir(p) else [p]\n"
       "def tensors(x, out):\n"
       "    if isinstance(x, torch.Tensor): out.append(x)\n"
       "    elif isinstance(x, dict): [tensors(x[k], out) for k in sorted(x, key=str)]\n"
       "    elif isinstance(x, (list, tuple)): [tensors(v, out) for v in x]\n"
       "    return out\n"
-      "def load(p): return [t for f in files(p) for t in tensors(torch.load(f, weights_only=False), [])]\n"
+      "def read(p):\n"
+      "    if not os.path.isdir(p): return torch.load(p, weights_only=False)\n"
+      "    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save\n"
+      "    dcp_to_torch_save(p, p + '.whole')\n"
+      "    return [torch.load(p + '.whole'), torch.load(os.path.join(p, 'meta.pt'))]\n"
+      "def load(p): return tensors(read(p), [])\n"
       "a, b = load(sys.argv[1]), load(sys.argv[2])\n"
       "d = max(((x.double() - y.double()).abs().max().item() for x, y in zip(a, b) if x.numel()), default=-1)\n"
       "print('max diff', d, len(a), len(b))\n";

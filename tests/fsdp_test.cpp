@@ -17,6 +17,7 @@
 #include "accelerators/accelerator.h"
 #include "checkpoint/checkpoint.h"
 #include "checkpoint/filesystem.h"
+#include "checkpoint/dcp.h"
 #include "fsdp_model.h"
 #include "mpi_test_util.h"
 #include "test_util.h"
@@ -183,7 +184,9 @@ TEST(FsdpUnits, ShardedSaveInterruptedAtAnyStepLeavesACompleteCheckpoint) {
   std::string paths;
   for (const std::string& folder : {ckpt, ckpt + ".partial", ckpt + ".old"}) {
     paths += " -P " + folder;
-    for (const std::string file : {"shard_0.pt", "metadata.pt"}) paths += " -P " + folder + "/" + file;
+    for (const std::string file : {"__0_0.distcp", "__0_0.metadata", ".metadata", "meta.pt"}) {
+      paths += " -P " + folder + "/" + file;
+    }
   }
   for (const std::string call : {"mkdir", "rename", "renameat", "renameat2", "fsync", "fdatasync",
                                  "unlink", "unlinkat", "rmdir"}) {
@@ -199,7 +202,7 @@ TEST(FsdpUnits, ShardedSaveInterruptedAtAnyStepLeavesACompleteCheckpoint) {
       }
       ++interrupted;
       if (exchange) {
-        EXPECT_TRUE(fabric::fs::exists(ckpt + "/metadata.pt")) << "no complete checkpoint at " << ckpt;
+        EXPECT_TRUE(fabric::fs::exists(ckpt + "/.metadata")) << "no complete checkpoint at " << ckpt;
       }
       int64_t now = 0;
       ASSERT_NO_THROW(now = step_in()) << killed.output;
@@ -345,30 +348,54 @@ TEST(FsdpUnits, MemoryAtRestIsAboutHalfOfDdp) {
   }
 }
 
-// state_dict_type="sharded": a directory of one file per rank plus metadata,
-// reloaded at 2 ranks and at 1 rank (resuming exactly as the uninterrupted run),
-// and consolidated into the very file a full save writes (Python reads it).
+// state_dict_type="sharded": a torch.distributed.checkpoint directory (one data
+// file per rank, .metadata, meta.pt), reloaded at 2 ranks and at 1 rank
+// (resuming exactly as the uninterrupted run), at 3 and 4 ranks (the same
+// weights and optimizer state as the full file), and consolidated into the
+// very file a full save writes (Python reads it, and converts ours itself).
 TEST(FsdpUnits, ShardedCheckpointReloadsAtTwoRanksAndOneRankAndConsolidates) {
   const auto reference = one_process("adam").params;
   const auto saved = run_worker("sharded_save", "save", "--state-dict sharded");
   expect_close(reference, saved);  // the run that saved went on uninterrupted
   const std::string ckpt = saved + "/ckpt";
-  for (const char* file : {"metadata.pt", "shard_0.pt", "shard_1.pt"}) {
+  for (const char* file : {".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"}) {
     EXPECT_TRUE(fabric::fs::exists(ckpt + "/" + file)) << file;
   }
   EXPECT_FALSE(fabric::fs::exists(ckpt + ".partial"));
-  // Each rank's file holds half of every sharded tensor.
-  std::map<std::string, torch::Tensor> rank0, rank1, full;
-  testutil::flatten_tensors(fabric::read_checkpoint(ckpt + "/shard_0.pt"), "", rank0);
-  testutil::flatten_tensors(fabric::read_checkpoint(ckpt + "/shard_1.pt"), "", rank1);
+  // Each rank wrote its own piece of every sharded tensor.
+  const fabric::dcp::Reader reader(ckpt);
+  const auto& weight = reader.metadata().entries.at("model.b0.fc.weight");
+  EXPECT_EQ(weight.size, (std::vector<int64_t>{7, 7}));
+  int64_t on_rank0 = 0, on_rank1 = 0;
+  for (size_t i = 0; i < weight.chunks.size(); ++i) {
+    (weight.storage[i].relative_path == "__0_0.distcp" ? on_rank0 : on_rank1) += weight.chunks[i].numel();
+  }
+  EXPECT_GT(on_rank0, 0);
+  EXPECT_EQ(on_rank0 + on_rank1, 49);
+  for (const auto& s : reader.metadata().entries.at("model.b0.fc.bias").storage) {
+    EXPECT_EQ(s.relative_path, "__1_0.distcp");  // wholly on rank 1
+  }
+  EXPECT_TRUE(reader.has("optimizer.state.b0.fc.weight.exp_avg"));
+  std::map<std::string, torch::Tensor> full;
   testutil::flatten_tensors(fabric::read_checkpoint(saved + "/full.pt"), "", full);
-  ASSERT_TRUE(rank0.count("/model/b0.fc.weight"));
-  EXPECT_EQ(rank0["/model/b0.fc.weight"].numel() + rank1["/model/b0.fc.weight"].numel(), 49);
-  EXPECT_EQ(rank0["/model/b0.fc.bias"].numel(), 0);  // wholly on rank 1
   // A directory an interrupted save left behind does not matter.
   fabric::fs::make_directories(ckpt + ".partial");
-  std::ofstream(ckpt + ".partial/shard_0.pt") << "garbage";
+  std::ofstream(ckpt + ".partial/__0_0.distcp") << "garbage";
 
+  for (int ranks : {3, 4}) {  // resharded: other pieces of the same tensors
+    SCOPED_TRACE("reloaded at " + std::to_string(ranks) + " ranks");
+    const auto reloaded = run_worker("sharded_reload" + std::to_string(ranks), "reload",
+                                     "--state-dict sharded --from " + ckpt, ranks);
+    std::map<std::string, torch::Tensor> got;
+    testutil::flatten_tensors(fabric::read_checkpoint(reloaded + "/reloaded.pt"), "", got);
+    ASSERT_EQ(got.size(), full.size());
+    for (const auto& [path, tensor] : full) {
+      ASSERT_TRUE(got.count(path)) << path;
+      EXPECT_TRUE(torch::equal(got[path], tensor)) << path;
+    }
+  }
+  expect_close(reference, run_worker("sharded_resume4", "resume", "--state-dict sharded --from " + ckpt, 4),
+               1e-5, "params", 4);
   expect_close(reference, run_worker("sharded_resume2", "resume", "--state-dict sharded --from " + ckpt));
   expect_close(reference, run_worker("sharded_resume1", "resume", "--from " + ckpt, /*ranks=*/1),
                1e-5, "params", /*ranks=*/1);
@@ -390,6 +417,18 @@ TEST(FsdpUnits, ShardedCheckpointReloadsAtTwoRanksAndOneRankAndConsolidates) {
       "', weights_only=True); print(tuple(c['model']['b0.fc.weight'].shape), c['step'])\"");
   EXPECT_EQ(python.status, 0) << python.output;
   EXPECT_NE(python.output.find("(7, 7) 5"), std::string::npos) << python.output;
+  // PyTorch's own converter reads the directory as it is.
+  const std::string by_python = saved + "/by_python.pt";
+  auto convert = testutil::run_command(
+      testutil::python() + " -c \"import torch; from torch.distributed.checkpoint.format_utils import "
+      "dcp_to_torch_save as f; f('" + ckpt + "', '" + by_python + "'); c = torch.load('" + by_python +
+      "'); f = torch.load('" + saved + "/full.pt'); "
+      "assert all(torch.equal(c['model'][k], v) for k, v in f['model'].items()); "
+      "assert torch.equal(c['optimizer']['state']['b0.fc.weight']['exp_avg'], "
+      "f['optimizer']['state'][c['optimizer']['param_groups'][0]['params'].index('b0.fc.weight')]['exp_avg']); "
+      "print('python converted', len(c['model']))\"");
+  EXPECT_EQ(convert.status, 0) << convert.output;
+  EXPECT_NE(convert.output.find("python converted "), std::string::npos) << convert.output;
 }
 
 // A full checkpoint written at 1 rank loads into a 2-rank fsdp run that writes
@@ -399,6 +438,34 @@ TEST(FsdpUnits, OneRankFullCheckpointLoadsIntoTwoRankShardedRun) {
   const auto saved = run_worker("full_save1", "save", "", /*ranks=*/1);
   expect_close(reference, run_worker("full_to_sharded", "resume",
                                      "--state-dict sharded --from " + saved + "/ckpt"));
+}
+
+// A sharded load reads each rank's pieces only: the most the load allocates at
+// once is a share of the full model and Adam state that shrinks with the ranks
+// (its pieces, and a copy of the Adam moments the optimizer's codec makes: 1.67x
+// the shard), where the earlier route gathered the full state on every rank.
+TEST(FsdpUnits, ShardedLoadAllocatesOnlyItsPieces) {
+  const auto saved = run_worker("sharded_save_wide", "save", "--state-dict sharded --width 96");
+  int64_t full_bytes = 0;
+  std::map<std::string, torch::Tensor> full;
+  testutil::flatten_tensors(fabric::read_checkpoint(saved + "/full.pt"), "", full);
+  for (const auto& [path, t] : full) full_bytes += t.numel() * static_cast<int64_t>(t.element_size());
+  ASSERT_GT(full_bytes, 300000);
+  std::map<int, int64_t> worst;
+  for (int ranks : {2, 4}) {
+    const auto dir = run_worker("sharded_load_memory" + std::to_string(ranks), "reload",
+                                "--state-dict sharded --width 96 --from " + saved + "/ckpt", ranks);
+    for (int r = 0; r < ranks; ++r) {
+      int64_t peak = -1;
+      std::ifstream(dir + "/load_memory_rank" + std::to_string(r) + ".txt") >> peak;
+      std::cout << ranks << " ranks, rank " << r << ": load peak " << peak << " bytes of a " << full_bytes
+                << "-byte state" << std::endl;
+      EXPECT_GE(peak, 0);
+      EXPECT_LT(peak, full_bytes * 1.8 / ranks) << "rank " << r << " of " << ranks;
+      worst[ranks] = std::max(worst[ranks], peak);
+    }
+  }
+  EXPECT_LT(worst[4], worst[2] * 0.6) << "a sharded load's memory does not shrink with the ranks";
 }
 
 // The same units over NCCL on CUDA devices (spawned by Fabric, 1 and 2 ranks when

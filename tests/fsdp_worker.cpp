@@ -12,6 +12,10 @@
 //   save        train, saving {model, optimizer, step} to OUTDIR/ckpt after 5 steps
 //               (a directory with --state-dict sharded; rank 0 then also writes
 //               the full file OUTDIR/full.pt)
+//   reload      load --from PATH, train nothing; rank 0 writes OUTDIR/reloaded.pt
+//               (the model and optimizer as one full file); each rank writes
+//               OUTDIR/load_memory_rank<r>.txt: the most bytes the load had
+//               allocated at once beyond what was alive before it
 //   resume      load --from PATH into a fresh model and optimizer, train the
 //               remaining steps
 //   inf         with --fp16-scaler: at step 3 rank 1 alone puts an inf into one of
@@ -284,10 +288,26 @@ int main(int argc, char** argv) {
     const int64_t per_rank = 16 / world;
     std::vector<torch::Tensor> norms;
     int first_step = 0;
-    if (mode == "resume") {
+    if (mode == "resume" || mode == "reload") {
       fabric::State state{{"model", net}, {"optimizer", opt}, {"step", 0}};
+      CountingAllocator::reset_peak();
+      const int64_t before = CountingAllocator::live();
       fabric.load(from, state);
       first_step = static_cast<int>(state.at("step").to_int());
+      if (mode == "reload") {
+        std::ofstream(out + "/load_memory_rank" + std::to_string(rank) + ".txt")
+            << CountingAllocator::peak() - before << "\n";
+      }
+    }
+    if (mode == "reload") {
+      {
+        auto whole = fabric.strategy().full_state_context({model.get()}, {optimizer.get()}, false);
+        if (rank == 0) {
+          fabric::save_checkpoint(out + "/reloaded.pt",
+                                  {{"model", model}, {"optimizer", optimizer}, {"step", first_step}});
+        }
+      }
+      first_step = 10;
     }
     if (mode == "save_once") {
       auto [x, y] = fsdp_global_batch(0);

@@ -1,7 +1,8 @@
 // consolidate_checkpoint SHARDED_DIR OUT_FILE
 // Turns a sharded checkpoint (fabric.save under fsdp with
-// state_dict_type="sharded") into one full checkpoint file: the file a "full"
-// save would have written, which every strategy, and Python's torch.load, reads.
+// state_dict_type="sharded", or a torch.distributed.checkpoint directory Python
+// wrote) into one full checkpoint file: the file a "full" save would have
+// written, which every strategy, and Python's torch.load, reads.
 #include <exception>
 #include <iostream>
 #include <string>
@@ -12,13 +13,14 @@ int main(int argc, char** argv) {
   if (argc != 3 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
     std::cerr << "usage: consolidate_checkpoint SHARDED_DIR OUT_FILE\n"
                  "  writes the sharded checkpoint directory SHARDED_DIR (from fsdp with\n"
-                 "  state_dict_type=\"sharded\") as one full checkpoint file OUT_FILE"
+                 "  state_dict_type=\"sharded\", or Python's torch.distributed.checkpoint)\n"
+                 "  as one full checkpoint file OUT_FILE"
               << std::endl;
     return argc == 2 ? 0 : 2;
   }
   try {
     if (!fabric::is_sharded_checkpoint(argv[1])) {
-      std::cerr << "error: " << argv[1] << " is not a sharded checkpoint (no metadata.pt in it)"
+      std::cerr << "error: " << argv[1] << " is not a sharded checkpoint (no .metadata in it)"
                 << std::endl;
       return 1;
     }

@@ -81,7 +81,7 @@ class FSDPStrategy : public ParallelStrategy, private UnitRunner {
   bool sharded_checkpoints() const override { return options_.state_dict_type == "sharded"; }
   // Throws while the parameter's unit is gathered (between a forward and its
   // backward, or during no_backward_sync accumulation): save between steps.
-  std::optional<std::vector<int64_t>> full_shape(const at::Tensor& param) const override;
+  std::optional<ParameterShard> parameter_shard(const at::Tensor& param) const override;
 
   const FSDPOptions& options() const { return options_; }
   // Bytes of gathered (full) parameter buffers alive now, and the most at once

@@ -100,7 +100,7 @@ std::vector<std::pair<std::string, int64_t>> FSDPStrategy::units() const {
   return out;
 }
 
-std::optional<std::vector<int64_t>> FSDPStrategy::full_shape(const at::Tensor& param) const {
+std::optional<Strategy::ParameterShard> FSDPStrategy::parameter_shard(const at::Tensor& param) const {
   if (!sharded()) return std::nullopt;
   for (const auto& state : modules_) {
     for (const auto& unit : state->units) {
@@ -113,7 +113,8 @@ std::optional<std::vector<int64_t>> FSDPStrategy::full_shape(const at::Tensor& p
                 "not between a forward and its backward or during no_backward_sync "
                 "accumulation: unit '" + unit->display() + "' is gathered now");
           }
-          return flat->shapes[i];
+          const auto [lo, hi] = flat->piece_range(i);  // an empty piece starts at 0
+          return ParameterShard{flat->shapes[i], hi > lo ? lo - flat->offsets[i] : 0};
         }
       }
     }

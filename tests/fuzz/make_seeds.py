@@ -6,6 +6,7 @@
 OUT_DIR/seeds-checkpoint/  whole torch.save files (what checkpoint_fuzz reads)
 OUT_DIR/seeds-pickle/      the data.pkl of each of them, followed by the trailer
                            pickle_fuzz.cpp reads (its storage records' sizes)
+OUT_DIR/seeds-dcp/         .metadata files of distributed checkpoints (dcp_fuzz)
 
 Each seed is a real file Python writes: a small module's state_dict (an
 OrderedDict with _metadata), an optimizer's state_dict, tensors of many dtypes
@@ -140,6 +141,32 @@ def main():
                     f.write(z.read(pkl) + pickle_trailer(z, mapped=bool(suffix)))
             count += 1
     print(f"wrote {count} seeds each into {ckpt_dir} and {pkl_dir}")
+    dcp_seeds(os.path.join(out, "seeds-dcp"))
+
+
+def dcp_seeds(dcp_dir):
+    """The .metadata of distributed checkpoints dcp.save really writes (one
+    process, no process group): tensors of several dtypes and shapes, nested
+    dicts and lists, plain values."""
+    import tempfile
+    import torch.distributed.checkpoint as dcp
+    os.makedirs(dcp_dir, exist_ok=True)
+    states = {
+        "model": {"model": {"fc.weight": torch.randn(3, 4), "fc.bias": torch.zeros(3)}},
+        "optimizer": {"optimizer": {"state": {"fc.weight": {"step": torch.tensor(3.0),
+                                                            "exp_avg": torch.ones(3, 4)}},
+                                    "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": ["fc.weight"]}]}},
+        "dtypes": {k: torch.ones(2, 2, dtype=d) for k, d in
+                   [("f16", torch.float16), ("bf16", torch.bfloat16), ("i64", torch.int64), ("b", torch.bool)]},
+        "scalars": {"step": 5, "name": "run", "t": torch.tensor(1.5)},
+    }
+    for name, state in states.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp.save(state, checkpoint_id=tmp, no_dist=True)
+            with open(os.path.join(tmp, ".metadata"), "rb") as f, \
+                 open(os.path.join(dcp_dir, name + ".metadata"), "wb") as g:
+                g.write(f.read())
+    print(f"wrote {len(states)} seeds into {dcp_dir}")
 
 
 if __name__ == "__main__":
