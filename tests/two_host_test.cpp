@@ -273,8 +273,11 @@ TEST_F(TwoHosts, ARankKilledOnTheSecondHostRestartsTheJobOnBothAndItResumes) {
   ASSERT_FALSE(a.empty());
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
-    EXPECT_TRUE(torch::equal(a[i], b[i])) << "tensor " << i << " max diff "
-                                          << (a[i].to(torch::kDouble) - b[i].to(torch::kDouble)).abs().max().item<double>();
+    // Bit for bit in every run so far; 1e-6 as the example restart tests allow
+    // (a resumed ddp job has once ended 2.8e-8 apart under load: tests/example_test.cpp).
+    EXPECT_TRUE(torch::allclose(a[i], b[i], 0, 1e-6))
+        << "tensor " << i << " max diff "
+        << (a[i].to(torch::kDouble) - b[i].to(torch::kDouble)).abs().max().item<double>();
   }
   const char* id = std::getenv("TWO_HOSTS_ID");
   for (const char* ns : {"A", "B"}) {
