@@ -23,6 +23,7 @@
 #include <boost/program_options.hpp>
 
 #include "cli.h"
+#include "benchmarks/common/memory.h"
 #include "benchmarks/common/run_command.h"
 
 #include "checkpoint/checkpoint.h"
@@ -33,35 +34,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
-}
-long status_kib(const char* field) {
-  std::ifstream in("/proc/self/status");
-  const std::string prefix = std::string(field) + ":";
-  for (std::string line; std::getline(in, line);) {
-    if (line.rfind(prefix, 0) == 0) return std::stol(line.substr(prefix.size()));
-  }
-  return 0;
-}
-
-// Peak growth (bytes) of anonymous and of all resident memory while `run` runs,
-// sampled every 200 microseconds.
-std::pair<double, double> peak_growth(const std::function<void()>& run) {
-  const long anon0 = status_kib("RssAnon"), rss0 = status_kib("VmRSS");
-  std::atomic<bool> done{false};
-  long anon = anon0, rss = rss0;
-  std::thread sampler([&] {
-    while (!done) {
-      anon = std::max(anon, status_kib("RssAnon"));
-      rss = std::max(rss, status_kib("VmRSS"));
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
-  });
-  run();
-  done = true;
-  sampler.join();
-  anon = std::max(anon, status_kib("RssAnon"));
-  rss = std::max(rss, status_kib("VmRSS"));
-  return {1024.0 * static_cast<double>(anon - anon0), 1024.0 * static_cast<double>(rss - rss0)};
 }
 
 struct WideImpl : torch::nn::Module {
@@ -121,11 +93,11 @@ int main(int argc, char** argv) {
       while (warm.read(chunk.data(), static_cast<std::streamsize>(chunk.size()))) {
       }
     }
-    std::tie(mapped_anon, mapped_rss) = peak_growth([&] {
+    std::tie(mapped_anon, mapped_rss) = benchmarks::peak_growth([&] {
       fabric::State into{{"model", wide}};
       fabric::load_checkpoint(model_path, into);
     });
-    std::tie(copy_anon, copy_rss) = peak_growth([&] {
+    std::tie(copy_anon, copy_rss) = benchmarks::peak_growth([&] {
       const auto loaded = fabric::read_checkpoint(model_path, fabric::ReadMode::kCopy);
       fabric::load_module_state_dict(*wide, loaded.toGenericDict().at("model"));
     });

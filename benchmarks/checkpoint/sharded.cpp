@@ -24,6 +24,7 @@
 
 #include <boost/program_options.hpp>
 
+#include "benchmarks/common/memory.h"
 #include "benchmarks/common/run_command.h"
 #include "checkpoint/filesystem.h"
 #include "cli.h"
@@ -32,32 +33,6 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-long status_kib(const char* field) {
-  std::ifstream in("/proc/self/status");
-  const std::string prefix = std::string(field) + ":";
-  for (std::string line; std::getline(in, line);) {
-    if (line.rfind(prefix, 0) == 0) return std::stol(line.substr(prefix.size()));
-  }
-  return 0;
-}
-
-// Peak growth of anonymous memory (bytes) while `run` runs, sampled every 200 us.
-double peak_anon_growth(const std::function<void()>& run) {
-  const long start = status_kib("RssAnon");
-  std::atomic<bool> done{false};
-  long peak = start;
-  std::thread sampler([&] {
-    while (!done) {
-      peak = std::max(peak, status_kib("RssAnon"));
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
-  });
-  run();
-  done = true;
-  sampler.join();
-  return 1024.0 * static_cast<double>(std::max(peak, status_kib("RssAnon")) - start);
-}
 
 struct WideImpl : torch::nn::Module {
   WideImpl(int tensors, int64_t rows, int64_t cols) {
@@ -97,7 +72,7 @@ int worker(int tensors, int64_t rows, int64_t cols, int repeats, const std::stri
     fabric::State state{{"model", model}, {"optimizer", opt}, {"step", 0}};
     fabric.barrier();
     start = Clock::now();
-    const double grown = peak_anon_growth([&] { fabric.load(path, state); });
+    const double grown = benchmarks::peak_growth([&] { fabric.load(path, state); }).first;
     fabric.barrier();
     load = std::min(load, std::chrono::duration<double>(Clock::now() - start).count());
     memory = std::max(memory, grown);
