@@ -10,12 +10,10 @@
 
 #include <malloc.h>
 
-#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <functional>
-#include <thread>
 #include <iomanip>
 #include <iostream>
 #include <regex>

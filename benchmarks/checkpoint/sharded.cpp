@@ -13,14 +13,12 @@
 
 #include <malloc.h>
 
-#include <atomic>
 #include <chrono>
 #include <fstream>
 #include <functional>
 #include <iomanip>
 #include <iostream>
 #include <regex>
-#include <thread>
 
 #include <boost/program_options.hpp>
 

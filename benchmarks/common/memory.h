@@ -13,34 +13,38 @@
 
 namespace benchmarks {
 
-// A field of /proc/self/status in KiB ("RssAnon", "VmRSS"); 0 when absent.
-inline long status_kib(const char* field) {
+// RssAnon and VmRSS of /proc/self/status in KiB (0 when absent), from one read.
+inline std::pair<long, long> anon_and_rss_kib() {
   std::ifstream in("/proc/self/status");
-  const std::string prefix = std::string(field) + ":";
+  long anon = 0, rss = 0;
   for (std::string line; std::getline(in, line);) {
-    if (line.rfind(prefix, 0) == 0) return std::stol(line.substr(prefix.size()));
+    if (line.rfind("RssAnon:", 0) == 0) anon = std::stol(line.substr(8));
+    if (line.rfind("VmRSS:", 0) == 0) rss = std::stol(line.substr(6));
   }
-  return 0;
+  return {anon, rss};
 }
 
 // Peak growth (bytes) of anonymous and of all resident memory while `run` runs,
 // sampled every 200 microseconds.
 inline std::pair<double, double> peak_growth(const std::function<void()>& run) {
-  const long anon0 = status_kib("RssAnon"), rss0 = status_kib("VmRSS");
+  const auto [anon0, rss0] = anon_and_rss_kib();
   std::atomic<bool> done{false};
   long anon = anon0, rss = rss0;
+  const auto sample = [&] {
+    const auto [a, r] = anon_and_rss_kib();
+    anon = std::max(anon, a);
+    rss = std::max(rss, r);
+  };
   std::thread sampler([&] {
     while (!done) {
-      anon = std::max(anon, status_kib("RssAnon"));
-      rss = std::max(rss, status_kib("VmRSS"));
+      sample();
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
   });
   run();
   done = true;
   sampler.join();
-  anon = std::max(anon, status_kib("RssAnon"));
-  rss = std::max(rss, status_kib("VmRSS"));
+  sample();
   return {1024.0 * static_cast<double>(anon - anon0), 1024.0 * static_cast<double>(rss - rss0)};
 }
 
