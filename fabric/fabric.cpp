@@ -42,6 +42,7 @@ Fabric::Fabric(FabricOptions options) : options_(std::move(options)) {
   args.collective_timeout = options_.collective_timeout;
   args.ddp = options_.ddp;
   args.fsdp = options_.fsdp;
+  args.deepspeed = options_.deepspeed;
   strategy_ = options_.strategy_plugin ? options_.strategy_plugin
                                        : strategies::make_strategy(connection.strategy, args);
   // The strategy owns the precision plugin (Lightning's strategy.precision).

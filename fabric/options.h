@@ -45,7 +45,8 @@ struct FabricOptions {
   // "auto" (cuda when a GPU is visible, else cpu), "cpu", "cuda", "gpu" (= cuda).
   std::string accelerator = "auto";
   // "auto" (single_device for a world of one, else ddp), "single_device", "ddp",
-  // "fsdp" (fully sharded: see strategies/fsdp/fsdp.h), or a name the program added
+  // "fsdp" (fully sharded: see strategies/fsdp/fsdp.h), "deepspeed" (ZeRO stage 2)
+  // and "deepspeed_stage_{1,2,3}[_offload]" (strategies/deepspeed/deepspeed.h), or a name the program added
   // with strategies::register_strategy (strategies/registry.h).
   std::string strategy = "auto";
   // A ready-made strategy object (Lightning's `strategy=` given an instance);
@@ -88,6 +89,9 @@ struct FabricOptions {
   strategies::DDPOptions ddp;
   // Options of strategy "fsdp" (sharding_strategy, state_dict_type).
   strategies::FSDPOptions fsdp;
+  // Options of the deepspeed strategies (stage, offload, bucket sizes, loss
+  // scaling, `config`: a DeepSpeed JSON file); see strategies/deepspeed/deepspeed.h.
+  strategies::DeepSpeedOptions deepspeed;
   // Keep freed host memory in the process for the next step instead of handing it
   // back to the system between steps (accelerators/cpu_memory.h): no page faults on
   // reused activation memory, and a resident size that stays near its peak.

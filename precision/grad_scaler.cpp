@@ -18,7 +18,7 @@
 namespace fabric::precision {
 
 GradScaler::GradScaler(GradScalerOptions options)
-    : options_(options), pending_scale_(options.init_scale) {
+    : options_(options), pending_scale_(options.init_scale), hysteresis_left_(options.hysteresis) {
   if (!(options.init_scale > 0)) {
     throw std::invalid_argument("GradScaler: init_scale must be > 0, got " +
                                 std::to_string(options.init_scale));
@@ -181,6 +181,28 @@ void GradScaler::update() {
   }
   auto combined = found[0];
   for (size_t i = 1; i < found.size(); ++i) combined = combined.add(found[i]);
+  if (options_.hysteresis > 1 || options_.min_scale > 0) {
+    // DeepSpeed's rule, on the host (one read of the flag, as DeepSpeed does).
+    const bool overflow = combined.item<double>() != 0;
+    double scale = scale_.item<double>();
+    int64_t tracker = growth_tracker_.item<int64_t>();
+    if (overflow) {
+      tracker = 0;
+      if (hysteresis_left_ <= 1) {
+        scale = std::max(scale * options_.backoff_factor, options_.min_scale);
+      } else {
+        --hysteresis_left_;
+      }
+    } else if (++tracker >= options_.growth_interval) {
+      scale *= options_.growth_factor;
+      tracker = 0;
+      hysteresis_left_ = options_.hysteresis;
+    }
+    scale_.fill_(scale);
+    growth_tracker_.fill_(tracker);
+    per_optimizer_.clear();
+    return;
+  }
   at::_amp_update_scale_(scale_, growth_tracker_, combined, options_.growth_factor,
                          options_.backoff_factor, options_.growth_interval);
   per_optimizer_.clear();
@@ -193,6 +215,22 @@ double GradScaler::get_scale() const {
 
 int64_t GradScaler::growth_tracker() const {
   return growth_tracker_.defined() ? growth_tracker_.item<int64_t>() : pending_tracker_;
+}
+
+void GradScaler::set_options(GradScalerOptions options) {
+  if (scale_.defined()) {
+    throw std::logic_error("GradScaler: set_options() after scaling began; set the options before the "
+                           "first backward");
+  }
+  if (options.hysteresis < 1 || options.min_scale < 0 || options.init_scale <= 0 ||
+      options.growth_interval < 1) {
+    throw std::invalid_argument(
+        "GradScaler: hysteresis and growth_interval must be >= 1, init_scale > 0, min_scale >= 0");
+  }
+  options_ = options;
+  pending_scale_ = options.init_scale;
+  pending_tracker_ = 0;
+  hysteresis_left_ = options.hysteresis;
 }
 
 void GradScaler::load(double scale, int64_t growth_tracker) {

@@ -31,6 +31,11 @@ struct GradScalerOptions {
   double backoff_factor = 0.5;
   int64_t growth_interval = 2000;
   bool enabled = true;
+  // DeepSpeed's dynamic loss scaler (strategy="deepspeed"): the scale is lowered
+  // only after `hysteresis` overflows in a row (counted again from the next
+  // growth), and never below `min_scale`. 1 and 0 are torch.amp's behaviour.
+  int64_t hysteresis = 1;
+  double min_scale = 0;
 };
 
 class GradScaler {
@@ -74,6 +79,9 @@ class GradScaler {
   // Whether the most recent step() was skipped because of inf/nan gradients.
   bool last_step_skipped() const { return last_step_skipped_; }
   const GradScalerOptions& options() const { return options_; }
+  // Replaces the options before the first scale() (a strategy applying its own
+  // loss-scaling settings); throws std::logic_error once scaling has begun.
+  void set_options(GradScalerOptions options);
   bool is_enabled() const { return options_.enabled; }
 
   // The scale and growth tracker, for checkpoints: {"scale", "_growth_tracker"}.
@@ -99,6 +107,7 @@ class GradScaler {
   at::Tensor growth_tracker_;  // int32, shape [1]
   double pending_scale_;
   int64_t pending_tracker_ = 0;
+  int64_t hysteresis_left_ = 1;  // overflows in a row still tolerated (options_.hysteresis)
   bool last_step_skipped_ = false;
   FoundInfReducer reducer_;
   std::unordered_map<const torch::optim::Optimizer*, OptimizerState> per_optimizer_;

@@ -35,7 +35,7 @@ libstdc++.so.6 libgcc_s.so.1 ld-linux-x86-64.so.2 libz.so.1"
 fabric_sonames_re='^(libucp|libucs|libucm|libuct|libfabric|libibverbs|librdmacm|libpsm|libpsm2|libpsm_infinipath|libnl-3|libnl-route-3|libgfortran|libjvm)\.'
 packages=(libboost-program-options1.74-dev libboost-program-options1.74.0 libgtest-dev
           libopenmpi-dev libopenmpi3 openmpi-bin openmpi-common zlib1g-dev fortunes
-          fortunes-min)
+          fortunes-min nlohmann-json3-dev)
 
 debs=$out.debs
 stage=$out.stage

@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=2.11.0
 PACKAGES=(bazel-bootstrap bazel-bootstrap-source cmake g++ make libgtest-dev googletest
           libboost-program-options-dev zlib1g-dev libopenmpi-dev openmpi-bin
-          dataset-fashion-mnist fortunes strace iproute2)
+          dataset-fashion-mnist fortunes strace iproute2 nlohmann-json3-dev)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -72,3 +72,49 @@ struct FSDPOptions {
 };
 
 }  // namespace fabric::strategies
+
+namespace fabric::strategies {
+
+// strategy="deepspeed" and its stage names: torchfabric's own implementation of
+// DeepSpeed's ZeRO stages (there is no DeepSpeed for C++), with the names and
+// defaults of Lightning's DeepSpeedStrategy (strategies/deepspeed/deepspeed.h).
+// Sizes are in elements, as DeepSpeed counts them.
+struct DeepSpeedOptions {
+  // 1: optimizer state (and fp32 master weights) partitioned; 2: gradients too;
+  // 3: parameters too (FSDP's FULL_SHARD machinery). Set by the strategy name.
+  int stage = 2;
+  // fp32 master weights and optimizer state in host memory (pinned on CUDA), the
+  // step on the CPU; the device keeps parameters in their compute dtype.
+  bool offload_optimizer = false;
+  // Stage 3: parameters at rest in host memory as well (offload_param.device="cpu").
+  bool offload_parameters = false;
+  // Elements all-gathered at once after the step (stages 1-2).
+  int64_t allgather_bucket_size = 200000000;
+  // Elements per gradient bucket reduced during backward.
+  int64_t reduce_bucket_size = 200000000;
+  // Reduce buckets while backward goes on (false: all at its end).
+  bool overlap_comm = true;
+  // Accepted for compatibility: gradients are always copied into contiguous buckets.
+  bool contiguous_gradients = true;
+  // Loss scaling under "16-mixed": loss_scale 0 is dynamic, starting at
+  // 2**initial_scale_power and doubled after loss_scale_window clean steps; a
+  // value > 0 is a static scale. hysteresis: overflows in a row before the scale
+  // is lowered; min_loss_scale: the floor.
+  double loss_scale = 0;
+  int initial_scale_power = 16;
+  int loss_scale_window = 1000;
+  int hysteresis = 2;
+  double min_loss_scale = 1;
+  // A DeepSpeed JSON config file (ds_config.json); "" also reads the file named
+  // by PL_DEEPSPEED_CONFIG_PATH when set. Its values replace the ones above
+  // (strategies/deepspeed/config.h says which keys are read).
+  std::string config;
+  // Filled from the config's "gradient_clipping" (0: none): the norm the
+  // strategy clips the gradients to before every optimizer step.
+  double gradient_clipping = 0;
+  // From the config's "train_micro_batch_size_per_gpu" (0: not given), for the
+  // program's data loader: the strategy itself does not batch.
+  int64_t train_micro_batch_size_per_gpu = 0;
+};
+
+}  // namespace fabric::strategies

@@ -6,6 +6,7 @@
 
 #include "util/quoted_list.h"
 #include "strategies/ddp.h"
+#include "strategies/deepspeed/deepspeed.h"
 #include "strategies/fsdp/fsdp.h"
 #include "strategies/single_device.h"
 
@@ -57,6 +58,14 @@ Table& table() {
          [](const StrategyArgs& args) -> std::shared_ptr<Strategy> {
            return std::make_shared<FSDPStrategy>(args.topology, process_group_options(args), args.fsdp);
          }});
+    // Lightning's DeepSpeed names, ours underneath (strategies/deepspeed/deepspeed.h).
+    for (const auto& entry : deepspeed_names()) {
+      const std::string name = entry.name;
+      t->entries.push_back(
+          {{name, entry.description}, [name](const StrategyArgs& args) -> std::shared_ptr<Strategy> {
+             return make_deepspeed_strategy(name, args.topology, process_group_options(args), args.deepspeed);
+           }});
+    }
     return t;
   }();
   return *t;

@@ -34,6 +34,7 @@ struct StrategyArgs {
   std::chrono::milliseconds collective_timeout = std::chrono::minutes(10);  // 0: off
   DDPOptions ddp;
   FSDPOptions fsdp;
+  DeepSpeedOptions deepspeed;
 };
 // (The precision plugin is not an argument: Fabric hands it to the built
 // strategy through Strategy::set_precision.)

@@ -4,6 +4,8 @@
 //               [--state-dict full|sharded] [--from CHECKPOINT] [--fp16-scaler]
 //               [--reduce-dtype fp32|bf16|fp16] [--accelerator cpu|cuda] [--devices N]
 //               [--freeze b1,root,...] (requires_grad=false on those blocks / the root)
+//               [--deepspeed-config FILE] [--bucket-size ELEMENTS] (deepspeed's reduce_bucket_size)
+// --strategy also takes the deepspeed names (tests/deepspeed_test.cpp).
 // MODE:
 //   train       10 steps on this rank's half of each 16-row global batch
 //   accumulate  the same in 2 micro-batches per step, the first under no_backward_sync
@@ -227,6 +229,8 @@ int main(int argc, char** argv) {
     else if (flag == "--accelerator") options.accelerator = value, ++i;
     else if (flag == "--devices") options.devices = fabric::Devices(value), ++i;
     else if (flag == "--reduce-dtype") options.fsdp.reduce_dtype = value, ++i;
+    else if (flag == "--deepspeed-config") options.deepspeed.config = value, ++i;
+    else if (flag == "--bucket-size") options.deepspeed.reduce_bucket_size = std::stoll(value), ++i;
     else if (flag == "--no-reshard") options.fsdp.reshard_after_forward = false;
     else if (flag == "--tag") tag = std::stoll(value), ++i;
     else if (flag == "--freeze") {
@@ -364,7 +368,9 @@ int main(int argc, char** argv) {
       }
       if (mode == "inf" && step == 3 && rank == 1) {
         torch::NoGradGuard no_grad;
-        for (auto& p : model->parameters()) {
+        // The gradients the optimizer steps: the module's (fsdp: its pieces) or,
+        // under deepspeed stages 1-2, this rank's pieces of them.
+        for (auto& p : fabric::strategies::optimizer_parameters(*optimizer)) {
           if (p.grad().defined() && p.grad().numel() > 0) {
             p.grad().view({-1})[0] = std::numeric_limits<float>::infinity();
             break;

@@ -1,0 +1,151 @@
+// strategy="deepspeed": torchfabric's own implementation of DeepSpeed's ZeRO
+// stages (DeepSpeed has no C++ API), under Lightning's names:
+//   deepspeed (stage 2), deepspeed_stage_1, deepspeed_stage_2, deepspeed_stage_3,
+//   each also with _offload (fp32 master weights and optimizer state in host memory).
+//
+// Stages 1 and 2 (ZeRODataParallel below). Parameters stay whole on every rank, so
+// forward and backward need no gathers. At setup the trainable parameters are
+// packed into flat buckets (reverse registration order, the order backward
+// produces gradients; one dtype each, at most reduce_bucket_size elements, padded
+// to a multiple of the world size) and become views of them; rank r owns the
+// r-th 1/N of every bucket. The optimizer does not step the module's parameters
+// but this rank's pieces of them (fabric.setup swaps them into its groups): the
+// pieces alias the flat buffer, or, under half precision or offload, are fp32
+// master copies (in host memory with offload). So optimizer state is 1/N.
+// In backward a hook per parameter copies its gradient into its bucket; a full
+// bucket is reduced at once, buckets in order on every rank: stage 1 all-reduces
+// it (the averaged full gradients stay readable in param.grad until the next
+// backward), stage 2 reduce-scatters it, and each rank keeps only its slice
+// (gradient memory 1/N). The pieces' gradients accumulate across synced backwards
+// until optimizer.zero_grad(); no_backward_sync accumulates full gradients in
+// param.grad (the next synced backward reduces their sum). A parameter with no
+// gradient on a rank counts as zeros there (DeepSpeed's rule: no unused-parameter
+// error). After the step each bucket's slices are all-gathered back into the
+// whole parameters, at most allgather_bucket_size elements in flight.
+//
+// Stage 3 is FSDP's FULL_SHARD (strategies/fsdp/fsdp.h) under this name.
+//
+// Checkpoints: inside fabric.save/load the optimizer shows the module's
+// parameters and full-sized state again, so the file is the one DDP writes
+// and loads into any strategy (and any strategy's file loads here).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "strategies/fsdp/fsdp.h"
+#include "strategies/options.h"
+#include "strategies/parallel.h"
+
+namespace fabric::strategies {
+
+// Builds the strategy a deepspeed name stands for: reads options.config (or
+// PL_DEEPSPEED_CONFIG_PATH) first. Throws std::invalid_argument for
+// deepspeed_stage_3_offload_nvme, a name whose stage the config contradicts,
+// and bad config values.
+std::shared_ptr<Strategy> make_deepspeed_strategy(const std::string& name, Topology topology,
+                                                  ProcessGroupOptions process_group,
+                                                  DeepSpeedOptions options);
+
+// The names above with what each does, for the registry.
+struct DeepSpeedName {
+  const char* name;
+  int stage;
+  bool offload;
+  const char* description;
+};
+const std::vector<DeepSpeedName>& deepspeed_names();
+
+// ZeRO stages 1 and 2.
+class ZeRODataParallel : public ParallelStrategy {
+ public:
+  // The precision flags the config file asked for (checked in set_precision).
+  struct ConfigPrecision {
+    std::optional<bool> fp16, bf16;
+  };
+  ZeRODataParallel(std::string name, Topology topology, ProcessGroupOptions process_group,
+                   DeepSpeedOptions options, ConfigPrecision config_precision = {});
+  ~ZeRODataParallel() override;
+
+  // Also applies the loss-scaling options to the plugin's GradScaler and makes
+  // the ranks agree on inf/nan (each checks only its pieces).
+  void set_precision(std::shared_ptr<precision::Precision> precision) override;
+  void setup_module(torch::nn::Module& module) override;
+  // Swaps the optimizer's parameters for this rank's pieces; refuses one with
+  // state, or a trainable parameter of no module set up here.
+  void setup_optimizer(torch::optim::Optimizer& optimizer) override;
+  // Clips (config gradient_clipping), steps the pieces, copies masters back,
+  // all-gathers the updated parameters.
+  at::Tensor optimizer_step(torch::optim::Optimizer& optimizer,
+                            const precision::LossClosure& closure) override;
+  void backward(const at::Tensor& loss) override;
+  // The norm over every rank's gradient pieces (one all-reduce).
+  double clip_gradients_norm(torch::nn::Module* module, torch::optim::Optimizer& optimizer,
+                             double max_norm, double norm_type, bool error_if_nonfinite) override;
+  precision::ScopePtr full_state_context(const std::vector<torch::nn::Module*>& modules,
+                                         const std::vector<torch::optim::Optimizer*>& optimizers,
+                                         bool loading) override;
+
+  const DeepSpeedOptions& options() const { return options_; }
+  int stage() const { return options_.stage; }
+  // Whether the optimizer steps fp32 master copies (half precision or offload).
+  bool uses_master_weights() const { return masters_; }
+  // Bytes of gradients this strategy holds now (buckets, pieces' and full
+  // gradients, each storage once), for memory tests and benchmarks.
+  int64_t gradient_bytes() const;
+  // Number of buckets of each set-up module, for tests.
+  std::vector<size_t> bucket_counts() const;
+
+  struct Bucket;       // (zero.cpp)
+  struct ModuleState;  // (zero.cpp)
+  class StateScope;    // (zero_state.cpp)
+
+ private:
+  void launch_ready(ModuleState& state);
+  void finish_sync(ModuleState& state);
+  // The piece that stands for `param` in an optimizer, or null.
+  struct Owner {
+    ModuleState* state;
+    size_t bucket, index;
+  };
+  const Owner* owner_of(const at::Tensor& param) const;
+
+  DeepSpeedOptions options_;
+  ConfigPrecision config_precision_;
+  bool masters_ = false;  // decided at the first setup_module (from the parameters' dtype)
+  bool in_backward_ = false;
+  std::vector<std::unique_ptr<ModuleState>> modules_;
+  // Each set-up optimizer: the buckets its pieces lie in, in bucket order.
+  std::unordered_map<const torch::optim::Optimizer*, std::vector<std::pair<ModuleState*, size_t>>> optimizers_;
+  std::unordered_map<const void*, Owner> owners_;  // model parameter or piece -> where it lies
+  precision::GradScaler* reducing_scaler_ = nullptr;
+};
+
+// ZeRO stage 3: FSDP FULL_SHARD under the deepspeed names (the stage's own
+// options: bucket sizes are FSDP's units here).
+class DeepSpeedStage3 : public FSDPStrategy {
+ public:
+  DeepSpeedStage3(std::string name, Topology topology, ProcessGroupOptions process_group,
+                  DeepSpeedOptions options, FSDPOptions fsdp,
+                  ZeRODataParallel::ConfigPrecision config_precision = {});
+  // FSDP's, then the loss-scaling options and the config's precision check.
+  void set_precision(std::shared_ptr<precision::Precision> precision) override;
+  // Clips to the config's gradient_clipping first.
+  at::Tensor optimizer_step(torch::optim::Optimizer& optimizer,
+                            const precision::LossClosure& closure) override;
+  const DeepSpeedOptions& deepspeed_options() const { return deepspeed_; }
+
+ private:
+  DeepSpeedOptions deepspeed_;
+  ZeRODataParallel::ConfigPrecision config_precision_;
+};
+
+// The config's precision flags against the plugin (an error naming both when
+// they disagree), and DeepSpeed's loss-scaling options on its GradScaler.
+void apply_deepspeed_precision(const std::string& strategy, const DeepSpeedOptions& options,
+                               const ZeRODataParallel::ConfigPrecision& config,
+                               precision::Precision& plugin);
+
+}  // namespace fabric::strategies
