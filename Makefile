@@ -45,6 +45,7 @@ bench: build
 	./bazel-bin/benchmarks/ddp/ddp_bench
 	./bazel-bin/benchmarks/ddp/ddp_bench --batch-size 256
 	./bazel-bin/benchmarks/fsdp/fsdp_bench
+	./bazel-bin/benchmarks/deepspeed/deepspeed_bench
 	./bazel-bin/benchmarks/fused/fused_bench
 	./bazel-bin/benchmarks/vs_lightning/vs_lightning_bench --python $(PYTHON)
 	./bazel-bin/benchmarks/checkpoint/checkpoint_bench --python $(PYTHON)

@@ -202,14 +202,22 @@ TEST(Examples, ClassifierReachesEightyFivePercent) {
 
 // The GPT example on the fortunes text: a short run's loss falls from ln(256)
 // (uniform over bytes) under each strategy, and fsdp prints the very losses DDP
-// prints from the same seed (its blocks are sharding units).
+// prints from the same seed (its blocks are sharding units), and so do ZeRO stages 1
+// and 2 (deepspeed_stage_2, and deepspeed with a DeepSpeed JSON config).
 TEST(Examples, GptLossFallsUnderEveryStrategyAndFsdpMatchesDdp) {
   const std::string small = " --accelerator cpu --max-steps 40 --eval-every 20 --n-layer 2 --n-embd 64"
                             " --n-head 4 --block-size 32 --batch-size 8 --sample 20";
   std::map<std::string, std::vector<std::string>> lines;
+  // A DeepSpeed config as these users have it (stage 1, the batch size; a key
+  // without effect, which is warned about).
+  const std::string ds_config = ::testing::TempDir() + "/gpt_ds_config.json";
+  std::ofstream(ds_config) << R"({"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 8,
+                                  "steps_per_print": 100})";
+  const std::string ds_run = "--devices 2 --strategy deepspeed --deepspeed-config " + ds_config;
   for (const std::string run : {"--strategy single_device", "--devices 2 --strategy ddp",
                                 "--devices 2 --strategy fsdp",
-                                "--devices 2 --strategy fsdp --precision bf16-mixed"}) {
+                                "--devices 2 --strategy fsdp --precision bf16-mixed",
+                                "--devices 2 --strategy deepspeed_stage_2", ds_run.c_str()}) {
     SCOPED_TRACE(run);
     auto result = testutil::run_command(g_gpt + small + " " + run);
     ASSERT_EQ(result.status, 0) << result.output;
@@ -227,6 +235,9 @@ TEST(Examples, GptLossFallsUnderEveryStrategyAndFsdpMatchesDdp) {
     EXPECT_NE(result.output.find("sample:"), std::string::npos) << result.output;
   }
   EXPECT_EQ(lines["--devices 2 --strategy fsdp"], lines["--devices 2 --strategy ddp"]);
+  // ZeRO stages 1 and 2 (the tied head and embedding are one parameter).
+  EXPECT_EQ(lines["--devices 2 --strategy deepspeed_stage_2"], lines["--devices 2 --strategy ddp"]);
+  EXPECT_EQ(lines[ds_run], lines["--devices 2 --strategy ddp"]);
 }
 
 // Flags below their minimum are errors naming the flag, before anything runs

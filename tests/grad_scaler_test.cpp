@@ -262,3 +262,37 @@ TEST(GradScaler, FoundInfReducerDecidesWhetherTheStepIsSkipped) {
   scaler.set_found_inf_reducer(nullptr);
   EXPECT_FALSE(scaler.has_found_inf_reducer());
 }
+
+// DeepSpeed's dynamic loss scaler (strategy="deepspeed" sets these options): the
+// scale is lowered only at the hysteresis-th overflow in a row, never below
+// min_scale, and a growth restores the hysteresis. Every overflow still skips.
+TEST(GradScaler, HysteresisAndMinScaleFollowDeepSpeedsRule) {
+  GradScalerOptions options;
+  options.init_scale = 8;
+  options.growth_interval = 3;
+  options.hysteresis = 2;
+  options.min_scale = 2;
+  fabric::Fabric fabric({.accelerator = "cpu", .devices = 1,
+                         .precision_plugin = std::make_shared<MixedPrecision>(
+                             torch::kHalf, c10::kCPU, std::make_unique<GradScaler>(options))});
+  auto model = make_net(0);
+  auto optimizer = std::make_shared<torch::optim::SGD>(model->parameters(), 0.01);
+  auto [net, opt] = fabric.setup(model, optimizer);
+  auto* scaler = fabric.precision().scaler();
+  ASSERT_NE(scaler, nullptr);
+  auto x = torch::randn({16, 6}), y = torch::randn({16, 1});
+  // (overflow?, the scale after the step), worked out from DeepSpeed's rule.
+  const std::vector<std::pair<bool, double>> steps = {
+      {true, 8},  {true, 4},  {true, 2},  {true, 2},   // hysteresis 2, then halving to the floor
+      {false, 2}, {false, 2}, {false, 4},              // 3 clean steps: growth, hysteresis back to 2
+      {true, 4},  {true, 2},  {false, 2}};
+  for (size_t i = 0; i < steps.size(); ++i) {
+    opt.zero_grad();
+    fabric.backward(torch::mse_loss(net(x), y));
+    if (steps[i].first) model->fc1->weight.mutable_grad()[0][0] = std::numeric_limits<float>::infinity();
+    opt.step();
+    EXPECT_EQ(scaler->last_step_skipped(), steps[i].first) << "step " << i;
+    EXPECT_EQ(scaler->get_scale(), steps[i].second) << "step " << i;
+  }
+  EXPECT_THROW_WITH(scaler->set_options(options), "set_options() after scaling began");
+}

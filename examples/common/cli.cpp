@@ -15,6 +15,7 @@
 #include "fabric/fabric.h"
 #include "loggers/csv_logger.h"
 #include "loggers/tensorboard_logger.h"
+#include "strategies/deepspeed/config.h"
 #include "strategies/registry.h"
 
 namespace examples {
@@ -69,6 +70,11 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
        po::value(&args.fabric.fsdp.state_dict_type)->default_value(args.fabric.fsdp.state_dict_type),
        "with --strategy fsdp: what checkpoints hold, full (one file) or sharded (a directory, one file "
        "per rank)")
+      ("deepspeed-config",
+       po::value(&args.fabric.deepspeed.config)->default_value(args.fabric.deepspeed.config),
+       "with --strategy deepspeed*: a DeepSpeed JSON config (ds_config.json): ZeRO stage, offload, "
+       "bucket sizes, gradient_clipping, fp16 loss scaling; its train_micro_batch_size_per_gpu is "
+       "the batch size unless --batch-size is given")
       ("num-nodes", po::value(&args.fabric.num_nodes)->default_value(args.fabric.num_nodes),
        "number of nodes")
       ("precision", po::value(&precision)->default_value(precision),
@@ -173,6 +179,29 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
       std::cerr << "error: --" << flag.name << " must be at least " << flag.min << ", got "
                 << *flag.integer << std::endl;
       std::exit(2);
+    }
+  }
+  if (!args.fabric.deepspeed.config.empty()) {
+    if (args.fabric.strategy.rfind("deepspeed", 0) != 0) {
+      reject("--deepspeed-config needs --strategy deepspeed (or deepspeed_stage_N...), got --strategy " +
+             args.fabric.strategy);
+    }
+    // The config's micro-batch size, as DeepSpeed's own scripts take it (the
+    // strategy reads the rest of the file, and reports its errors, at launch).
+    fabric::strategies::DeepSpeedOptions read;
+    try {
+      fabric::strategies::apply_deepspeed_config(args.fabric.deepspeed.config, 0, read);
+    } catch (const std::exception& e) {
+      reject(e.what());
+    }
+    if (read.train_micro_batch_size_per_gpu > 0) {
+      if (vm["batch-size"].defaulted()) {
+        args.batch_size = read.train_micro_batch_size_per_gpu;
+      } else if (args.batch_size != read.train_micro_batch_size_per_gpu) {
+        reject("--batch-size " + std::to_string(args.batch_size) + " disagrees with the deepspeed config's "
+               "train_micro_batch_size_per_gpu = " + std::to_string(read.train_micro_batch_size_per_gpu) +
+               "; give one of them");
+      }
     }
   }
   args.fabric.devices = fabric::Devices(devices);

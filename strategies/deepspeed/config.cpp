@@ -67,11 +67,8 @@ bool offload_device(Reader& r, const json& section, const std::string& key) {
       on = device == "cpu";
     } else if (name == "pin_memory") {
       r.boolean(value, path);  // host memory is pinned on CUDA anyway
-    } else if (name == "nvme_path" || name == "buffer_count" || name == "buffer_size" ||
-               name == "max_in_cpu" || name == "fast_init" || name == "ratio") {
-      r.ignore(path);
     } else {
-      r.ignore(path);
+      r.ignore(path);  // buffer_count, fast_init, ratio, ...: tuning
     }
   }
   return on;
@@ -192,7 +189,7 @@ DeepSpeedConfigResult apply_deepspeed_config_text(const std::string& text, const
     }
   }
   options.train_micro_batch_size_per_gpu = micro;
-  if (batch && micro > 0 && *batch != micro * accumulation * world_size) {
+  if (batch && micro > 0 && world_size > 0 && *batch != micro * accumulation * world_size) {
     throw std::invalid_argument(
         "deepspeed config " + origin + ": 'train_batch_size' = " + std::to_string(*batch) +
         " is not train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size = " +

@@ -27,7 +27,7 @@ struct DeepSpeedConfigResult {
   std::vector<std::string> ignored;
 };
 
-// Reads `path` into `options` (world_size checks train_batch_size). Throws
+// Reads `path` into `options` (world_size checks train_batch_size; 0: not). Throws
 // std::invalid_argument naming the file and the key for what cannot be applied.
 DeepSpeedConfigResult apply_deepspeed_config(const std::string& path, int64_t world_size,
                                              DeepSpeedOptions& options);

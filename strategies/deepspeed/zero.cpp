@@ -33,6 +33,14 @@ at::Tensor alias(const at::Tensor& base, int64_t offset, c10::IntArrayRef sizes)
   return out;
 }
 
+// A bucket's gradient buffer for this backward: every parameter's slice is
+// written (its gradient, or zeros) before the bucket is reduced; the padding is zero.
+void allocate_grad(ZeRODataParallel::Bucket& bucket) {
+  bucket.grad = at::empty({bucket.padded}, bucket.flat.options());
+  const int64_t used = bucket.offsets.back() + bucket.numels.back();
+  if (used < bucket.padded) bucket.grad.narrow(0, used, bucket.padded - used).zero_();
+}
+
 }  // namespace
 
 void apply_deepspeed_precision(const std::string& strategy, const DeepSpeedOptions& options,
@@ -192,13 +200,15 @@ void ZeRODataParallel::setup_module(torch::nn::Module& module) {
             auto& bucket = raw->buckets[b];
             if (bucket.ready[i]) return outputs;
             auto& param = bucket.params[i];
-            if (!bucket.grad.defined()) bucket.grad = at::zeros({bucket.padded}, bucket.flat.options());
+            if (!bucket.grad.defined()) allocate_grad(bucket);
             const auto& grad = param.grad();
+            auto slice = bucket.grad.narrow(0, bucket.offsets[i], bucket.numels[i]);
             if (grad.defined()) {
-              auto slice = bucket.grad.narrow(0, bucket.offsets[i], bucket.numels[i]);
               // The average's division on the way in (one pass over the gradient).
               at::mul_out(slice, grad.reshape({-1}), 1.0 / static_cast<double>(topology_.world_size));
               param.mutable_grad() = at::Tensor();  // the bucket holds it now
+            } else {
+              slice.zero_();
             }
             bucket.ready[i] = 1;
             raw->touched = true;
@@ -260,7 +270,7 @@ void ZeRODataParallel::setup_optimizer(torch::optim::Optimizer& optimizer) {
 void ZeRODataParallel::launch_ready(ModuleState& state) {
   while (state.next_launch < state.buckets.size() && state.buckets[state.next_launch].pending == 0) {
     auto& bucket = state.buckets[state.next_launch++];
-    if (!bucket.grad.defined()) bucket.grad = at::zeros({bucket.padded}, bucket.flat.options());
+    if (!bucket.grad.defined()) allocate_grad(bucket);
     if (options_.stage == 1) {
       std::vector<at::Tensor> one = {bucket.grad};
       bucket.work = backend().allreduce(one, c10d::AllreduceOptions());
@@ -332,6 +342,10 @@ void ZeRODataParallel::finish_sync(ModuleState& state) {
   // Gradients that did not arrive count as zeros (their part of the bucket).
   for (size_t b = state.next_launch; b < state.buckets.size(); ++b) {
     auto& bucket = state.buckets[b];
+    if (!bucket.grad.defined()) allocate_grad(bucket);
+    for (size_t i = 0; i < bucket.params.size(); ++i) {
+      if (!bucket.ready[i]) bucket.grad.narrow(0, bucket.offsets[i], bucket.numels[i]).zero_();
+    }
     std::fill(bucket.ready.begin(), bucket.ready.end(), 1);
     bucket.pending = 0;
   }
