@@ -60,6 +60,15 @@ TEST(DeepSpeedConfig, LightningsNamesAreRegisteredAndNvmeIsRefused) {
   EXPECT_EQ(stage3->name(), "deepspeed_stage_3");
   EXPECT_THROW_WITH(fabric::strategies::make_strategy("deepspeed_stage_3_offload_nvme", args),
                     "not supported", "NVMe", "'deepspeed_stage_3_offload'");
+  args.deepspeed.state_dict_type = "sharded";
+  EXPECT_THROW_WITH(fabric::strategies::make_strategy("deepspeed_stage_1", args), "'sharded'",
+                    "stage 3", "full");
+  EXPECT_NE(dynamic_cast<fabric::strategies::FSDPStrategy*>(fabric::strategies::make_strategy("deepspeed_stage_3", args).get())
+                ->sharded_checkpoints(),
+            false);
+  args.deepspeed.state_dict_type = "dcp";
+  EXPECT_THROW_WITH(fabric::strategies::make_strategy("deepspeed_stage_3", args), "state_dict_type='dcp'", "'full'");
+  args.deepspeed.state_dict_type = "full";
   EXPECT_THROW_WITH(fabric::strategies::make_strategy("deepspeed_stage_3_offload", args),
                     "stage 3 is not implemented", "'deepspeed_stage_2_offload'");
 }

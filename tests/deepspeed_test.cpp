@@ -153,7 +153,7 @@ TEST(DeepSpeed, OffloadStepsFp32MastersAsPlainLibTorchDoes) {
 
 // A full checkpoint at stage 1 is the file DDP writes (the same tensors under
 // the same keys), and it resumes under stage 2, stage 3 and fsdp; DDP's file
-// resumes under stage 2 and an fsdp sharded (DCP) checkpoint under stages 1 and 2.
+// resumes under stage 2, and stage 3's sharded (DCP) checkpoint under stages 1 and 2.
 TEST(DeepSpeed, CheckpointsAreDdpsFilesAndLoadAcrossStrategies) {
   const auto reference = one_process("adam").params;
   const auto stage1 = run_ds("save_stage1", "save", "--strategy deepspeed_stage_1_offload");
@@ -174,7 +174,8 @@ TEST(DeepSpeed, CheckpointsAreDdpsFilesAndLoadAcrossStrategies) {
                                    std::string("--strategy ") + strategy + " --from " + stage1 + "/ckpt"));
   }
   expect_close(reference, run_ds("resume_ddp_file", "resume", "--strategy deepspeed_stage_2 --from " + ddp + "/ckpt"));
-  const auto sharded = run_ds("save_dcp", "save", "--strategy fsdp --state-dict sharded");
+  const auto sharded = run_ds("save_dcp", "save", "--strategy deepspeed_stage_3 --state-dict sharded");
+  ASSERT_TRUE(fabric::fs::exists(sharded + "/ckpt/.metadata"));
   for (const char* strategy : {"deepspeed_stage_1", "deepspeed_stage_2_offload"}) {
     SCOPED_TRACE(std::string("a DCP checkpoint resumed under ") + strategy);
     expect_close(reference, run_ds(std::string("resume_dcp_") + strategy, "resume",

@@ -224,7 +224,7 @@ int main(int argc, char** argv) {
     else if (flag == "--optimizer") optimizer_name = value, ++i;
     else if (flag == "--precision") options.precision = value, ++i;
     else if (flag == "--width") width = std::stoi(value), ++i;
-    else if (flag == "--state-dict") options.fsdp.state_dict_type = value, ++i;
+    else if (flag == "--state-dict") options.fsdp.state_dict_type = options.deepspeed.state_dict_type = value, ++i;
     else if (flag == "--from") from = value, ++i;
     else if (flag == "--accelerator") options.accelerator = value, ++i;
     else if (flag == "--devices") options.devices = fabric::Devices(value), ++i;

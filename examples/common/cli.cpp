@@ -68,8 +68,8 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
        "with --strategy fsdp: FULL_SHARD, SHARD_GRAD_OP or NO_SHARD")
       ("state-dict-type",
        po::value(&args.fabric.fsdp.state_dict_type)->default_value(args.fabric.fsdp.state_dict_type),
-       "with --strategy fsdp: what checkpoints hold, full (one file) or sharded (a directory, one file "
-       "per rank)")
+       "with --strategy fsdp or deepspeed_stage_3: what checkpoints hold, full (one file) or sharded "
+       "(a directory, one file per rank)")
       ("deepspeed-config",
        po::value(&args.fabric.deepspeed.config)->default_value(args.fabric.deepspeed.config),
        "with --strategy deepspeed*: a DeepSpeed JSON config (ds_config.json): ZeRO stage, offload, "
@@ -181,6 +181,7 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
       std::exit(2);
     }
   }
+  args.fabric.deepspeed.state_dict_type = args.fabric.fsdp.state_dict_type;
   if (!args.fabric.deepspeed.config.empty()) {
     if (args.fabric.strategy.rfind("deepspeed", 0) != 0) {
       reject("--deepspeed-config needs --strategy deepspeed (or deepspeed_stage_N...), got --strategy " +

@@ -78,9 +78,20 @@ std::shared_ptr<Strategy> make_deepspeed_strategy(const std::string& name, Topol
     throw std::invalid_argument("deepspeed: stage=" + std::to_string(options.stage) +
                                 " is not supported. Valid values: 1, 2, 3");
   }
+  if (options.state_dict_type != "full" && options.state_dict_type != "sharded") {
+    throw std::invalid_argument(name + ": " + unsupported_value("state_dict_type", options.state_dict_type,
+                                                                {"full", "sharded"}));
+  }
+  if (options.state_dict_type == "sharded" && options.stage != 3) {
+    throw std::invalid_argument(
+        name + ": state_dict_type='sharded' is implemented for ZeRO stage 3 (deepspeed_stage_3); "
+        "stages 1 and 2 write the full file DDP writes (state_dict_type='full'), and load sharded "
+        "(DCP) checkpoints from any strategy");
+  }
   if (options.stage == 3) {
     FSDPOptions fsdp;
     fsdp.sharding_strategy = "FULL_SHARD";
+    fsdp.state_dict_type = options.state_dict_type;
     return std::make_shared<DeepSpeedStage3>(name, std::move(topology), std::move(process_group), options,
                                              fsdp, precision);
   }
