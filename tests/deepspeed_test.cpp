@@ -8,6 +8,7 @@
 #include <fstream>
 #include <map>
 
+#include "accelerators/accelerator.h"
 #include "checkpoint/checkpoint.h"
 #include "checkpoint/filesystem.h"
 #include "fsdp_model.h"
@@ -60,7 +61,7 @@ TEST(DeepSpeed, ClippingEqualsOneProcess) {
   const auto reference = one_process("sgd", false, 0.05);
   std::vector<torch::Tensor> norms;
   for (double n : reference.norms) norms.push_back(torch::tensor(n));
-  for (const char* stage : {"1", "2", "3"}) {
+  for (const char* stage : {"1", "2", "3", "3_offload"}) {
     SCOPED_TRACE(std::string("stage ") + stage);
     const auto dir = run_ds(std::string("clip") + stage, "clip",
                             std::string("--optimizer sgd --strategy deepspeed_stage_") + stage);
@@ -90,20 +91,20 @@ TEST(DeepSpeed, AccumulationAndPartlyUsedParametersEqualOneProcess) {
 // Loss scaling: an inf in one rank's gradient pieces makes every rank skip that
 // step with equal scales (the worker checks), and the next step trains.
 TEST(DeepSpeed, Fp16InfOnOneRankSkipsTheStepOnEveryRank) {
-  for (const char* stage : {"1", "2", "3"}) {
+  for (const char* stage : {"1", "2", "3", "3_offload"}) {
     SCOPED_TRACE(std::string("stage ") + stage);
     run_ds(std::string("inf") + stage, "inf", std::string("--fp16-scaler --strategy deepspeed_stage_") + stage);
   }
 }
 
-// Offload in fp32: masters and Adam state on the host, the same numbers.
+// Offload in fp32 (stages 1-3): masters and Adam state on the host, the same numbers.
 // bf16-true: the model computes in bf16 while the optimizer steps fp32 masters
 // with fp32 Adam state; plain LibTorch doing exactly that is the reference (one
 // rank, so that the bf16 forward sees the same rows), and it is not what plain
 // bf16 training gives (the test can tell the two apart).
 TEST(DeepSpeed, OffloadStepsFp32MastersAsPlainLibTorchDoes) {
   const auto reference = one_process("adam").params;
-  for (const char* stage : {"1", "2"}) {
+  for (const char* stage : {"1", "2", "3"}) {
     SCOPED_TRACE(std::string("offload at stage ") + stage);
     expect_close(reference, run_ds(std::string("offload") + stage, "train",
                                    std::string("--strategy deepspeed_stage_") + stage + "_offload"));
@@ -143,7 +144,8 @@ TEST(DeepSpeed, OffloadStepsFp32MastersAsPlainLibTorchDoes) {
     apart = std::max(apart, (expected[i] - plain_params[i]).abs().max().item<double>());
   }
   ASSERT_GT(apart, 1e-3) << "plain bf16 training gives the masters' result: the test would not tell them apart";
-  for (const char* strategy : {"deepspeed_stage_2_offload", "deepspeed_stage_1"}) {
+  for (const char* strategy : {"deepspeed_stage_2_offload", "deepspeed_stage_1", "deepspeed_stage_3",
+                               "deepspeed_stage_3_offload"}) {
     SCOPED_TRACE(std::string("bf16-true under ") + strategy);
     expect_close(expected, run_ds(std::string("bf16_") + strategy, "train",
                                   std::string("--precision bf16-true --devices 1 --strategy ") + strategy, 1),
@@ -154,6 +156,34 @@ TEST(DeepSpeed, OffloadStepsFp32MastersAsPlainLibTorchDoes) {
 // A full checkpoint at stage 1 is the file DDP writes (the same tensors under
 // the same keys), and it resumes under stage 2, stage 3 and fsdp; DDP's file
 // resumes under stage 2, and stage 3's sharded (DCP) checkpoint under stages 1 and 2.
+// On a GPU (NCCL; skipped without one): each stage, offload included, trains as
+// one process does, and a stage-1 file resumes under stage 3 with offload.
+TEST(DeepSpeedCuda, NcclStagesAndOffloadMatchOneProcess) {
+  const int gpus = static_cast<int>(fabric::cuda_device_count());
+  if (gpus == 0) GTEST_SKIP() << "no GPU visible";
+  const auto reference = one_process("adam").params;
+  const int world = std::min(gpus, 2);
+  const std::string flags = " --accelerator cuda --devices " + std::to_string(world);
+  for (const char* strategy : {"deepspeed_stage_1", "deepspeed_stage_2_offload", "deepspeed_stage_3",
+                               "deepspeed_stage_3_offload"}) {
+    SCOPED_TRACE(strategy);
+    const std::string dir = ::testing::TempDir() + "/deepspeed_cuda_" + strategy;
+    fabric::fs::remove_all(dir);
+    fabric::fs::make_directories(dir);
+    auto saved = testutil::run_command(g_fsdp_worker + " save " + dir + flags + " --strategy " + strategy);
+    ASSERT_EQ(saved.status, 0) << saved.output;
+    expect_close(reference, dir, 1e-4, "params", world);
+  }
+  const std::string resumed = ::testing::TempDir() + "/deepspeed_cuda_resumed";
+  fabric::fs::remove_all(resumed);
+  fabric::fs::make_directories(resumed);
+  auto run = testutil::run_command(g_fsdp_worker + " resume " + resumed + flags +
+                                   " --strategy deepspeed_stage_3_offload --from " + ::testing::TempDir() +
+                                   "/deepspeed_cuda_deepspeed_stage_1/ckpt");
+  ASSERT_EQ(run.status, 0) << run.output;
+  expect_close(reference, resumed, 1e-4, "params", world);
+}
+
 TEST(DeepSpeed, CheckpointsAreDdpsFilesAndLoadAcrossStrategies) {
   const auto reference = one_process("adam").params;
   const auto stage1 = run_ds("save_stage1", "save", "--strategy deepspeed_stage_1_offload");
@@ -174,6 +204,11 @@ TEST(DeepSpeed, CheckpointsAreDdpsFilesAndLoadAcrossStrategies) {
                                    std::string("--strategy ") + strategy + " --from " + stage1 + "/ckpt"));
   }
   expect_close(reference, run_ds("resume_ddp_file", "resume", "--strategy deepspeed_stage_2 --from " + ddp + "/ckpt"));
+  // Stage 3 with fp32 masters in host memory: the file, and back.
+  expect_close(reference, run_ds("resume_stage3_offload", "resume",
+                                 "--strategy deepspeed_stage_3_offload --from " + stage1 + "/ckpt"));
+  const auto stage3 = run_ds("save_stage3_offload", "save", "--strategy deepspeed_stage_3_offload");
+  expect_close(reference, run_ds("resume_from_stage3", "resume", "--strategy deepspeed_stage_1 --from " + stage3 + "/ckpt"));
   const auto sharded = run_ds("save_dcp", "save", "--strategy deepspeed_stage_3 --state-dict sharded");
   ASSERT_TRUE(fabric::fs::exists(sharded + "/ckpt/.metadata"));
   for (const char* strategy : {"deepspeed_stage_1", "deepspeed_stage_2_offload"}) {

@@ -1,10 +1,16 @@
 // The deepspeed names, the config file and stage 3 (FSDP under these names).
 #include "strategies/deepspeed/deepspeed.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <stdexcept>
 
+#include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/optim/optimizer.h>
+
+#include "optim/codec.h"
 #include "strategies/deepspeed/config.h"
 #include "util/quoted_list.h"
 
@@ -56,7 +62,7 @@ std::shared_ptr<Strategy> make_deepspeed_strategy(const std::string& name, Topol
   if (config.empty()) {
     if (const char* env = std::getenv("PL_DEEPSPEED_CONFIG_PATH"); env && *env) config = env;
   }
-  ZeRODataParallel::ConfigPrecision precision;
+  ZeRODataParallel::FromConfig precision;
   if (!config.empty()) {
     const int named_stage = options.stage;
     auto read = apply_deepspeed_config(config, topology.world_size, options);
@@ -68,10 +74,10 @@ std::shared_ptr<Strategy> make_deepspeed_strategy(const std::string& name, Topol
     }
     precision.fp16 = read.fp16;
     precision.bf16 = read.bf16;
-    if (!read.ignored.empty() && topology.global_rank == 0) {
-      std::cerr << "torchfabric: warning: the deepspeed config '" << config
-                << "' has keys torchfabric does not read (no effect on the training): "
-                << quoted_list(read.ignored) << std::endl;
+    if (!read.ignored.empty()) {
+      precision.warning = "the deepspeed config '" + config +
+                          "' has keys torchfabric does not read (no effect on the training): " +
+                          quoted_list(read.ignored);
     }
   }
   if (options.stage < 1 || options.stage > 3) {
@@ -101,22 +107,72 @@ std::shared_ptr<Strategy> make_deepspeed_strategy(const std::string& name, Topol
 
 DeepSpeedStage3::DeepSpeedStage3(std::string name, Topology topology, ProcessGroupOptions process_group,
                                  DeepSpeedOptions options, FSDPOptions fsdp,
-                                 ZeRODataParallel::ConfigPrecision config_precision)
+                                 ZeRODataParallel::FromConfig from_config)
     : FSDPStrategy(std::move(topology), std::move(process_group), std::move(fsdp)),
       deepspeed_(std::move(options)),
-      config_precision_(config_precision) {
+      from_config_(from_config) {
   name_ = std::move(name);
-  if (deepspeed_.offload_optimizer || deepspeed_.offload_parameters) {
+  if (deepspeed_.offload_parameters && !root_device().is_cpu()) {
     throw std::invalid_argument(
-        name_ + ": offloading at ZeRO stage 3 is not implemented in torchfabric yet. Use "
-        "'deepspeed_stage_3' (everything sharded on the device) or 'deepspeed_stage_2_offload' "
-        "(fp32 masters and optimizer state in host memory)");
+        name_ + ": offload_parameters (offload_param.device=\"cpu\") is not implemented on CUDA: "
+        "parameter pieces stay in device memory. Use offload_optimizer alone (fp32 masters and "
+        "optimizer state in host memory), or 'deepspeed_stage_3'");
   }
+}
+
+void DeepSpeedStage3::setup_optimizer(torch::optim::Optimizer& optimizer) {
+  FSDPStrategy::setup_optimizer(optimizer);
+  if (masters_.count(&optimizer)) return;
+  const bool offload = deepspeed_.offload_optimizer;
+  const auto device = offload ? c10::Device(c10::kCPU) : root_device();
+  const bool pin = offload && root_device().is_cuda();
+  std::vector<Master> list;
+  torch::NoGradGuard no_grad;
+  for (auto& group : optimizer.param_groups()) {
+    for (auto& p : group.params()) {
+      if (!p.requires_grad() || (!offload && p.scalar_type() == at::kFloat)) continue;
+      auto master = at::empty(p.sizes(), at::TensorOptions().dtype(at::kFloat).device(device).pinned_memory(pin));
+      master.copy_(p);
+      master.requires_grad_(true);
+      list.push_back({p, master});
+      p = master;
+    }
+  }
+  if (!list.empty()) masters_[&optimizer] = std::move(list);
+}
+
+void DeepSpeedStage3::backward(const at::Tensor& loss) {
+  FSDPStrategy::backward(loss);
+  if (!gradient_sync()) return;  // full gradients stay with the parameters until the synced one
+  torch::NoGradGuard no_grad;
+  for (auto& [optimizer, list] : masters_) {
+    for (auto& m : list) {
+      const auto grad = m.param.grad();
+      if (!grad.defined()) continue;
+      if (m.master.grad().defined()) {
+        m.master.mutable_grad().add_(grad.to(m.master.device()));
+      } else {
+        m.master.mutable_grad() = grad.to(m.master.options().requires_grad(false), false, true);
+      }
+      m.param.mutable_grad() = at::Tensor();
+    }
+  }
+}
+
+void warn_about_config(const ZeRODataParallel::FromConfig& from_config, int64_t global_rank) {
+  if (!from_config.warning.empty() && global_rank == 0) {
+    std::cerr << "torchfabric: warning: " << from_config.warning << std::endl;
+  }
+}
+
+void DeepSpeedStage3::setup_environment() {
+  FSDPStrategy::setup_environment();
+  warn_about_config(from_config_, global_rank());
 }
 
 void DeepSpeedStage3::set_precision(std::shared_ptr<precision::Precision> plugin) {
   // The scaler's options first: FSDP installs its found-inf reducer on it.
-  apply_deepspeed_precision(name_, deepspeed_, config_precision_, *plugin);
+  apply_deepspeed_precision(name_, deepspeed_, from_config_, *plugin);
   FSDPStrategy::set_precision(std::move(plugin));
 }
 
@@ -125,7 +181,109 @@ at::Tensor DeepSpeedStage3::optimizer_step(torch::optim::Optimizer& optimizer,
   if (deepspeed_.gradient_clipping > 0) {
     clip_gradients_norm(nullptr, optimizer, deepspeed_.gradient_clipping, 2.0, false);
   }
-  return FSDPStrategy::optimizer_step(optimizer, closure);
+  auto out = FSDPStrategy::optimizer_step(optimizer, closure);
+  auto it = masters_.find(&optimizer);
+  if (it != masters_.end()) {
+    torch::NoGradGuard no_grad;
+    for (auto& m : it->second) m.param.copy_(m.master);
+  }
+  return out;
+}
+
+// Around fsdp's own scope: the optimizer shows the module's parameters (fsdp
+// gathers their state), its state on their device; on exit the masters and
+// their state come back (after a load: the loaded values, the masters taken
+// from the loaded parameters).
+class DeepSpeedStage3::MasterScope : public precision::Scope {
+ public:
+  MasterScope(DeepSpeedStage3& strategy, const std::vector<torch::optim::Optimizer*>& optimizers, bool loading)
+      : strategy_(strategy), loading_(loading) {
+    torch::NoGradGuard no_grad;
+    for (auto* optimizer : optimizers) {
+      auto it = strategy_.masters_.find(optimizer);
+      if (it == strategy_.masters_.end()) continue;
+      std::unordered_map<const void*, const Master*> of;
+      for (const auto& m : it->second) of[m.master.unsafeGetTensorImpl()] = &m;
+      for (auto& group : optimizer->param_groups()) {
+        for (auto& p : group.params()) {
+          auto found = of.find(p.unsafeGetTensorImpl());
+          if (found == of.end()) continue;
+          swaps_.push_back({optimizer, &p, *found->second});
+          move_state(*optimizer, found->second->master, found->second->param);
+          p = found->second->param;
+          if (loading_) continue;
+          auto st = optimizer->state().find(p.unsafeGetTensorImpl());
+          if (st == optimizer->state().end()) continue;
+          for (auto* slot : optim::codec_for(optimizer->defaults()).per_element_state(*st->second)) {
+            if (!slot->defined()) continue;
+            saved_.push_back({slot, *slot});
+            *slot = slot->to(p.device());
+          }
+        }
+      }
+    }
+  }
+  ~MasterScope() override {
+    try {
+      leave();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "torchfabric: %s: restoring the fp32 masters after a checkpoint failed: %s\n",
+                   strategy_.name().c_str(), e.what());
+    }
+  }
+  precision::ScopePtr inner;  // fsdp's scope, left before this one
+
+ private:
+  struct Swap {
+    torch::optim::Optimizer* optimizer;
+    at::Tensor* in_group;
+    Master entry;
+  };
+  static void move_state(torch::optim::Optimizer& optimizer, const at::Tensor& from, const at::Tensor& to) {
+    auto& states = optimizer.state();
+    auto it = states.find(from.unsafeGetTensorImpl());
+    if (it == states.end()) return;
+    auto state = std::move(it->second);
+    states.erase(it);
+    states[to.unsafeGetTensorImpl()] = std::move(state);
+  }
+  void leave() {
+    inner.reset();
+    torch::NoGradGuard no_grad;
+    for (auto& [slot, value] : saved_) *slot = value;
+    for (auto& swap : swaps_) {
+      auto& m = swap.entry;
+      if (loading_) {
+        auto st = swap.optimizer->state().find(m.param.unsafeGetTensorImpl());
+        if (st != swap.optimizer->state().end()) {
+          for (auto* slot : optim::codec_for(swap.optimizer->defaults()).per_element_state(*st->second)) {
+            if (slot->defined()) *slot = slot->to(m.master.options().requires_grad(false), false, true);
+          }
+        }
+      }
+      move_state(*swap.optimizer, m.param, m.master);
+      *swap.in_group = m.master;
+    }
+    // After any load (a module alone too) every master starts from its piece.
+    if (loading_) {
+      for (auto& [optimizer, list] : strategy_.masters_) {
+        for (auto& m : list) m.master.copy_(m.param);
+      }
+    }
+  }
+  DeepSpeedStage3& strategy_;
+  bool loading_;
+  std::vector<Swap> swaps_;
+  std::vector<std::pair<at::Tensor*, at::Tensor>> saved_;
+};
+
+precision::ScopePtr DeepSpeedStage3::full_state_context(const std::vector<torch::nn::Module*>& modules,
+                                                        const std::vector<torch::optim::Optimizer*>& optimizers,
+                                                        bool loading) {
+  if (masters_.empty()) return FSDPStrategy::full_state_context(modules, optimizers, loading);
+  auto scope = std::make_unique<MasterScope>(*this, optimizers, loading);
+  scope->inner = FSDPStrategy::full_state_context(modules, optimizers, loading);
+  return scope;
 }
 
 }  // namespace fabric::strategies

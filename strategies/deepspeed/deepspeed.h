@@ -23,7 +23,8 @@
 // error). After the step each bucket's slices are all-gathered back into the
 // whole parameters, at most allgather_bucket_size elements in flight.
 //
-// Stage 3 is FSDP's FULL_SHARD (strategies/fsdp/fsdp.h) under this name.
+// Stage 3 is FSDP's FULL_SHARD (strategies/fsdp/fsdp.h) under this name, with
+// fp32 master weights (and their offload) over its pieces.
 //
 // Checkpoints: inside fabric.save/load the optimizer shows the module's
 // parameters and full-sized state again, so the file is the one DDP writes
@@ -61,13 +62,17 @@ const std::vector<DeepSpeedName>& deepspeed_names();
 // ZeRO stages 1 and 2.
 class ZeRODataParallel : public ParallelStrategy {
  public:
-  // The precision flags the config file asked for (checked in set_precision).
-  struct ConfigPrecision {
+  // What the config file said beyond the options: its precision flags (checked
+  // in set_precision), and the warning about keys without effect (printed by
+  // rank 0 when the ranks start, not by a process that only spawns them).
+  struct FromConfig {
     std::optional<bool> fp16, bf16;
+    std::string warning;
   };
   ZeRODataParallel(std::string name, Topology topology, ProcessGroupOptions process_group,
-                   DeepSpeedOptions options, ConfigPrecision config_precision = {});
+                   DeepSpeedOptions options, FromConfig from_config = {});
   ~ZeRODataParallel() override;
+  void setup_environment() override;
 
   // Also applies the loss-scaling options to the plugin's GradScaler and makes
   // the ranks agree on inf/nan (each checks only its pieces).
@@ -89,6 +94,7 @@ class ZeRODataParallel : public ParallelStrategy {
                                          bool loading) override;
 
   const DeepSpeedOptions& options() const { return options_; }
+  const FromConfig& from_config() const { return from_config_; }
   int stage() const { return options_.stage; }
   // Whether the optimizer steps fp32 master copies (half precision or offload).
   bool uses_master_weights() const { return masters_; }
@@ -113,7 +119,7 @@ class ZeRODataParallel : public ParallelStrategy {
   const Owner* owner_of(const at::Tensor& param) const;
 
   DeepSpeedOptions options_;
-  ConfigPrecision config_precision_;
+  FromConfig from_config_;
   bool masters_ = false;  // decided at the first setup_module (from the parameters' dtype)
   bool in_backward_ = false;
   std::vector<std::unique_ptr<ModuleState>> modules_;
@@ -125,27 +131,50 @@ class ZeRODataParallel : public ParallelStrategy {
 
 // ZeRO stage 3: FSDP FULL_SHARD under the deepspeed names (the stage's own
 // options: bucket sizes are FSDP's units here).
+//
+// fp32 master weights (offload_optimizer, or parameters in bf16/fp16): the
+// optimizer steps fp32 copies of this rank's parameter pieces (in host memory
+// with offload, pinned on CUDA); after each synced backward the pieces'
+// gradients move into the masters' (so optimizer.zero_grad() clears them), and
+// after the step the pieces get the masters' values in their own dtype. The
+// parameters themselves stay on the device (offload_parameters beyond that is
+// not implemented on CUDA: an error).
 class DeepSpeedStage3 : public FSDPStrategy {
  public:
   DeepSpeedStage3(std::string name, Topology topology, ProcessGroupOptions process_group,
                   DeepSpeedOptions options, FSDPOptions fsdp,
-                  ZeRODataParallel::ConfigPrecision config_precision = {});
+                  ZeRODataParallel::FromConfig from_config = {});
+  void setup_environment() override;
   // FSDP's, then the loss-scaling options and the config's precision check.
   void set_precision(std::shared_ptr<precision::Precision> precision) override;
-  // Clips to the config's gradient_clipping first.
+  void setup_optimizer(torch::optim::Optimizer& optimizer) override;
+  void backward(const at::Tensor& loss) override;
+  // Clips to the config's gradient_clipping first; copies masters back after.
   at::Tensor optimizer_step(torch::optim::Optimizer& optimizer,
                             const precision::LossClosure& closure) override;
+  precision::ScopePtr full_state_context(const std::vector<torch::nn::Module*>& modules,
+                                         const std::vector<torch::optim::Optimizer*>& optimizers,
+                                         bool loading) override;
   const DeepSpeedOptions& deepspeed_options() const { return deepspeed_; }
+  bool uses_master_weights() const { return !masters_.empty(); }
 
  private:
+  class MasterScope;
+  struct Master {
+    at::Tensor param;   // the module's parameter (between steps: its piece)
+    at::Tensor master;  // what the optimizer steps
+  };
   DeepSpeedOptions deepspeed_;
-  ZeRODataParallel::ConfigPrecision config_precision_;
+  ZeRODataParallel::FromConfig from_config_;
+  std::unordered_map<const torch::optim::Optimizer*, std::vector<Master>> masters_;
 };
 
+// Prints the config's warning (from_config.warning) on global rank 0.
+void warn_about_config(const ZeRODataParallel::FromConfig& from_config, int64_t global_rank);
 // The config's precision flags against the plugin (an error naming both when
 // they disagree), and DeepSpeed's loss-scaling options on its GradScaler.
 void apply_deepspeed_precision(const std::string& strategy, const DeepSpeedOptions& options,
-                               const ZeRODataParallel::ConfigPrecision& config,
+                               const ZeRODataParallel::FromConfig& config,
                                precision::Precision& plugin);
 
 }  // namespace fabric::strategies

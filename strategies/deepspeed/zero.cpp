@@ -44,7 +44,7 @@ void allocate_grad(ZeRODataParallel::Bucket& bucket) {
 }  // namespace
 
 void apply_deepspeed_precision(const std::string& strategy, const DeepSpeedOptions& options,
-                               const ZeRODataParallel::ConfigPrecision& config,
+                               const ZeRODataParallel::FromConfig& config,
                                precision::Precision& plugin) {
   const auto dtype = plugin.compute_dtype();
   const auto check = [&](const std::optional<bool>& enabled, const char* key, at::ScalarType want,
@@ -80,10 +80,10 @@ void apply_deepspeed_precision(const std::string& strategy, const DeepSpeedOptio
 }
 
 ZeRODataParallel::ZeRODataParallel(std::string name, Topology topology, ProcessGroupOptions process_group,
-                                   DeepSpeedOptions options, ConfigPrecision config_precision)
+                                   DeepSpeedOptions options, FromConfig from_config)
     : ParallelStrategy(std::move(name), std::move(topology), std::move(process_group)),
       options_(std::move(options)),
-      config_precision_(config_precision) {
+      from_config_(from_config) {
   if (options_.stage != 1 && options_.stage != 2) {
     throw std::invalid_argument(name_ + ": ZeRODataParallel runs stages 1 and 2, not " +
                                 std::to_string(options_.stage) + " (stage 3 is DeepSpeedStage3)");
@@ -103,9 +103,14 @@ ZeRODataParallel::~ZeRODataParallel() {
   if (reducing_scaler_) reducing_scaler_->set_found_inf_reducer(nullptr);
 }
 
+void ZeRODataParallel::setup_environment() {
+  ParallelStrategy::setup_environment();
+  warn_about_config(from_config_, global_rank());
+}
+
 void ZeRODataParallel::set_precision(std::shared_ptr<precision::Precision> plugin) {
   Strategy::set_precision(std::move(plugin));
-  apply_deepspeed_precision(name_, options_, config_precision_, precision());
+  apply_deepspeed_precision(name_, options_, from_config_, precision());
   if (reducing_scaler_) reducing_scaler_->set_found_inf_reducer(nullptr);
   reducing_scaler_ = nullptr;
   // Each rank checks only its pieces for inf/nan: the ranks agree (max), so
