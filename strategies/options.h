@@ -86,7 +86,9 @@ struct DeepSpeedOptions {
   // fp32 master weights and optimizer state in host memory (pinned on CUDA), the
   // step on the CPU; the device keeps parameters in their compute dtype.
   bool offload_optimizer = false;
-  // Stage 3: parameters at rest in host memory as well (offload_param.device="cpu").
+  // Stage 3: parameter pieces at rest in host memory as well
+  // (offload_param.device="cpu"). Not implemented on CUDA (an error); on a CPU
+  // device they are there already.
   bool offload_parameters = false;
   // Elements all-gathered at once after the step (stages 1-2).
   int64_t allgather_bucket_size = 200000000;

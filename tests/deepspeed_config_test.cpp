@@ -73,7 +73,11 @@ TEST(DeepSpeedConfig, LightningsNamesAreRegisteredAndNvmeIsRefused) {
   auto* s3 = dynamic_cast<fabric::strategies::DeepSpeedStage3*>(offload3.get());
   ASSERT_NE(s3, nullptr);
   EXPECT_TRUE(s3->deepspeed_options().offload_optimizer);
-  EXPECT_TRUE(s3->deepspeed_options().offload_parameters);  // host memory already on a CPU
+  EXPECT_FALSE(s3->deepspeed_options().offload_parameters);
+  // Parameter pieces in host memory: where the device is the CPU they are already.
+  args.deepspeed.offload_parameters = true;
+  EXPECT_NO_THROW(fabric::strategies::make_strategy("deepspeed_stage_3", args));
+  args.deepspeed.offload_parameters = false;
 }
 
 TEST(DeepSpeedConfig, TheFileSetsStageOffloadBucketsClippingAndLossScaling) {

@@ -24,7 +24,7 @@ const std::vector<DeepSpeedName>& deepspeed_names() {
       {"deepspeed_stage_2", 2, false, "ZeRO stage 2: gradients and optimizer state partitioned"},
       {"deepspeed_stage_2_offload", 2, true, "ZeRO stage 2, fp32 masters and optimizer state in host memory"},
       {"deepspeed_stage_3", 3, false, "ZeRO stage 3: parameters too (fsdp FULL_SHARD)"},
-      {"deepspeed_stage_3_offload", 3, true, "ZeRO stage 3, optimizer state and parameters in host memory"},
+      {"deepspeed_stage_3_offload", 3, true, "ZeRO stage 3, fp32 masters and optimizer state in host memory"},
       {"deepspeed_stage_3_offload_nvme", 3, true, "not supported (NVMe offload): refused with the alternatives"},
   };
   return names;
@@ -53,16 +53,15 @@ std::shared_ptr<Strategy> make_deepspeed_strategy(const std::string& name, Topol
   const bool by_name = name != "deepspeed";
   if (by_name) {
     options.stage = entry->stage;
-    if (entry->offload) {
-      options.offload_optimizer = true;
-      if (entry->stage == 3) options.offload_parameters = true;
-    }
+    // (_offload is the optimizer's offload; parameter pieces at stage 3 stay on
+    // the device unless offload_parameters asks, which only the CPU can do.)
+    if (entry->offload) options.offload_optimizer = true;
   }
   std::string config = options.config;
   if (config.empty()) {
     if (const char* env = std::getenv("PL_DEEPSPEED_CONFIG_PATH"); env && *env) config = env;
   }
-  ZeRODataParallel::FromConfig precision;
+  ZeRODataParallel::FromConfig from_config;
   if (!config.empty()) {
     const int named_stage = options.stage;
     auto read = apply_deepspeed_config(config, topology.world_size, options);
@@ -72,10 +71,10 @@ std::shared_ptr<Strategy> make_deepspeed_strategy(const std::string& name, Topol
                                   std::to_string(options.stage) +
                                   "; use strategy='deepspeed' to take the stage from the config, or make them agree");
     }
-    precision.fp16 = read.fp16;
-    precision.bf16 = read.bf16;
+    from_config.fp16 = read.fp16;
+    from_config.bf16 = read.bf16;
     if (!read.ignored.empty()) {
-      precision.warning = "the deepspeed config '" + config +
+      from_config.warning = "the deepspeed config '" + config +
                           "' has keys torchfabric does not read (no effect on the training): " +
                           quoted_list(read.ignored);
     }
@@ -99,10 +98,10 @@ std::shared_ptr<Strategy> make_deepspeed_strategy(const std::string& name, Topol
     fsdp.sharding_strategy = "FULL_SHARD";
     fsdp.state_dict_type = options.state_dict_type;
     return std::make_shared<DeepSpeedStage3>(name, std::move(topology), std::move(process_group), options,
-                                             fsdp, precision);
+                                             fsdp, from_config);
   }
   return std::make_shared<ZeRODataParallel>(name, std::move(topology), std::move(process_group), options,
-                                            precision);
+                                            from_config);
 }
 
 DeepSpeedStage3::DeepSpeedStage3(std::string name, Topology topology, ProcessGroupOptions process_group,
