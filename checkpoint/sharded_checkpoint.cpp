@@ -187,13 +187,38 @@ void name_parameters(const State& state, const Path& prefix,
   }
 }
 
-std::unordered_map<const void*, std::string> parameter_names(const State& state) {
+// The optimizers anywhere in `state`.
+void optimizers_in(const State& state, std::vector<const torch::optim::Optimizer*>& out) {
+  for (const auto& [key, v] : state) {
+    if (v.kind() == StateValue::Kind::kOptimizer) out.push_back(v.optimizer().get());
+    if (v.kind() == StateValue::Kind::kNested) optimizers_in(v.nested(), out);
+  }
+}
+
+// Also names an optimizer's stand-ins after the parameters they stand for.
+std::unordered_map<const void*, std::string> parameter_names(
+    const State& state, const std::function<at::Tensor(const at::Tensor&)>& stands_for) {
   std::vector<std::pair<const void*, std::pair<std::string, std::string>>> named;
   name_parameters(state, {}, named);
   std::map<std::string, int> uses;
   for (const auto& n : named) ++uses[n.second.first];
   std::unordered_map<const void*, std::string> names;
   for (const auto& n : named) names.emplace(n.first, uses[n.second.first] > 1 ? n.second.second : n.second.first);
+  if (stands_for) {
+    std::vector<const torch::optim::Optimizer*> optimizers;
+    optimizers_in(state, optimizers);
+    for (const auto* optimizer : optimizers) {
+      for (const auto& group : optimizer->param_groups()) {
+        for (const auto& p : group.params()) {
+          if (names.count(p.unsafeGetTensorImpl())) continue;
+          const auto param = stands_for(p);
+          if (!param.defined()) continue;
+          const auto it = names.find(param.unsafeGetTensorImpl());
+          if (it != names.end()) names.emplace(p.unsafeGetTensorImpl(), it->second);
+        }
+      }
+    }
+  }
   return names;
 }
 
@@ -360,7 +385,7 @@ void save_sharded_checkpoint(const std::string& dir, const State& state, const S
   try {
     dcp::ItemWriter writer(partial, dcp::data_file(rank));
     dcp::Metadata local;
-    Collector collect{job, writer, local, parameter_names(state)};
+    Collector collect{job, writer, local, parameter_names(state, job.stands_for)};
     collect.walk(state, {});
     writer.close();
     atomic_write(fs::join(partial, part_file(rank)), dcp::write_metadata(local));
@@ -507,10 +532,11 @@ bool is_distributed_checkpoint(const std::string& path) {
 }
 
 std::optional<c10::IValue> read_sharded_pieces(const std::string& path, const State& state,
-                                               const ShardOf& shard_of) {
+                                               const ShardOf& shard_of,
+                                               const std::function<at::Tensor(const at::Tensor&)>& stands_for) {
   const std::string dir = complete_copy(path);
   const dcp::Reader reader(dir);
-  const auto pieces = pieces_of(state, {}, shard_of, reader.metadata(), parameter_names(state));
+  const auto pieces = pieces_of(state, {}, shard_of, reader.metadata(), parameter_names(state, stands_for));
   if (!pieces || pieces->empty()) return std::nullopt;
   return read_with_meta(dir, reader, [&](const std::string& fqn, const dcp::Entry& entry) -> c10::IValue {
     const auto piece = pieces->find(fqn);

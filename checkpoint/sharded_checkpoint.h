@@ -41,6 +41,10 @@ struct ShardedJob {
     int64_t flat_offset = 0;
   };
   std::function<std::optional<Shard>(const at::Tensor&)> shard_of;
+  // The module parameter an optimizer's tensor stands for, when the optimizer
+  // steps stand-ins (ZeRO's pieces): its state is keyed by that parameter's
+  // name. Undefined (or no function): the tensor is a module parameter itself.
+  std::function<at::Tensor(const at::Tensor&)> stands_for;
   // Called by every rank at the same points: whether any rank failed.
   std::function<bool(bool failed_here)> any_rank_failed;
 };
@@ -64,7 +68,8 @@ bool is_distributed_checkpoint(const std::string& path);
 // sharded parameter no module of `state` names): read it whole instead.
 std::optional<c10::IValue> read_sharded_pieces(
     const std::string& path, const State& state,
-    const std::function<std::optional<ShardedJob::Shard>(const at::Tensor&)>& shard_of);
+    const std::function<std::optional<ShardedJob::Shard>(const at::Tensor&)>& shard_of,
+    const std::function<at::Tensor(const at::Tensor&)>& stands_for = {});
 // Writes a sharded directory (ours or Python's) as one full checkpoint file
 // (atomically): what a full save writes, optimizer state numbered as
 // torch.optim numbers it (a distributed checkpoint keys it by parameter name).

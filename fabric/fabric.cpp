@@ -206,6 +206,11 @@ std::function<std::optional<ShardedJob::Shard>(const at::Tensor&)> shard_answers
   };
 }
 
+// The module parameter an optimizer's stand-in (ZeRO's pieces) belongs to.
+std::function<at::Tensor(const at::Tensor&)> stand_in_answers(const strategies::Strategy& strategy) {
+  return [&strategy](const at::Tensor& t) { return strategy.parameter_of(t); };
+}
+
 }  // namespace
 
 void Fabric::save(const std::string& path, const State& state) {
@@ -217,9 +222,11 @@ void Fabric::save(const std::string& path, const State& state) {
     job.rank = strategy_->global_rank();
     job.world_size = strategy_->world_size();
     job.shard_of = shard_answers(*strategy_);
+    job.stands_for = stand_in_answers(*strategy_);
     job.any_rank_failed = [this](bool failed_here) {
       return strategy_->all_reduce_value(failed_here ? 1.0 : 0.0, strategies::Strategy::ReduceOp::kMax) != 0;
     };
+    auto scope = strategy_->sharded_state_context(modules, optimizers, /*loading=*/false);
     save_sharded_checkpoint(path, state, job);
     return;
   }
@@ -235,7 +242,8 @@ LoadResult Fabric::load(const std::string& path, State& state, bool strict) {
     // Each rank reads just its pieces of what it holds sharded, into place: no
     // rank gathers or builds the full state (at any world size: the chunks
     // that overlap a piece are read, whoever wrote them).
-    if (auto pieces = read_sharded_pieces(path, state, shard_answers(*strategy_))) {
+    auto scope = strategy_->sharded_state_context(modules, optimizers, /*loading=*/true);
+    if (auto pieces = read_sharded_pieces(path, state, shard_answers(*strategy_), stand_in_answers(*strategy_))) {
       return load_checkpoint_value(*pieces, state, strict, path);
     }
   }

@@ -111,8 +111,9 @@ struct DeepSpeedOptions {
   // by PL_DEEPSPEED_CONFIG_PATH when set. Its values replace the ones above
   // (strategies/deepspeed/config.h says which keys are read).
   std::string config;
-  // What fabric.save writes: "full" (the file DDP writes) or, at stage 3,
-  // "sharded" (fsdp's torch.distributed.checkpoint directory, FSDPOptions).
+  // What fabric.save writes: "full" (the file DDP writes) or "sharded" (a
+  // torch.distributed.checkpoint directory in fsdp's layout: each rank writes
+  // its pieces of the optimizer state, and at stage 3 of the parameters).
   std::string state_dict_type = "full";
   // Filled from the config's "gradient_clipping" (0: none): the norm the
   // strategy clips the gradients to before every optimizer step.

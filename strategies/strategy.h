@@ -127,6 +127,18 @@ class Strategy {
   virtual std::optional<ParameterShard> parameter_shard(const at::Tensor& /*param*/) const {
     return std::nullopt;
   }
+  // For a sharded checkpoint, where the optimizer steps stand-ins instead of the
+  // module's parameters (ZeRO's pieces, fp32 masters): the module parameter a
+  // stand-in belongs to, whose name keys its state; undefined for anything else.
+  virtual at::Tensor parameter_of(const at::Tensor& /*optimizer_tensor*/) const { return {}; }
+  // Held around a sharded save (loading=false) or load (true) of these modules
+  // and optimizers: what the strategy must redo once a load has written into
+  // what each rank holds (fp32 masters taken again from the loaded parameters).
+  virtual precision::ScopePtr sharded_state_context(
+      const std::vector<torch::nn::Module*>& /*modules*/,
+      const std::vector<torch::optim::Optimizer*>& /*optimizers*/, bool /*loading*/) {
+    return nullptr;
+  }
   // Runs `write(path)` on the rank(s) that write checkpoints (global rank 0 by
   // default); every rank returns only when the write is over, and every rank
   // throws if it failed anywhere, so no rank is left waiting.

@@ -16,6 +16,8 @@
 #include "mpi_test_util.h"
 #include "test_util.h"
 
+extern std::string g_consolidate;  // set by main() in ddp_test.cpp
+
 namespace {
 
 using namespace fsdp_reference;
@@ -216,4 +218,52 @@ TEST(DeepSpeed, CheckpointsAreDdpsFilesAndLoadAcrossStrategies) {
     expect_close(reference, run_ds(std::string("resume_dcp_") + strategy, "resume",
                                    std::string("--strategy ") + strategy + " --from " + sharded + "/ckpt"));
   }
+}
+
+// state_dict_type="sharded" at stages 1-2 (and 3 with fp32 masters): a DCP
+// directory whose parameters rank 0 writes whole and whose optimizer state each
+// rank writes as its pieces, keyed by the parameters' names. It holds what the
+// full file holds (PyTorch's converter reads it), and resumes at stage 2 with
+// masters (each rank reads only its pieces), under fsdp and at one rank.
+TEST(DeepSpeed, ShardedCheckpointsAtEveryStageResumeAnywhere) {
+  const auto reference = one_process("adam").params;
+  const auto saved = run_ds("sharded_stage1", "save", "--strategy deepspeed_stage_1 --state-dict sharded");
+  const std::string ckpt = saved + "/ckpt";
+  ASSERT_TRUE(fabric::fs::exists(ckpt + "/.metadata"));
+  expect_close(reference, saved);
+  std::map<std::string, torch::Tensor> full, merged;
+  testutil::flatten_tensors(fabric::read_checkpoint(saved + "/full.pt"), "", full);
+  const std::string consolidated = saved + "/consolidated.pt";
+  auto tool = testutil::run_command(g_consolidate + " " + ckpt + " " + consolidated);
+  ASSERT_EQ(tool.status, 0) << tool.output;
+  testutil::flatten_tensors(fabric::read_checkpoint(consolidated), "", merged);
+  ASSERT_FALSE(full.empty());
+  ASSERT_EQ(merged.size(), full.size());
+  for (const auto& [path, tensor] : full) {
+    ASSERT_TRUE(merged.count(path)) << path;
+    EXPECT_TRUE(torch::equal(merged[path], tensor)) << path;
+  }
+  auto convert = testutil::run_command(
+      testutil::python() + " -c \"import torch; from torch.distributed.checkpoint.format_utils import "
+      "dcp_to_torch_save as f; f('" + ckpt + "', '" + saved + "/by_python.pt'); c = torch.load('" + saved +
+      "/by_python.pt'); print('python read', tuple(c['optimizer']['state']['b0.fc.weight']['exp_avg'].shape))\"");
+  EXPECT_EQ(convert.status, 0) << convert.output;
+  EXPECT_NE(convert.output.find("python read (7, 7)"), std::string::npos) << convert.output;
+  expect_close(reference, run_ds("sharded_resume_stage2_offload", "resume",
+                                 "--strategy deepspeed_stage_2_offload --state-dict sharded --from " + ckpt));
+  expect_close(reference, run_ds("sharded_resume_fsdp", "resume", "--strategy fsdp --from " + ckpt));
+  expect_close(reference, run_ds("sharded_resume_one", "resume", "--strategy deepspeed_stage_1 --from " + ckpt, 1),
+               1e-5, "params", 1);
+  const auto stage3 = run_ds("sharded_stage3_offload", "save",
+                             "--strategy deepspeed_stage_3_offload --state-dict sharded");
+  expect_close(reference, run_ds("sharded_resume_from_stage3", "resume",
+                                 "--strategy deepspeed_stage_3_offload --state-dict sharded --from " + stage3 + "/ckpt"));
+}
+
+// Misuse is an error naming the fix, on every rank (no hang): a backward outside
+// fabric.backward (the pieces would get no gradient and the step do nothing),
+// an optimizer that has stepped already, one over a module not set up.
+// (The worker exits 3 when an error is missing or its message lacks the fix.)
+TEST(DeepSpeed, MisuseIsAnErrorOnEveryRank) {
+  run_ds("errors", "ds_errors", "--strategy deepspeed_stage_2");
 }

@@ -35,6 +35,8 @@
 //               and exit (the interrupted-save test kills it inside the save)
 //   errors      checks the errors fsdp gives (a weight tied across two units, an
 //               optimizer with state at setup); exits 3 when one is missing
+//   ds_errors   the same for deepspeed stages 1-2 (a backward outside
+//               fabric.backward, an optimizer with state, one of a module not set up)
 //   memory      train; OUTDIR/memory_rank<r>.txt holds the distinct storage bytes of
 //               parameters + gradients + optimizer state at rest, the bytes alive
 //               in the CPU allocator at rest, and the allocator's peak during the
@@ -271,6 +273,31 @@ int main(int argc, char** argv) {
         return fail("a unit modifying its input in place");
       }
       fabric.print("fsdp errors ok");
+      return 0;
+    }
+    if (mode == "ds_errors") {  // (under a deepspeed stage 1-2 strategy)
+      torch::manual_seed(0);
+      auto model = std::make_shared<FsdpNetImpl>();
+      auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-2);
+      auto [net, opt] = fabric.setup(model, adam);
+      auto [x, y] = fsdp_global_batch(0);
+      torch::mse_loss(net(x), y).backward();  // not through fabric.backward
+      if (!error_contains([&] { opt.step(); }, {"never received", "fabric.backward(loss)"})) {
+        return fail("a step after a backward outside fabric.backward");
+      }
+      auto stepped = std::make_shared<FsdpNetImpl>();
+      auto stepped_adam = std::make_shared<torch::optim::Adam>(stepped->parameters(), 1e-2);
+      torch::mse_loss(stepped->forward(x), y).backward();
+      stepped_adam->step();
+      if (!error_contains([&] { fabric.setup(stepped, stepped_adam); }, {"already has state", "fresh"})) {
+        return fail("an optimizer with state at setup");
+      }
+      auto other = std::make_shared<FsdpNetImpl>();
+      auto orphan = std::make_shared<torch::optim::SGD>(other->parameters(), 0.1);
+      if (!error_contains([&] { fabric.setup_optimizers(orphan); }, {"belongs to no module", "fabric.setup(model, optimizer)"})) {
+        return fail("an optimizer over a module not set up");
+      }
+      fabric.print("deepspeed errors ok");
       return 0;
     }
     if (mode == "conditional" || mode == "accumulate_partial") return run_aux_model(fabric, mode, out);

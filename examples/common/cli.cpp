@@ -68,7 +68,7 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
        "with --strategy fsdp: FULL_SHARD, SHARD_GRAD_OP or NO_SHARD")
       ("state-dict-type",
        po::value(&args.fabric.fsdp.state_dict_type)->default_value(args.fabric.fsdp.state_dict_type),
-       "with --strategy fsdp or deepspeed_stage_3: what checkpoints hold, full (one file) or sharded "
+       "with --strategy fsdp or deepspeed*: what checkpoints hold, full (one file) or sharded "
        "(a directory, one file per rank)")
       ("deepspeed-config",
        po::value(&args.fabric.deepspeed.config)->default_value(args.fabric.deepspeed.config),

@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
 #include <stdexcept>
 
@@ -12,6 +13,7 @@
 
 #include "optim/codec.h"
 #include "strategies/deepspeed/config.h"
+#include "strategies/deepspeed/zero.h"
 #include "util/quoted_list.h"
 
 namespace fabric::strategies {
@@ -86,12 +88,6 @@ std::shared_ptr<Strategy> make_deepspeed_strategy(const std::string& name, Topol
   if (options.state_dict_type != "full" && options.state_dict_type != "sharded") {
     throw std::invalid_argument(name + ": " + unsupported_value("state_dict_type", options.state_dict_type,
                                                                 {"full", "sharded"}));
-  }
-  if (options.state_dict_type == "sharded" && options.stage != 3) {
-    throw std::invalid_argument(
-        name + ": state_dict_type='sharded' is implemented for ZeRO stage 3 (deepspeed_stage_3); "
-        "stages 1 and 2 write the full file DDP writes (state_dict_type='full'), and load sharded "
-        "(DCP) checkpoints from any strategy");
   }
   if (options.stage == 3) {
     FSDPOptions fsdp;
@@ -264,17 +260,46 @@ class DeepSpeedStage3::MasterScope : public precision::Scope {
       *swap.in_group = m.master;
     }
     // After any load (a module alone too) every master starts from its piece.
-    if (loading_) {
-      for (auto& [optimizer, list] : strategy_.masters_) {
-        for (auto& m : list) m.master.copy_(m.param);
-      }
-    }
+    if (loading_) strategy_.refresh_masters();
   }
   DeepSpeedStage3& strategy_;
   bool loading_;
   std::vector<Swap> swaps_;
   std::vector<std::pair<at::Tensor*, at::Tensor>> saved_;
 };
+
+const DeepSpeedStage3::Master* DeepSpeedStage3::master_of(const at::Tensor& tensor) const {
+  for (const auto& [optimizer, list] : masters_) {
+    for (const auto& m : list) {
+      if (m.master.is_same(tensor)) return &m;
+    }
+  }
+  return nullptr;
+}
+
+std::optional<Strategy::ParameterShard> DeepSpeedStage3::parameter_shard(const at::Tensor& tensor) const {
+  const auto* m = master_of(tensor);
+  return FSDPStrategy::parameter_shard(m ? m->param : tensor);
+}
+
+at::Tensor DeepSpeedStage3::parameter_of(const at::Tensor& tensor) const {
+  const auto* m = master_of(tensor);
+  return m ? m->param : at::Tensor();
+}
+
+void DeepSpeedStage3::refresh_masters() {
+  torch::NoGradGuard no_grad;
+  for (auto& [optimizer, list] : masters_) {
+    for (auto& m : list) m.master.copy_(m.param);
+  }
+}
+
+precision::ScopePtr DeepSpeedStage3::sharded_state_context(const std::vector<torch::nn::Module*>& /*modules*/,
+                                                           const std::vector<torch::optim::Optimizer*>& /*optimizers*/,
+                                                           bool loading) {
+  if (!loading || masters_.empty()) return nullptr;
+  return std::make_unique<CallOnExit>([this] { refresh_masters(); });
+}
 
 precision::ScopePtr DeepSpeedStage3::full_state_context(const std::vector<torch::nn::Module*>& modules,
                                                         const std::vector<torch::optim::Optimizer*>& optimizers,

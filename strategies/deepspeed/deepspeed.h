@@ -28,7 +28,9 @@
 //
 // Checkpoints: inside fabric.save/load the optimizer shows the module's
 // parameters and full-sized state again, so the file is the one DDP writes
-// and loads into any strategy (and any strategy's file loads here).
+// and loads into any strategy (and any strategy's file loads here). With
+// state_dict_type="sharded" each rank writes its pieces of the optimizer state
+// into a DCP directory keyed by the parameters' names (and reads only them).
 #pragma once
 
 #include <memory>
@@ -92,6 +94,16 @@ class ZeRODataParallel : public ParallelStrategy {
   precision::ScopePtr full_state_context(const std::vector<torch::nn::Module*>& modules,
                                          const std::vector<torch::optim::Optimizer*>& optimizers,
                                          bool loading) override;
+  // state_dict_type="sharded": a DCP directory in which the (whole) parameters
+  // are written once and each rank writes its pieces of the optimizer state.
+  bool sharded_checkpoints() const override { return options_.state_dict_type == "sharded"; }
+  // A piece: where it lies in its parameter; a module parameter: nullopt (whole).
+  std::optional<ParameterShard> parameter_shard(const at::Tensor& tensor) const override;
+  at::Tensor parameter_of(const at::Tensor& optimizer_tensor) const override;
+  // After a sharded load, the fp32 masters start again from the parameters.
+  precision::ScopePtr sharded_state_context(const std::vector<torch::nn::Module*>& modules,
+                                            const std::vector<torch::optim::Optimizer*>& optimizers,
+                                            bool loading) override;
 
   const DeepSpeedOptions& options() const { return options_; }
   const FromConfig& from_config() const { return from_config_; }
@@ -117,6 +129,7 @@ class ZeRODataParallel : public ParallelStrategy {
     size_t bucket, index;
   };
   const Owner* owner_of(const at::Tensor& param) const;
+  void refresh_masters();
 
   DeepSpeedOptions options_;
   FromConfig from_config_;
@@ -155,6 +168,12 @@ class DeepSpeedStage3 : public FSDPStrategy {
   precision::ScopePtr full_state_context(const std::vector<torch::nn::Module*>& modules,
                                          const std::vector<torch::optim::Optimizer*>& optimizers,
                                          bool loading) override;
+  // A master answers as the parameter it stands for.
+  std::optional<ParameterShard> parameter_shard(const at::Tensor& tensor) const override;
+  at::Tensor parameter_of(const at::Tensor& optimizer_tensor) const override;
+  precision::ScopePtr sharded_state_context(const std::vector<torch::nn::Module*>& modules,
+                                            const std::vector<torch::optim::Optimizer*>& optimizers,
+                                            bool loading) override;
   const DeepSpeedOptions& deepspeed_options() const { return deepspeed_; }
   bool uses_master_weights() const { return !masters_.empty(); }
 
@@ -164,6 +183,8 @@ class DeepSpeedStage3 : public FSDPStrategy {
     at::Tensor param;   // the module's parameter (between steps: its piece)
     at::Tensor master;  // what the optimizer steps
   };
+  const Master* master_of(const at::Tensor& tensor) const;
+  void refresh_masters();
   DeepSpeedOptions deepspeed_;
   ZeRODataParallel::FromConfig from_config_;
   std::unordered_map<const torch::optim::Optimizer*, std::vector<Master>> masters_;

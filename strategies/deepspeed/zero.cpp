@@ -389,11 +389,26 @@ void ZeRODataParallel::finish_sync(ModuleState& state) {
 
 at::Tensor ZeRODataParallel::optimizer_step(torch::optim::Optimizer& optimizer,
                                             const precision::LossClosure& closure) {
+  auto it = optimizers_.find(&optimizer);
+  if (it != optimizers_.end() && !closure) {
+    // Gradients the pieces never got (a backward outside fabric.backward, or only
+    // no_backward_sync ones) would make this step silently do nothing.
+    bool pieces = false, stray = false;
+    for (const auto& [state, b] : it->second) {
+      for (const auto& piece : state->buckets[b].pieces) pieces = pieces || piece.grad().defined();
+      for (const auto& param : state->buckets[b].params) stray = stray || param.grad().defined();
+    }
+    if (!pieces && stray) {
+      throw std::runtime_error(
+          name_ + ": the parameters have gradients this rank's optimizer pieces never received: "
+          "run the backward through fabric.backward(loss), and step after a synced backward (the "
+          "last micro-batch outside no_backward_sync)");
+    }
+  }
   if (options_.gradient_clipping > 0) {
     clip_gradients_norm(nullptr, optimizer, options_.gradient_clipping, 2.0, false);
   }
   auto out = precision_->optimizer_step(optimizer, closure);
-  auto it = optimizers_.find(&optimizer);
   if (it == optimizers_.end()) return out;
   torch::NoGradGuard no_grad;
   std::vector<std::pair<c10::intrusive_ptr<c10d::Work>, at::Tensor>> in_flight;

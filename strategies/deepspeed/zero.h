@@ -1,8 +1,11 @@
 // The data of ZeRODataParallel (stages 1 and 2), shared by zero.cpp (set-up,
-// backward, step) and zero_state.cpp (checkpoints). Not a public header.
+// backward, step) and zero_state.cpp (checkpoints), and a scope helper the
+// deepspeed sources share. Not a public header.
 #pragma once
 
 #include <algorithm>
+#include <cstdio>
+#include <functional>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -50,6 +53,24 @@ struct ZeRODataParallel::ModuleState {
   size_t next_launch = 0;  // buckets [0, next_launch) are being reduced
   bool touched = false;
   std::mutex mutex;
+};
+
+// A scope that runs `done` when it ends (after a sharded load: the fp32
+// masters taken again from the loaded parameters). A failure is reported, not
+// thrown (a scope's exit cannot throw).
+class CallOnExit : public precision::Scope {
+ public:
+  explicit CallOnExit(std::function<void()> done) : done_(std::move(done)) {}
+  ~CallOnExit() override {
+    try {
+      done_();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "torchfabric: deepspeed: after a sharded load: %s\n", e.what());
+    }
+  }
+
+ private:
+  std::function<void()> done_;
 };
 
 }  // namespace fabric::strategies

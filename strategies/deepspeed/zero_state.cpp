@@ -3,6 +3,7 @@
 // all-gathered per bucket), so the file is the one DDP writes; after a load the
 // full state is cut back into this rank's pieces.
 #include <cstdio>
+#include <functional>
 #include <set>
 
 #include <ATen/ops/empty.h>
@@ -163,17 +164,8 @@ class ZeRODataParallel::StateScope : public precision::Scope {
       move_state(*swap.optimizer, swap.shown, swap.piece);
       *swap.in_group = swap.piece;
     }
-    if (!loading_) return;
     // Loaded parameters: the fp32 masters start again from them.
-    for (auto* state : modules_) {
-      for (auto& bucket : state->buckets) {
-        if (!bucket.masters) continue;
-        for (size_t i = 0; i < bucket.params.size(); ++i) {
-          const auto [lo, hi] = bucket.piece_range(i);
-          if (hi > lo) bucket.pieces[i].copy_(bucket.flat.narrow(0, lo, hi - lo));
-        }
-      }
-    }
+    if (loading_ && !modules_.empty()) strategy_.refresh_masters();
   }
 
   ZeRODataParallel& strategy_;
@@ -182,6 +174,43 @@ class ZeRODataParallel::StateScope : public precision::Scope {
   std::vector<Swap> swaps_;
   std::vector<std::pair<at::Tensor*, at::Tensor>> saved_;
 };
+
+std::optional<Strategy::ParameterShard> ZeRODataParallel::parameter_shard(const at::Tensor& tensor) const {
+  const auto* owner = owner_of(tensor);
+  if (!owner) return std::nullopt;
+  const auto& bucket = owner->state->buckets[owner->bucket];
+  const size_t i = owner->index;
+  if (!bucket.pieces[i].is_same(tensor)) return std::nullopt;  // the module's parameter: whole
+  const auto [lo, hi] = bucket.piece_range(i);
+  return ParameterShard{bucket.params[i].sizes().vec(), hi > lo ? lo - bucket.offsets[i] : 0};
+}
+
+at::Tensor ZeRODataParallel::parameter_of(const at::Tensor& tensor) const {
+  const auto* owner = owner_of(tensor);
+  if (!owner) return {};
+  const auto& bucket = owner->state->buckets[owner->bucket];
+  return bucket.pieces[owner->index].is_same(tensor) ? bucket.params[owner->index] : at::Tensor();
+}
+
+void ZeRODataParallel::refresh_masters() {
+  torch::NoGradGuard no_grad;
+  for (auto& state : modules_) {
+    for (auto& bucket : state->buckets) {
+      if (!bucket.masters) continue;
+      for (size_t i = 0; i < bucket.params.size(); ++i) {
+        const auto [lo, hi] = bucket.piece_range(i);
+        if (hi > lo) bucket.pieces[i].copy_(bucket.flat.narrow(0, lo, hi - lo));
+      }
+    }
+  }
+}
+
+precision::ScopePtr ZeRODataParallel::sharded_state_context(const std::vector<torch::nn::Module*>& /*modules*/,
+                                                            const std::vector<torch::optim::Optimizer*>& /*optimizers*/,
+                                                            bool loading) {
+  if (!loading || !masters_) return nullptr;
+  return std::make_unique<CallOnExit>([this] { refresh_masters(); });
+}
 
 precision::ScopePtr ZeRODataParallel::full_state_context(
     const std::vector<torch::nn::Module*>& modules,
