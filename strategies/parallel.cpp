@@ -1,6 +1,9 @@
 #include "strategies/parallel.h"
 
+#include <algorithm>
+#include <cmath>
 #include <stdexcept>
+#include <vector>
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -8,6 +11,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
 
 #include "strategies/nccl_backend.h"
 
@@ -122,6 +126,39 @@ void ParallelStrategy::barrier() {
   // Reading the result on the host blocks until the collective has really run
   // (for NCCL, wait() above only made the current CUDA stream wait).
   (void)token.item<float>();
+}
+
+}  // namespace fabric::strategies
+
+namespace fabric::strategies {
+
+double ParallelStrategy::clip_pieces_norm(torch::optim::Optimizer& optimizer, double max_norm,
+                                          double norm_type, bool error_if_nonfinite) {
+  precision_->unscale_gradients(optimizer);
+  std::vector<at::Tensor> grads;
+  for (const auto& p : optimizer_parameters(optimizer)) {
+    if (p.grad().defined() && p.grad().numel() > 0) grads.push_back(p.grad());
+  }
+  const bool inf_norm = std::isinf(norm_type);
+  double local = 0;
+  for (const auto& g : grads) {
+    auto a = g.detach().to(at::kDouble).abs();
+    local = inf_norm ? std::max(local, a.max().item<double>())
+                     : local + a.pow(norm_type).sum().item<double>();
+  }
+  double total = all_reduce_value(local, inf_norm ? ReduceOp::kMax : ReduceOp::kSum);
+  if (!inf_norm) total = std::pow(total, 1.0 / norm_type);
+  if (error_if_nonfinite && !std::isfinite(total)) {
+    throw std::runtime_error(name_ + ": the total norm of order " + std::to_string(norm_type) +
+                             " of the gradients is non-finite, so it cannot be clipped; "
+                             "pass error_if_nonfinite=false to clip anyway");
+  }
+  const double coef = max_norm / (total + 1e-6);
+  if (coef < 1.0) {
+    torch::NoGradGuard no_grad;
+    for (auto& g : grads) g.mul_(coef);
+  }
+  return total;
 }
 
 }  // namespace fabric::strategies

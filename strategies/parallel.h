@@ -42,6 +42,11 @@ class ParallelStrategy : public Strategy {
  protected:
   // Broadcasts rank 0's parameters and buffers of `module` to every rank.
   void broadcast_module_state(torch::nn::Module& module);
+  // clip_gradients_norm for a strategy whose optimizer holds disjoint pieces of
+  // the gradients on each rank (fsdp, ZeRO): unscales, takes the norm over every
+  // rank's pieces (one all-reduce), scales them; returns the norm before clipping.
+  double clip_pieces_norm(torch::optim::Optimizer& optimizer, double max_norm, double norm_type,
+                          bool error_if_nonfinite);
 
   std::string name_;
   Topology topology_;

@@ -234,14 +234,6 @@ class DeepSpeedStage3::MasterScope : public precision::Scope {
     at::Tensor* in_group;
     Master entry;
   };
-  static void move_state(torch::optim::Optimizer& optimizer, const at::Tensor& from, const at::Tensor& to) {
-    auto& states = optimizer.state();
-    auto it = states.find(from.unsafeGetTensorImpl());
-    if (it == states.end()) return;
-    auto state = std::move(it->second);
-    states.erase(it);
-    states[to.unsafeGetTensorImpl()] = std::move(state);
-  }
   void leave() {
     inner.reset();
     torch::NoGradGuard no_grad;

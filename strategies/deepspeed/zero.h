@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/distributed/c10d/Work.hpp>
+#include <torch/optim/optimizer.h>
 
 #include "strategies/deepspeed/deepspeed.h"
 #include "strategies/module_identity.h"
@@ -54,6 +55,17 @@ struct ZeRODataParallel::ModuleState {
   bool touched = false;
   std::mutex mutex;
 };
+
+// Moves the optimizer state kept under `from` to `to` (nothing when there is
+// none): the checkpoint scopes show the module's parameters in the optimizer.
+inline void move_state(torch::optim::Optimizer& optimizer, const at::Tensor& from, const at::Tensor& to) {
+  auto& states = optimizer.state();
+  auto it = states.find(from.unsafeGetTensorImpl());
+  if (it == states.end()) return;
+  auto state = std::move(it->second);
+  states.erase(it);
+  states[to.unsafeGetTensorImpl()] = std::move(state);
+}
 
 // A scope that runs `done` when it ends (after a sharded load: the fp32
 // masters taken again from the loaded parameters). A failure is reported, not

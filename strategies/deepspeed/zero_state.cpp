@@ -24,16 +24,6 @@ std::vector<at::Tensor*> slots_of(const torch::optim::Optimizer& optimizer,
   return optim::codec_for(optimizer.defaults()).per_element_state(state);
 }
 
-// Moves the state kept under `from` to `to` (nothing when there is none).
-void move_state(torch::optim::Optimizer& optimizer, const at::Tensor& from, const at::Tensor& to) {
-  auto& states = optimizer.state();
-  auto it = states.find(from.unsafeGetTensorImpl());
-  if (it == states.end()) return;
-  auto state = std::move(it->second);
-  states.erase(it);
-  states[to.unsafeGetTensorImpl()] = std::move(state);
-}
-
 }  // namespace
 
 class ZeRODataParallel::StateScope : public precision::Scope {

@@ -57,32 +57,7 @@ double FSDPStrategy::clip_gradients_norm(torch::nn::Module* module,
   if (!sharded()) {
     return Strategy::clip_gradients_norm(module, optimizer, max_norm, norm_type, error_if_nonfinite);
   }
-  precision_->unscale_gradients(optimizer);
-  std::vector<at::Tensor> grads;
-  for (const auto& p : optimizer_parameters(optimizer)) {
-    if (p.grad().defined()) grads.push_back(p.grad());
-  }
-  const bool inf_norm = std::isinf(norm_type);
-  double local = 0;
-  for (const auto& g : grads) {
-    if (g.numel() == 0) continue;
-    auto a = g.detach().to(at::kDouble).abs();
-    local = inf_norm ? std::max(local, a.max().item<double>())
-                     : local + a.pow(norm_type).sum().item<double>();
-  }
-  double total = all_reduce_value(local, inf_norm ? ReduceOp::kMax : ReduceOp::kSum);
-  if (!inf_norm) total = std::pow(total, 1.0 / norm_type);
-  if (error_if_nonfinite && !std::isfinite(total)) {
-    throw std::runtime_error("fsdp: the total norm of order " + std::to_string(norm_type) +
-                             " of the gradients is non-finite, so it cannot be clipped; "
-                             "pass error_if_nonfinite=false to clip anyway");
-  }
-  const double coef = max_norm / (total + 1e-6);
-  if (coef < 1.0) {
-    torch::NoGradGuard no_grad;
-    for (auto& g : grads) g.mul_(coef);
-  }
-  return total;
+  return clip_pieces_norm(optimizer, max_norm, norm_type, error_if_nonfinite);
 }
 
 }  // namespace fabric::strategies
