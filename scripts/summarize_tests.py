@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Counts GoogleTest results from JUnit XML files and prints one line per failed
-or skipped test, then the totals; the last line is `N passed, N failed`.
+or skipped test, an excerpt of the first failures' messages (a CI log may keep
+only its tail), then the totals; the last line is `N passed, N failed`.
 
 usage: summarize_tests.py [--skipped-fail] [--failure NAME]... XML_OR_DIR...
   --failure NAME   count a step that produced no XML (a build that failed) as failed
@@ -32,7 +33,7 @@ def main(argv):
             skipped_fail = True
         else:
             paths.append(arg)
-    passed, failed, skipped = 0, [], []
+    passed, failed, skipped, excerpts = 0, [], [], []
     for path in xml_files(paths):
         try:
             tree = ET.parse(path)
@@ -41,8 +42,12 @@ def main(argv):
             continue
         for case in tree.iter("testcase"):
             name = f"{case.get('classname')}.{case.get('name')}"
-            if case.find("failure") is not None or case.find("error") is not None:
+            problem = case.find("failure")
+            if problem is None:
+                problem = case.find("error")
+            if problem is not None:
                 failed.append(f"{name} ({path})")
+                excerpts.append((name, problem.get("message") or problem.text or ""))
             elif case.get("result") == "skipped" or case.find("skipped") is not None:
                 skipped.append(name)
             else:
@@ -53,6 +58,11 @@ def main(argv):
         skipped = []
     for name in skipped:
         print(f"SKIPPED {name}")
+    for name, message in excerpts[:3]:
+        lines = message.strip().splitlines()
+        print(f"-- {name}: " + (f"{len(lines)} lines, the last 12" if len(lines) > 12 else "message"))
+        for line in lines[-12:]:
+            print("   " + (line if len(line) <= 240 else line[:240] + " ..."))
     for name in failed:
         print(f"FAILED  {name}")
     print(f"{len(skipped)} skipped (they need a GPU)" if skipped else "0 skipped")

@@ -311,7 +311,7 @@ TEST(Dcp, PythonAndLightningReadOurShardedCheckpoint) {
       "    print('lightning ok')\n";
   const std::string path = dir() + "/dcp_read_ours.py";
   std::ofstream(path) << script;
-  const std::string base = testutil::python() + " " + path + " " + ckpt + " " + full + " " + dir() + "/dcp_converted.pt ";
+  const std::string base = "MASTER_PORT=" + testutil::lightning_port() + " " + testutil::python() + " " + path + " " + ckpt + " " + full + " " + dir() + "/dcp_converted.pt ";
   auto convert = testutil::run_command(base + "convert");
   EXPECT_EQ(convert.status, 0) << convert.output;
   EXPECT_NE(convert.output.find("convert ok"), std::string::npos) << convert.output;
@@ -365,7 +365,8 @@ TEST(Dcp, WeLoadWhatPythonsFsdp2AndLightningWrite) {
   fabric::fs::make_directories(out);
   const std::string path = dir() + "/dcp_write_python.py";
   std::ofstream(path) << script;
-  auto result = testutil::run_command(testutil::python() + " " + path + " " + out);
+  auto result = testutil::run_command("MASTER_PORT=" + testutil::lightning_port() + " " + testutil::python() + " " +
+                                      path + " " + out);
   ASSERT_EQ(result.status, 0) << result.output;
   const auto ref = fabric::read_checkpoint(out + "/reference.pt").toGenericDict();
   const auto ref_model = ref.at("model").toGenericDict();

@@ -441,8 +441,7 @@ TEST(Checkpoint, LightningFabricDdpCheckpointContinuesInOneProcess) {
       "        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, d + '/' + name + '_after.pt')\n"
       "fabric.barrier()\n"
       "if r == 0: print('rank', r, 'saved', flush=True)  # one rank: lines would interleave\n";
-  const auto port = std::to_string(20000 + ::getpid() % 20000);
-  const auto result = testutil::run_command("MASTER_PORT=" + port + " " + testutil::python() +
+  const auto result = testutil::run_command("MASTER_PORT=" + testutil::lightning_port() + " " + testutil::python() +
                                             " " + script);
   ASSERT_EQ(result.status, 0) << result.output;
   ASSERT_NE(result.output.find("rank 0 saved"), std::string::npos) << result.output;

@@ -4,7 +4,11 @@
 #include <cstdio>
 #include <fstream>
 #include <sstream>
+#include <atomic>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 namespace testutil {
 
@@ -36,6 +40,26 @@ std::string python() {
 #else
   return "python3";
 #endif
+}
+
+std::string lightning_port() {
+  // 20000-28999: below the ephemeral range (32768-60999 by default) and clear of
+  // the 29xxx ports that torch's default and some tests use.
+  static std::atomic<int> calls{0};
+  const int start = static_cast<int>((::getpid() * 97 + calls.fetch_add(1) * 13) % 9000);
+  for (int i = 0; i < 9000; ++i) {
+    const int port = 20000 + (start + i) % 9000;
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) break;
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_ANY);
+    address.sin_port = htons(static_cast<uint16_t>(port));
+    const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0;
+    ::close(fd);
+    if (free) return std::to_string(port);
+  }
+  return std::to_string(20000 + start);
 }
 
 }  // namespace testutil

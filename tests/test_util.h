@@ -47,6 +47,14 @@ std::string read_file(const std::string& path);
 // The python3 that holds pip's torch (set at build time, overridable by $PYTHON).
 std::string python();
 
+// A MASTER_PORT for a multi-process Python (Lightning) run started by a test.
+// Lightning's own choice is an ephemeral port it binds, closes and binds again
+// seconds later; in between, the test programs that run side by side (their
+// TCPStores, Open MPI's connections) may be handed that same port. This one is
+// below the kernel's ephemeral range, free when chosen, and differs per call
+// and per test process, so nothing else on the machine is given it.
+std::string lightning_port();
+
 }  // namespace testutil
 
 // Expects `statement` to throw an exception whose what() contains every string in
