@@ -43,6 +43,7 @@ Fabric::Fabric(FabricOptions options) : options_(std::move(options)) {
   args.ddp = options_.ddp;
   args.fsdp = options_.fsdp;
   args.deepspeed = options_.deepspeed;
+  args.model_parallel = options_.model_parallel;
   strategy_ = options_.strategy_plugin ? options_.strategy_plugin
                                        : strategies::make_strategy(connection.strategy, args);
   // The strategy owns the precision plugin (Lightning's strategy.precision).

@@ -117,8 +117,8 @@ class Fabric {
   template <typename Dataset>
   FabricDataLoader<Dataset> setup_dataloader(Dataset dataset, DataLoaderOptions options = {}) {
     SamplerOptions sampler;
-    sampler.num_replicas = world_size();
-    sampler.rank = global_rank();
+    sampler.num_replicas = strategy().data_parallel_size();
+    sampler.rank = strategy().data_parallel_rank();
     sampler.shuffle = options.shuffle;
     sampler.seed = options.seed.value_or(seed_.value_or(0));
     sampler.drop_last = options.drop_last;

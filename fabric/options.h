@@ -46,7 +46,8 @@ struct FabricOptions {
   std::string accelerator = "auto";
   // "auto" (single_device for a world of one, else ddp), "single_device", "ddp",
   // "fsdp" (fully sharded: see strategies/fsdp/fsdp.h), "deepspeed" (ZeRO stage 2)
-  // and "deepspeed_stage_{1,2,3}[_offload]" (strategies/deepspeed/deepspeed.h), or a name the program added
+  // "deepspeed_stage_{1,2,3}[_offload]" (strategies/deepspeed/deepspeed.h),
+  // "model_parallel" (tensor x data parallel: strategies/model_parallel/), or a name the program added
   // with strategies::register_strategy (strategies/registry.h).
   std::string strategy = "auto";
   // A ready-made strategy object (Lightning's `strategy=` given an instance);
@@ -92,6 +93,10 @@ struct FabricOptions {
   // Options of the deepspeed strategies (stage, offload, bucket sizes, loss
   // scaling, `config`: a DeepSpeed JSON file); see strategies/deepspeed/deepspeed.h.
   strategies::DeepSpeedOptions deepspeed;
+  // Options of strategy "model_parallel" (the mesh's tensor_parallel_size and
+  // data_parallel_size, what the data-parallel dimension runs); see
+  // strategies/model_parallel/model_parallel.h.
+  strategies::ModelParallelOptions model_parallel;
   // Keep freed host memory in the process for the next step instead of handing it
   // back to the system between steps (accelerators/cpu_memory.h): no page faults on
   // reused activation memory, and a resident size that stays near its peak.

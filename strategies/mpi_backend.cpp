@@ -6,8 +6,13 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdlib>
+#include <deque>
+#include <future>
+#include <mutex>
 #include <stdexcept>
+#include <thread>
 
 #include <ATen/core/ivalue.h>
 #include <ATen/ops/empty.h>
@@ -128,21 +133,85 @@ class StridedBytes {
 };
 
 // All-gathers `bytes` bytes of each rank into `out` (rank-major), in pieces.
-void allgather_bytes(const char* send, char* out, int64_t bytes) {
+void allgather_bytes(const char* send, char* out, int64_t bytes, MPI_Comm comm) {
   if (bytes <= kMaxCount) {
     check_mpi(MPI_Allgather(send, static_cast<int>(bytes), MPI_BYTE, out, static_cast<int>(bytes),
-                            MPI_BYTE, MPI_COMM_WORLD), "MPI_Allgather");
+                            MPI_BYTE, comm), "MPI_Allgather");
     return;
   }
   for (int64_t offset = 0; offset < bytes; offset += kMaxCount) {
     const int64_t n = std::min(kMaxCount, bytes - offset);
     StridedBytes type(n, bytes);
     check_mpi(MPI_Allgather(send + offset, static_cast<int>(n), MPI_BYTE, out + offset, 1, type.get(),
-                            MPI_COMM_WORLD), "MPI_Allgather");
+                            comm), "MPI_Allgather");
   }
 }
 
+// The one thread that makes every MPI call of the process, for all backends, in
+// submission order (MPI_THREAD_SERIALIZED allows one caller at a time). Never
+// destroyed: a backend drains its own jobs before it goes, and at exit the
+// thread waits idle while MPI_Finalize runs.
+class Executor {
+ public:
+  static Executor& get() {
+    static Executor* executor = new Executor;
+    return *executor;
+  }
+  void submit(std::function<void()> job) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.push_back(std::move(job));
+    }
+    cv_.notify_one();
+  }
+  // Runs `fn` on the worker after everything submitted before it; rethrows its error.
+  void run_and_wait(const std::function<void()>& fn) {
+    if (std::this_thread::get_id() == worker_.get_id()) {
+      fn();
+      return;
+    }
+    std::promise<void> done;
+    auto future = done.get_future();
+    submit([&] {
+      try {
+        fn();
+        done.set_value();
+      } catch (...) {
+        done.set_exception(std::current_exception());
+      }
+    });
+    future.get();
+  }
+
+ private:
+  Executor() {
+    worker_ = std::thread([this] { loop(); });
+    worker_.detach();
+  }
+  void loop() {
+    for (;;) {
+      std::function<void()> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [this] { return !queue_.empty(); });
+        job = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      job();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  std::thread worker_;
+};
+
 }  // namespace
+
+struct MPIBackend::Communicator {
+  MPI_Comm comm = MPI_COMM_WORLD;
+  int rank = 0, size = 1;
+};
 
 std::pair<int, int> mpi_world() {
   auto& env = environment();
@@ -193,12 +262,34 @@ class MPIBackend::Work : public c10d::Work {
   c10::intrusive_ptr<at::ivalue::Future> future_;
 };
 
+namespace {
+std::shared_ptr<MPIBackend::Communicator> make_communicator(const MPIBackendOptions& options) {
+  auto comm = std::make_shared<MPIBackend::Communicator>();
+  const auto [rank, size] = mpi_world();
+  comm->rank = rank;
+  comm->size = size;
+  if (options.split_color < 0) return comm;
+  Executor::get().run_and_wait([&] {
+    MPI_Comm split = MPI_COMM_NULL;
+    check_mpi(MPI_Comm_split(MPI_COMM_WORLD, options.split_color, options.split_key, &split),
+              "MPI_Comm_split");
+    comm->comm = split;
+    MPI_Comm_rank(split, &comm->rank);
+    MPI_Comm_size(split, &comm->size);
+  });
+  return comm;
+}
+}  // namespace
+
 MPIBackend::MPIBackend(MPIBackendOptions options)
-    : c10d::Backend(mpi_world().first, mpi_world().second) {
+    : MPIBackend(options, make_communicator(options)) {}
+
+MPIBackend::MPIBackend(MPIBackendOptions options, std::shared_ptr<Communicator> comm)
+    : c10d::Backend(comm->rank, comm->size), comm_(std::move(comm)) {
   if (options.collective_timeout.count() < 0) {
     throw std::invalid_argument("mpi backend: collective_timeout must be 0 (off) or positive");
   }
-  if (options.collective_timeout.count() > 0 && getSize() > 1) {
+  if (options.collective_timeout.count() > 0 && getSize() > 1 && options.split_color < 0) {
     CollectiveWatchdogOptions watch;
     watch.timeout = options.collective_timeout;
     watch.rank = getRank();
@@ -206,33 +297,24 @@ MPIBackend::MPIBackend(MPIBackendOptions options)
     watch.store = options.store;
     watchdog_ = std::make_unique<CollectiveWatchdog>(std::move(watch));
   }
-  worker_ = std::thread([this] { loop(); });
 }
 
 MPIBackend::~MPIBackend() {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stop_ = true;
+  // Everything this backend submitted has run once this returns; then its
+  // communicator is freed, on the worker like every MPI call.
+  auto comm = comm_;
+  try {
+    Executor::get().run_and_wait([comm] {
+      int finalized = 0;
+      MPI_Finalized(&finalized);
+      if (!finalized && comm->comm != MPI_COMM_WORLD && comm->comm != MPI_COMM_NULL) {
+        MPI_Comm_free(&comm->comm);
+      }
+    });
+  } catch (...) {
+    // A destructor cannot report it; the communicator goes with the process.
   }
-  cv_.notify_all();
-  if (worker_.joinable()) worker_.join();
   watchdog_.reset();
-}
-
-void MPIBackend::loop() {
-  for (;;) {
-    std::pair<c10::intrusive_ptr<Work>, std::function<void()>> job;
-    {
-      std::unique_lock<std::mutex> lock(mutex_);
-      cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stop_ and drained
-      job = std::move(queue_.front());
-      queue_.pop_front();
-    }
-    if (watchdog_) watchdog_->started(job.first->seq, job.first->name);
-    job.first->run(job.second);
-    if (watchdog_) watchdog_->finished(job.first->seq);
-  }
 }
 
 c10::intrusive_ptr<c10d::Work> MPIBackend::enqueue(c10d::OpType type, const char* name,
@@ -240,11 +322,12 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::enqueue(c10d::OpType type, const char
                                                    std::function<void()> run) {
   const int64_t seq = watchdog_ ? watchdog_->issued(name) : 0;
   auto work = c10::make_intrusive<Work>(getRank(), type, name, seq, std::move(outputs));
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    queue_.emplace_back(work, std::move(run));
-  }
-  cv_.notify_one();
+  CollectiveWatchdog* watchdog = watchdog_.get();
+  Executor::get().submit([work, watchdog, run = std::move(run)] {
+    if (watchdog) watchdog->started(work->seq, work->name);
+    work->run(run);
+    if (watchdog) watchdog->finished(work->seq);
+  });
   return work;
 }
 
@@ -252,14 +335,14 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::broadcast(std::vector<at::Tensor>& te
                                                      const c10d::BroadcastOptions& opts) {
   for (const auto& t : tensors) check_tensor(t, "broadcast");
   const int root = static_cast<int>(opts.rootRank);
-  return enqueue(c10d::OpType::BROADCAST, "broadcast", tensors, [tensors, root]() mutable {
+  return enqueue(c10d::OpType::BROADCAST, "broadcast", tensors, [tensors, root, comm = comm_]() mutable {
     for (auto& tensor : tensors) {
       at::Tensor buffer = tensor.is_contiguous() ? tensor : tensor.contiguous();
       char* data = static_cast<char*>(buffer.data_ptr());
       const int64_t bytes = static_cast<int64_t>(buffer.nbytes());
       for (int64_t offset = 0; offset < bytes; offset += kMaxCount) {
         check_mpi(MPI_Bcast(data + offset, static_cast<int>(std::min(kMaxCount, bytes - offset)),
-                            MPI_BYTE, root, MPI_COMM_WORLD), "MPI_Bcast");
+                            MPI_BYTE, root, comm->comm), "MPI_Bcast");
       }
       if (!buffer.is_same(tensor)) tensor.copy_(buffer);
     }
@@ -280,7 +363,7 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::allreduce(std::vector<at::Tensor>& te
   const MPI_Op op = mpi_op(opts.reduceOp);
   const bool average = opts.reduceOp.op_ == c10d::ReduceOp::AVG;
   const int size = getSize();
-  return enqueue(c10d::OpType::ALLREDUCE, "allreduce", tensors, [tensors, op, average, size]() mutable {
+  return enqueue(c10d::OpType::ALLREDUCE, "allreduce", tensors, [tensors, op, average, size, comm = comm_]() mutable {
     for (auto& tensor : tensors) {
       with_mpi_buffer(tensor, [&](at::Tensor& buffer) {
         char* data = static_cast<char*>(buffer.data_ptr());
@@ -288,7 +371,7 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::allreduce(std::vector<at::Tensor>& te
         for (int64_t offset = 0; offset < numel; offset += kMaxCount) {
           check_mpi(MPI_Allreduce(MPI_IN_PLACE, data + offset * item,
                                   static_cast<int>(std::min(kMaxCount, numel - offset)),
-                                  mpi_type(buffer.scalar_type()), op, MPI_COMM_WORLD),
+                                  mpi_type(buffer.scalar_type()), op, comm->comm),
                     "MPI_Allreduce");
         }
         if (average) buffer.div_(size);
@@ -315,11 +398,11 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::allgather(
   auto input = inputs[0];
   auto outs = outputs[0];
   const int size = getSize();
-  return enqueue(c10d::OpType::ALLGATHER, "allgather", outs, [input, outs, size]() mutable {
+  return enqueue(c10d::OpType::ALLGATHER, "allgather", outs, [input, outs, size, comm = comm_]() mutable {
     at::Tensor send = input.contiguous();
     at::Tensor recv = at::empty({size * send.numel()}, send.options());
     allgather_bytes(static_cast<const char*>(send.data_ptr()), static_cast<char*>(recv.data_ptr()),
-                    static_cast<int64_t>(send.nbytes()));
+                    static_cast<int64_t>(send.nbytes()), comm->comm);
     for (int r = 0; r < size; ++r) {
       outs[r].copy_(recv.narrow(0, r * send.numel(), send.numel()).view(send.sizes()));
     }
@@ -338,10 +421,10 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::_allgather_base(at::Tensor& output, a
         std::to_string(input.numel()) + " x " + std::to_string(getSize()) + ")");
   }
   auto in = input, out = output;
-  return enqueue(c10d::OpType::_ALLGATHER_BASE, "all_gather_into_tensor", {out}, [in, out]() mutable {
+  return enqueue(c10d::OpType::_ALLGATHER_BASE, "all_gather_into_tensor", {out}, [in, out, comm = comm_]() mutable {
     at::Tensor send = in.contiguous();
     allgather_bytes(static_cast<const char*>(send.data_ptr()), static_cast<char*>(out.data_ptr()),
-                    static_cast<int64_t>(send.nbytes()));
+                    static_cast<int64_t>(send.nbytes()), comm->comm);
   });
 }
 
@@ -360,7 +443,7 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::_reduce_scatter_base(
   const bool average = opts.reduceOp.op_ == c10d::ReduceOp::AVG;
   const int size = getSize();
   auto in = input, out = output;
-  return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, "reduce_scatter_tensor", {out}, [in, out, op, average, size]() mutable {
+  return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, "reduce_scatter_tensor", {out}, [in, out, op, average, size, comm = comm_]() mutable {
     // bf16/fp16 are reduced in fp32 (MPI has no such types), then cast back.
     const bool half = in.scalar_type() == c10::ScalarType::Half ||
                       in.scalar_type() == c10::ScalarType::BFloat16;
@@ -369,7 +452,7 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::_reduce_scatter_base(
     const int64_t n = recv.numel();
     if (n <= kMaxCount) {
       check_mpi(MPI_Reduce_scatter_block(send.data_ptr(), recv.data_ptr(), static_cast<int>(n),
-                                         mpi_type(send.scalar_type()), op, MPI_COMM_WORLD),
+                                         mpi_type(send.scalar_type()), op, comm->comm),
                 "MPI_Reduce_scatter_block");
     } else {
       // In pieces: piece [o, o + k) of every rank's block, packed rank-major
@@ -381,7 +464,7 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::_reduce_scatter_base(
         at::Tensor packed = blocks.narrow(1, offset, k).contiguous();
         check_mpi(MPI_Reduce_scatter_block(packed.data_ptr(), recv.narrow(0, offset, k).data_ptr(),
                                            static_cast<int>(k), mpi_type(send.scalar_type()), op,
-                                           MPI_COMM_WORLD), "MPI_Reduce_scatter_block");
+                                           comm->comm), "MPI_Reduce_scatter_block");
       }
     }
     if (average) recv.div_(size);
@@ -390,7 +473,7 @@ c10::intrusive_ptr<c10d::Work> MPIBackend::_reduce_scatter_base(
 }
 
 c10::intrusive_ptr<c10d::Work> MPIBackend::barrier(const c10d::BarrierOptions& /*opts*/) {
-  return enqueue(c10d::OpType::BARRIER, "barrier", {}, [] { MPI_Barrier(MPI_COMM_WORLD); });
+  return enqueue(c10d::OpType::BARRIER, "barrier", {}, [comm = comm_] { MPI_Barrier(comm->comm); });
 }
 
 std::optional<CollectiveTiming> collective_timing(const c10::intrusive_ptr<c10d::Work>& work) {

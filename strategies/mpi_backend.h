@@ -4,22 +4,21 @@
 // all-gather and reduce-scatter, barrier) behind c10d's
 // Backend interface, so the rest of the code sees one c10d::ProcessGroup.
 //
-// Every MPI call runs on one worker thread, in the order the collectives were
-// issued: calls return at once with a c10d::Work, which lets DDP overlap gradient
+// Every MPI call of the process runs on one worker thread shared by all backends
+// (the world's and its sub-groups'), in the order the collectives were issued:
+// calls return at once with a c10d::Work, which lets DDP overlap gradient
 // all-reduce with the rest of backward, and MPI only ever sees one caller
-// (MPI_THREAD_SERIALIZED). The ranks must have been started by mpirun (or another
+// (MPI_THREAD_SERIALIZED). A backend over a sub-group (split_color) serves a 2-D
+// mesh (model_parallel's tensor- and data-parallel groups): every rank must issue
+// its collectives on all groups in the same order, as SPMD programs do. The ranks must have been started by mpirun (or another
 // Open MPI launcher): two independently started processes cannot form a world.
 // With a collective timeout, a CollectiveWatchdog (collective_watchdog.h) ends the
 // job when a collective does not complete in time, naming the ranks not in it.
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
-#include <deque>
 #include <functional>
-#include <mutex>
 #include <memory>
-#include <thread>
 
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
@@ -44,11 +43,18 @@ struct MPIBackendOptions {
   std::chrono::milliseconds collective_timeout{0};
   // The rendezvous store, through which the watchdogs tell each other where they are.
   c10::intrusive_ptr<c10d::Store> store;
+  // A sub-group: MPI_Comm_split of the world by this color (ranks with the same
+  // color form one group), ordered by split_key. -1: the world itself. Every rank
+  // must construct its sub-group backends in the same order (the split is
+  // collective). Sub-groups have no watchdog of their own: a stalled one holds
+  // the shared worker, and the world's watchdog reports the next world collective.
+  int split_color = -1;
+  int split_key = 0;
 };
 
 class MPIBackend : public c10d::Backend {
  public:
-  // Uses MPI_COMM_WORLD; initialises MPI if needed.
+  // Uses MPI_COMM_WORLD (or its split, see split_color); initialises MPI if needed.
   explicit MPIBackend(MPIBackendOptions options = {});
   ~MPIBackend() override;
 
@@ -69,19 +75,17 @@ class MPIBackend : public c10d::Backend {
       at::Tensor& output, at::Tensor& input, const c10d::ReduceScatterOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override;
 
-  class Work;  // completed on the worker thread; records its timing
+  class Work;          // completed on the worker thread; records its timing
+  struct Communicator;  // the MPI communicator (mpi.h stays out of this header)
 
  private:
+  MPIBackend(MPIBackendOptions options, std::shared_ptr<Communicator> comm);
   c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, const char* name,
-                                         std::vector<at::Tensor> outputs, std::function<void()> run);
-  void loop();
+                                         std::vector<at::Tensor> outputs,
+                                         std::function<void()> run);
 
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  std::deque<std::pair<c10::intrusive_ptr<Work>, std::function<void()>>> queue_;
-  bool stop_ = false;
-  std::unique_ptr<CollectiveWatchdog> watchdog_;  // null without a timeout or alone
-  std::thread worker_;
+  std::shared_ptr<Communicator> comm_;
+  std::unique_ptr<CollectiveWatchdog> watchdog_;  // null without a timeout, alone or a sub-group
 };
 
 // The start and end time of a Work returned by MPIBackend (nullopt for other Works).

@@ -124,3 +124,28 @@ struct DeepSpeedOptions {
 };
 
 }  // namespace fabric::strategies
+
+namespace fabric::strategies {
+
+// strategy="model_parallel": a 2-D mesh of data_parallel_size x
+// tensor_parallel_size ranks, after Lightning's ModelParallelStrategy. Layers
+// built from fabric::tp (strategies/model_parallel/tensor_parallel.h) split their
+// weights across a tensor-parallel group; the data-parallel dimension runs
+// `data_parallel` over the ranks that hold the same slices
+// (strategies/model_parallel/model_parallel.h).
+struct ModelParallelOptions {
+  // 0 is Lightning's "auto": tensor_parallel_size = devices per node,
+  // data_parallel_size = num_nodes. The product must be the world size.
+  int64_t tensor_parallel_size = 0;
+  int64_t data_parallel_size = 0;
+  // The data-parallel dimension: "fsdp" (sharded with FabricOptions::fsdp's
+  // options, as Lightning's TP + FSDP2) or "ddp" (replicated, with
+  // FabricOptions::ddp's).
+  std::string data_parallel = "fsdp";
+  // What fabric.save writes: "full" (rank 0 writes the unsplit model's state
+  // dict, the file single_device writes). "sharded" is not implemented yet: an
+  // error that says to use "full".
+  std::string state_dict_type = "full";
+};
+
+}  // namespace fabric::strategies

@@ -61,6 +61,19 @@ c10d::Backend& ParallelStrategy::backend() const {
   return *pg_.group->getBackend(root_device().type());
 }
 
+void ParallelStrategy::adopt_process_group(ProcessGroupHandle group) {
+  if (!group.group) throw std::invalid_argument(name_ + ": adopt_process_group got no group");
+  if (group.group->getRank() != topology_.global_rank ||
+      group.group->getSize() != topology_.world_size) {
+    throw std::invalid_argument(name_ + ": the adopted group has this rank as " +
+                                std::to_string(group.group->getRank()) + " of " +
+                                std::to_string(group.group->getSize()) + ", but its topology says " +
+                                std::to_string(topology_.global_rank) + " of " +
+                                std::to_string(topology_.world_size));
+  }
+  pg_ = std::move(group);
+}
+
 void ParallelStrategy::setup_environment() {
   if (pg_.group) return;
   if (root_device().is_cuda()) set_cuda_device(root_device().index());
@@ -133,18 +146,22 @@ void ParallelStrategy::barrier() {
 namespace fabric::strategies {
 
 double ParallelStrategy::clip_pieces_norm(torch::optim::Optimizer& optimizer, double max_norm,
-                                          double norm_type, bool error_if_nonfinite) {
+                                          double norm_type, bool error_if_nonfinite,
+                                          const std::function<double(const at::Tensor&)>& share) {
   precision_->unscale_gradients(optimizer);
-  std::vector<at::Tensor> grads;
+  std::vector<at::Tensor> grads, params;
   for (const auto& p : optimizer_parameters(optimizer)) {
-    if (p.grad().defined() && p.grad().numel() > 0) grads.push_back(p.grad());
+    if (p.grad().defined() && p.grad().numel() > 0) {
+      grads.push_back(p.grad());
+      params.push_back(p);
+    }
   }
   const bool inf_norm = std::isinf(norm_type);
   double local = 0;
-  for (const auto& g : grads) {
-    auto a = g.detach().to(at::kDouble).abs();
+  for (size_t i = 0; i < grads.size(); ++i) {
+    auto a = grads[i].detach().to(at::kDouble).abs();
     local = inf_norm ? std::max(local, a.max().item<double>())
-                     : local + a.pow(norm_type).sum().item<double>();
+                     : local + a.pow(norm_type).sum().item<double>() * (share ? share(params[i]) : 1.0);
   }
   double total = all_reduce_value(local, inf_norm ? ReduceOp::kMax : ReduceOp::kSum);
   if (!inf_norm) total = std::pow(total, 1.0 / norm_type);

@@ -4,6 +4,7 @@
 // they treat modules, gradients and optimizer state.
 #pragma once
 
+#include <functional>
 #include <string>
 
 #include <torch/csrc/distributed/c10d/Backend.hpp>
@@ -38,6 +39,11 @@ class ParallelStrategy : public Strategy {
   // This rank's backend for root_device(); throws if launch() has not run yet.
   c10d::Backend& backend() const;
   bool has_process_group() const { return static_cast<bool>(pg_.group); }
+  const ProcessGroupHandle& process_group() const { return pg_; }
+  // Runs this strategy on a group someone else made (a data-parallel row of
+  // model_parallel's mesh) instead of creating one in setup_environment: the
+  // topology's global_rank and world_size must be this rank's place in it.
+  void adopt_process_group(ProcessGroupHandle group);
 
  protected:
   // Broadcasts rank 0's parameters and buffers of `module` to every rank.
@@ -45,8 +51,12 @@ class ParallelStrategy : public Strategy {
   // clip_gradients_norm for a strategy whose optimizer holds disjoint pieces of
   // the gradients on each rank (fsdp, ZeRO): unscales, takes the norm over every
   // rank's pieces (one all-reduce), scales them; returns the norm before clipping.
+  // `share` (optional) weighs each parameter's sum of |g|^p: the fraction of the
+  // ranks that hold this gradient and would otherwise count it again (1/n for a
+  // gradient n ranks hold the same copy of); the inf-norm ignores it.
   double clip_pieces_norm(torch::optim::Optimizer& optimizer, double max_norm, double norm_type,
-                          bool error_if_nonfinite);
+                          bool error_if_nonfinite,
+                          const std::function<double(const at::Tensor& param)>& share = {});
 
   std::string name_;
   Topology topology_;

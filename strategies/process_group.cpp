@@ -459,4 +459,39 @@ ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
   return handle;
 }
 
+ProcessGroupHandle create_sub_group(const ProcessGroupHandle& world,
+                                    const ProcessGroupOptions& options, const std::string& name,
+                                    int color, int rank, int size) {
+  if (!world.group) throw std::logic_error("create_sub_group: the world's process group does not exist yet");
+  if (size < 1 || rank < 0 || rank >= size) {
+    throw std::invalid_argument("create_sub_group(" + name + "): rank " + std::to_string(rank) +
+                                " is not in a group of " + std::to_string(size));
+  }
+  ProcessGroupHandle handle;
+  handle.store = c10::make_intrusive<c10d::PrefixStore>(
+      "torchfabric/" + name + "/" + std::to_string(color), world.store);
+  auto group = c10::make_intrusive<c10d::ProcessGroup>(handle.store, rank, size);
+  if (options.backend == "mpi") {
+    MPIBackendOptions mpi;
+    mpi.split_color = color;
+    mpi.split_key = rank;
+    auto backend = c10::make_intrusive<MPIBackend>(mpi);
+    if (backend->getRank() != rank || backend->getSize() != size) {
+      throw std::runtime_error("create_sub_group(" + name + "): MPI's split says rank " +
+                               std::to_string(backend->getRank()) + " of " +
+                               std::to_string(backend->getSize()) + ", expected rank " +
+                               std::to_string(rank) + " of " + std::to_string(size));
+    }
+    group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::MPI, backend);
+    group->setDefaultBackend(c10d::ProcessGroup::BackendType::MPI);
+  } else {
+    auto backend = make_nccl_backend(c10::make_intrusive<c10d::PrefixStore>("nccl", handle.store),
+                                     rank, size, options.collective_timeout);
+    group->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL, backend);
+    group->setDefaultBackend(c10d::ProcessGroup::BackendType::NCCL);
+  }
+  handle.group = group;
+  return handle;
+}
+
 }  // namespace fabric::strategies

@@ -70,4 +70,14 @@ int job_rendezvous_port(long job_id, int ephemeral_low = 32768, int ephemeral_hi
 // Rendezvous, then the process group; throws std::runtime_error on timeout.
 ProcessGroupHandle create_process_group(const ProcessGroupOptions& options);
 
+// A group of some of the world's ranks (a row or a column of a device mesh):
+// every rank of `world` calls it, in the same order, with the `color` of the
+// group it joins, its `rank` in it and the group's `size`. Under mpi, a split of
+// the world's communicator; under nccl, a ProcessGroupNCCL of those ranks that
+// meets through the world's store under "torchfabric/<name>/<color>". `options`
+// is the world's (backend, device, collective timeout).
+ProcessGroupHandle create_sub_group(const ProcessGroupHandle& world,
+                                    const ProcessGroupOptions& options, const std::string& name,
+                                    int color, int rank, int size);
+
 }  // namespace fabric::strategies

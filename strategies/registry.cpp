@@ -8,6 +8,7 @@
 #include "strategies/ddp.h"
 #include "strategies/deepspeed/deepspeed.h"
 #include "strategies/fsdp/fsdp.h"
+#include "strategies/model_parallel/model_parallel.h"
 #include "strategies/single_device.h"
 
 namespace fabric::strategies {
@@ -57,6 +58,14 @@ Table& table() {
         {{"fsdp", "fully sharded data parallel: parameters, gradients and optimizer state sharded"},
          [](const StrategyArgs& args) -> std::shared_ptr<Strategy> {
            return std::make_shared<FSDPStrategy>(args.topology, process_group_options(args), args.fsdp);
+         }});
+    t->entries.push_back(
+        {{"model_parallel",
+          "tensor parallel (fabric::tp layers split over tensor_parallel_size ranks) x data "
+          "parallel (fsdp or ddp over the rest)"},
+         [](const StrategyArgs& args) -> std::shared_ptr<Strategy> {
+           return std::make_shared<ModelParallelStrategy>(args.topology, process_group_options(args),
+                                                          args.model_parallel, args.ddp, args.fsdp);
          }});
     // Lightning's DeepSpeed names, ours underneath (strategies/deepspeed/deepspeed.h).
     for (const auto& entry : deepspeed_names()) {

@@ -35,6 +35,7 @@ struct StrategyArgs {
   DDPOptions ddp;
   FSDPOptions fsdp;
   DeepSpeedOptions deepspeed;
+  ModelParallelOptions model_parallel;
 };
 // (The precision plugin is not an argument: Fabric hands it to the built
 // strategy through Strategy::set_precision.)

@@ -55,6 +55,11 @@ class Strategy {
   int64_t node_rank() const { return topology().node_rank; }
   int64_t world_size() const { return topology().world_size; }
   bool is_global_zero() const { return global_rank() == 0; }
+  // The ranks that see different data, and this rank's place among them: the
+  // sampler shards the data by these. Every rank by default; model_parallel's
+  // tensor-parallel peers see the same batches (its data-parallel dimension).
+  virtual int64_t data_parallel_size() const { return world_size(); }
+  virtual int64_t data_parallel_rank() const { return global_rank(); }
 
   // Called by Fabric::launch() once the ranks exist (creates process groups).
   virtual void setup_environment() {}

@@ -101,9 +101,9 @@ std::vector<std::string> files_starting_with(const std::string& dir, const std::
 }
 
 void expect_matches_reference(const std::string& dir, bool with_unused = false,
-                              double clip = 0) {
+                              double clip = 0, int ranks = 2) {
   const auto reference = reference_params(with_unused, clip);
-  for (int rank = 0; rank < 2; ++rank) {
+  for (int rank = 0; rank < ranks; ++rank) {
     SCOPED_TRACE("rank " + std::to_string(rank));
     auto params = testutil::read_tensor_list(dir + "/params_rank" + std::to_string(rank) + ".pt");
     ASSERT_EQ(params.size(), reference.size());
@@ -149,6 +149,48 @@ TEST(DdpCuda, NcclMatchesOneProcessOnTheConcatenatedBatch) {
       }
     }
   }
+}
+
+// model_parallel (strategies/model_parallel/): fabric::tp's layers equal the
+// plain layers they are built from, forward and backward, on 2 ranks.
+TEST(ModelParallel, SplitLayersEqualThePlainLayers) {
+  const auto dir = fresh_dir("tp_layers");
+  auto result = testutil::run_command(mpirun() + " " + g_worker + " tp_layers " + dir +
+                                      " --strategy model_parallel --tensor-parallel-size 2");
+  EXPECT_EQ(result.status, 0) << result.output;
+  EXPECT_NE(result.output.find("tp layers ok"), std::string::npos) << result.output;
+}
+
+// An MLP split column- then row-wise trains (Adam, clipping to a total norm of
+// 0.05) to the single-process parameters, with the clipping norm equal to the
+// single-process one at every step: tp=2 alone, and tp=2 x dp=2 on 4 ranks
+// with ddp and with fsdp on the data-parallel dimension.
+TEST(ModelParallel, ClippedTrainingEqualsOneProcessOnEveryMesh) {
+  struct Case {
+    int ranks;
+    std::string flags;
+  };
+  for (const auto& c : std::vector<Case>{{2, "--data-parallel fsdp"},
+                                         {4, "--data-parallel ddp"},
+                                         {4, "--data-parallel fsdp"}}) {
+    SCOPED_TRACE(std::to_string(c.ranks) + " ranks, " + c.flags);
+    const auto dir = fresh_dir("tp_clip" + std::to_string(c.ranks) + c.flags.substr(16));
+    auto result = testutil::run_command(
+        mpirun(c.ranks) + " " + g_worker + " tp_clip " + dir +
+        " --strategy model_parallel --tensor-parallel-size 2 " + c.flags);
+    ASSERT_EQ(result.status, 0) << result.output;
+    expect_matches_reference(dir, false, 0.05, c.ranks);
+  }
+}
+
+// Under loss scaling an inf in one tensor-parallel rank's gradient skips the
+// step on every rank (the ranks agree on inf/nan over the whole world).
+TEST(ModelParallel, AnInfOnOneTensorParallelRankSkipsTheStepEverywhere) {
+  const auto dir = fresh_dir("tp_scaler");
+  auto result = testutil::run_command(mpirun() + " " + g_worker + " tp_scaler " + dir +
+                                      " --strategy model_parallel --tensor-parallel-size 2");
+  EXPECT_EQ(result.status, 0) << result.output;
+  EXPECT_NE(result.output.find("tp_scaler ok"), std::string::npos) << result.output;
 }
 
 TEST(Ddp, GradientAsBucketViewMatchesToo) {

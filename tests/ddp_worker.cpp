@@ -27,6 +27,17 @@
 //                exits 3 on a wrong value
 //   slow         trains forever (slowly) after writing OUTDIR/pid_rank<r>
 //   nojoin       rank 1 never calls launch(); the others wait --timeout seconds
+//   tp_layers    (--strategy model_parallel) fabric::tp's layers and
+//                vocab_parallel_cross_entropy against the plain layers they were
+//                built from: outputs, loss and gradient slices; exits 3 on a mismatch
+//   tp_clip      clip, with the MLP's layers column- and row-parallel over the
+//                tensor-parallel group (--tensor-parallel-size, --data-parallel);
+//                each data-parallel rank trains on its part of the batch; writes
+//                params like train, and exits 3 unless every rank's clipping norm
+//                is the single-process one
+//   tp_scaler    tp_train's model under a loss-scaling plugin: an inf put into
+//                one tensor-parallel rank's gradient must skip the step on every
+//                rank; exits 3 otherwise
 #include <torch/torch.h>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -39,7 +50,10 @@
 
 #include "ddp_model.h"
 #include "fabric/fabric.h"
+#include "precision/grad_scaler.h"
+#include "precision/mixed_precision.h"
 #include "strategies/ddp.h"
+#include "strategies/model_parallel/tensor_parallel.h"
 #include "strategies/parallel.h"
 
 namespace {
@@ -149,6 +163,124 @@ int sweep(fabric::Fabric& fabric, const std::string& out) {
   return 0;
 }
 
+namespace tp = fabric::tp;
+
+bool close(const torch::Tensor& a, const torch::Tensor& b) {
+  return a.sizes() == b.sizes() && torch::allclose(a, b, /*rtol=*/1e-5, /*atol=*/1e-6);
+}
+
+// tp_layers: every rank also computes the plain layers, and compares.
+int tensor_parallel_layers(fabric::Fabric& fabric) {
+  const auto group = tp::tensor_parallel_group(fabric.strategy());
+  if (group.size < 2) return fail("tp_layers needs a tensor-parallel group of 2 or more");
+  torch::manual_seed(0);
+  torch::nn::Embedding emb_full(16, 6);
+  torch::nn::Linear col_full(6, 8), row_full(8, 6), head_full(6, 16);
+  tp::VocabParallelEmbedding emb(group, emb_full);
+  tp::ColumnParallelLinear col(group, col_full, tp::ColumnParallelLinearOptions{.gather_output = true});
+  tp::RowParallelLinear row(group, row_full, tp::RowParallelLinearOptions{.input_is_parallel = false});
+  tp::ColumnParallelLinear head(group, head_full);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  auto ids = torch::randint(16, {5, 3}, gen), targets = torch::randint(16, {5, 3}, gen);
+
+  auto a = col_full(emb_full(ids));
+  auto b = row_full(torch::tanh(a));
+  auto logits = head_full(b);
+  auto loss = torch::cross_entropy_loss(logits.view({-1, 16}), targets.view({-1}));
+  loss.backward();
+
+  auto a2 = col(emb(ids));
+  auto b2 = row(torch::tanh(a2));
+  auto logits2 = head(b2);
+  auto loss2 = tp::vocab_parallel_cross_entropy(logits2, targets, group);
+  loss2.backward();
+
+  const auto slice = [&](const torch::Tensor& t, int64_t dim) {
+    return tp::shard_of(t, {dim, 1}, group.rank, group.size);
+  };
+  if (!close(a2, a)) return fail("ColumnParallelLinear with gather_output: outputs differ");
+  if (!close(b2, b)) return fail("RowParallelLinear on a whole input: outputs differ");
+  if (!close(logits2, slice(logits, 2))) return fail("ColumnParallelLinear: this rank's outputs differ");
+  if (!close(loss2, loss)) {
+    return fail("vocab_parallel_cross_entropy " + std::to_string(loss2.item<double>()) +
+                " != cross_entropy " + std::to_string(loss.item<double>()));
+  }
+  if (!close(head->weight.grad(), slice(head_full->weight.grad(), 0))) return fail("head weight gradient");
+  if (!close(row->weight.grad(), slice(row_full->weight.grad(), 1))) return fail("row weight gradient");
+  if (!close(row->bias.grad(), row_full->bias.grad())) return fail("row bias gradient");
+  if (!close(col->weight.grad(), slice(col_full->weight.grad(), 0))) return fail("column weight gradient");
+  if (!close(col->bias.grad(), slice(col_full->bias.grad(), 0))) return fail("column bias gradient");
+  if (!close(emb->weight.grad(), slice(emb_full->weight.grad(), 0))) return fail("embedding gradient");
+  fabric.print("tp layers ok");
+  return 0;
+}
+
+// DdpMlp's layers split over the tensor-parallel group (names and order unchanged).
+struct TpMlpImpl : torch::nn::Module {
+  TpMlpImpl(const tp::Group& group, const DdpMlpImpl& full)
+      : fc1(register_module("fc1", tp::ColumnParallelLinear(group, full.fc1))),
+        fc2(register_module("fc2", tp::RowParallelLinear(group, full.fc2))) {}
+  torch::Tensor forward(torch::Tensor x) { return fc2->forward(torch::tanh(fc1->forward(x))); }
+  tp::ColumnParallelLinear fc1;
+  tp::RowParallelLinear fc2;
+};
+
+int tensor_parallel_training(fabric::Fabric& fabric, const std::string& mode, const std::string& out) {
+  const int64_t rank = fabric.global_rank();
+  const auto group = tp::tensor_parallel_group(fabric.strategy());
+  const int64_t dp_rank = fabric.strategy().data_parallel_rank();
+  const int64_t per_rank = 16 / fabric.strategy().data_parallel_size();
+  torch::manual_seed(0);
+  DdpMlpImpl reference;
+  auto model = std::make_shared<TpMlpImpl>(group, reference);
+  if (rank != 0) {  // replicated parameters must come from rank 0 at setup
+    torch::NoGradGuard no_grad;
+    model->fc2->bias.add_(1.0);
+  }
+  auto optimizer = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-2);
+  torch::optim::Adam reference_opt(reference.parameters(), 1e-2);
+  auto [net, opt] = fabric.setup(model, optimizer);
+  auto* scaler = fabric.precision().scaler();
+  if (mode == "tp_scaler" && !scaler) return fail("tp_scaler: the precision plugin has no GradScaler");
+  for (int step = 0; step < 10; ++step) {
+    auto [x, y] = ddp_global_batch(step);
+    auto xs = x.narrow(0, dp_rank * per_rank, per_rank), ys = y.narrow(0, dp_rank * per_rank, per_rank);
+    opt.zero_grad();
+    fabric.backward(torch::mse_loss(net(xs), ys));
+    reference_opt.zero_grad();
+    torch::mse_loss(reference.forward(x), y).backward();
+    if (mode == "tp_clip") {
+      const double norm = fabric.clip_gradients(net, opt, {.max_norm = 0.05}).value_or(-1);
+      const double expected = torch::nn::utils::clip_grad_norm_(reference.parameters(), 0.05);
+      if (std::abs(norm - expected) > 1e-5 * expected) {
+        return fail("step " + std::to_string(step) + ": clip_gradients' norm " + std::to_string(norm) +
+                    ", the single-process norm " + std::to_string(expected));
+      }
+    }
+    if (mode == "tp_scaler" && step == 3) {
+      // An overflow on one tensor-parallel rank only: every rank must skip.
+      const double scale = scaler->get_scale();
+      std::vector<torch::Tensor> before;
+      for (const auto& p : model->parameters()) before.push_back(p.detach().clone());
+      if (group.rank == 1 && model->fc1->weight.grad().numel() > 0) {
+        model->fc1->weight.mutable_grad().view({-1})[0] = std::numeric_limits<float>::infinity();
+      }
+      opt.step();
+      size_t i = 0;
+      for (const auto& p : model->parameters()) {
+        if (!torch::equal(p.detach(), before[i++])) return fail("a step with an inf on one rank moved a parameter");
+      }
+      if (!(scaler->get_scale() < scale)) return fail("the scale did not fall after an inf");
+      continue;  // the reference skips this step too
+    }
+    opt.step();
+    reference_opt.step();
+  }
+  save_params(fabric, *model, out + "/params_rank" + std::to_string(rank) + ".pt");
+  fabric.print(mode, " ok");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -170,6 +302,16 @@ int main(int argc, char** argv) {
     if (flag == "--accelerator") options.accelerator = argv[i + 1];
     if (flag == "--strategy") options.strategy = argv[i + 1];
     if (flag == "--sharding") options.fsdp.sharding_strategy = argv[i + 1];
+    if (flag == "--tensor-parallel-size") {
+      options.model_parallel.tensor_parallel_size = std::stoi(argv[i + 1]);
+    }
+    if (flag == "--data-parallel") options.model_parallel.data_parallel = argv[i + 1];
+  }
+  if (mode == "tp_scaler") {
+    // Loss scaling on the CPU: bf16 autocast with a GradScaler (fp32 gradients).
+    options.precision_plugin = std::make_shared<fabric::precision::MixedPrecision>(
+        c10::ScalarType::BFloat16, c10::DeviceType::CPU,
+        std::make_unique<fabric::precision::GradScaler>());
   }
   options.ddp.find_unused_parameters = mode == "unused";
   options.ddp.gradient_as_bucket_view = mode == "train_view";
@@ -247,6 +389,8 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (mode == "sweep") return sweep(fabric, out);
+    if (mode == "tp_layers") return tensor_parallel_layers(fabric);
+    if (mode == "tp_clip" || mode == "tp_scaler") return tensor_parallel_training(fabric, mode, out);
     if (mode == "large") return large(fabric);
     torch::manual_seed(0);
     auto model = mode == "init_module" ? fabric.init_module<DdpMlpImpl>(false)

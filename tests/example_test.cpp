@@ -240,6 +240,98 @@ TEST(Examples, GptLossFallsUnderEveryStrategyAndFsdpMatchesDdp) {
   EXPECT_EQ(lines[ds_run], lines["--devices 2 --strategy ddp"]);
 }
 
+// --strategy model_parallel: the GPT split over a tensor-parallel group of 2
+// trains to the unsplit model's weights and Adam state, and writes the unsplit
+// state dict (Python's torch.load reads it; names and shapes are the unsplit
+// model's): tp=2 equals one process (1e-5), tp=2 x dp=2 on 4 ranks equals ddp
+// on 2 with fsdp and with ddp on the data-parallel dimension (1e-4: a few of
+// AdamW's updates of near-zero gradients differ by more after the reduction
+// orders differ), and checkpoints resume both ways. Each rank holds the
+// replicated parameters and 1/2 of the split ones.
+TEST(Examples, GptUnderModelParallelEqualsTheUnsplitModel) {
+  const std::string dir = ::testing::TempDir() + "/gpt_model_parallel";
+  ASSERT_EQ(testutil::run_command("rm -rf " + dir + " && mkdir -p " + dir).status, 0);
+  const int64_t n_layer = 2, C = 64, V = 256, block = 32;
+  const std::string small = g_gpt + " --accelerator cpu --eval-every 5 --n-layer 2 --n-embd 64 --n-head 4"
+                            " --block-size 32 --batch-size 8 --sample 0 --logger none";
+  const std::string mp = " --strategy model_parallel --tensor-parallel-size 2";
+  const std::string script = dir + "/compare.py";
+  std::ofstream(script) << "import sys, torch\n"
+                           "a, b = torch.load(sys.argv[1]), torch.load(sys.argv[2])\n"
+                           "tol = float(sys.argv[3])\n"
+                           "assert a['step'] == b['step'], (a['step'], b['step'])\n"
+                           "assert list(a['model']) == list(b['model']), (list(a['model']), list(b['model']))\n"
+                           "def same(x, y, what):\n"
+                           "    assert x.shape == y.shape, (what, x.shape, y.shape)\n"
+                           "    d = (x.double() - y.double()).abs().max().item()\n"
+                           "    assert d <= tol, (what, d)\n"
+                           "for k in a['model']:\n"
+                           "    same(a['model'][k], b['model'][k], k)\n"
+                           "assert sorted(a['optimizer']['state']) == sorted(b['optimizer']['state'])\n"
+                           "for i, s in a['optimizer']['state'].items():\n"
+                           "    for k in s:\n"
+                           "        same(s[k], b['optimizer']['state'][i][k], (i, k))\n"
+                           "print('equal', len(a['model']), 'tensors')\n";
+  const auto run = [&](const std::string& flags, const std::string& out) {
+    auto result = testutil::run_command(small + " " + flags + " --checkpoint " + dir + "/" + out);
+    EXPECT_EQ(result.status, 0) << flags << "\n" << result.output;
+    return result.output;
+  };
+  const auto compare = [&](const std::string& a, const std::string& b, double tol) {
+    SCOPED_TRACE(a + " vs " + b);
+    auto cmp = testutil::run_command(testutil::python() + " " + script + " " + dir + "/" + a + " " + dir +
+                                     "/" + b + " " + std::to_string(tol));
+    EXPECT_EQ(cmp.status, 0) << cmp.output;
+    EXPECT_NE(cmp.output.find("equal "), std::string::npos) << cmp.output;
+  };
+  run("--max-steps 5 --strategy single_device", "single5.pt");
+  const auto tp_out = run("--max-steps 5 --devices 2" + mp, "tp5.pt");
+  compare("single5.pt", "tp5.pt", 1e-5);
+  // The split: per rank, the replicated parameters and half of the split ones.
+  const int64_t split = n_layer * (3 * C * C + 3 * C + C * C + 4 * C * C + 4 * C + 4 * C * C) + V * C;
+  const int64_t replicated = block * C + n_layer * (2 * 2 * C + C + C) + 2 * C;
+  EXPECT_NE(tp_out.find("gpt: " + std::to_string(replicated + split) + " parameters"), std::string::npos) << tp_out;
+  EXPECT_NE(tp_out.find("parameters on each rank: " + std::to_string(replicated + split / 2)), std::string::npos)
+      << tp_out;
+  // Resumes both ways continue as one process does.
+  run("--max-steps 10 --strategy single_device --resume " + dir + "/single5.pt", "single10.pt");
+  run("--max-steps 10 --devices 2" + mp + " --resume " + dir + "/single5.pt", "tp10_from_single.pt");
+  run("--max-steps 10 --strategy single_device --resume " + dir + "/tp5.pt", "single10_from_tp.pt");
+  compare("single10.pt", "tp10_from_single.pt", 1e-5);
+  compare("single10.pt", "single10_from_tp.pt", 1e-5);
+  // 2 x 2 against ddp on 2 (an untied head: a second vocabulary-parallel layer).
+  run("--max-steps 5 --untied-head --devices 2 --strategy ddp", "ddp5.pt");
+  run("--max-steps 5 --untied-head --devices 4" + mp + " --data-parallel fsdp", "mesh_fsdp5.pt");
+  run("--max-steps 5 --untied-head --devices 4" + mp + " --data-parallel ddp", "mesh_ddp5.pt");
+  compare("ddp5.pt", "mesh_fsdp5.pt", 1e-4);
+  compare("ddp5.pt", "mesh_ddp5.pt", 1e-4);
+  // And a different run does differ (the comparison can fail).
+  auto other = testutil::run_command(testutil::python() + " " + script + " " + dir + "/single5.pt " + dir +
+                                     "/tp10_from_single.pt 1e-5");
+  EXPECT_NE(other.status, 0) << other.output;
+}
+
+// model_parallel's errors name the numbers: a mesh that is not the world, heads
+// that do not split, and the mesh flags without the strategy.
+TEST(Examples, GptModelParallelErrorsNameTheSizes) {
+  const std::string base = g_gpt + " --accelerator cpu --max-steps 1 --sample 0 --logger none";
+  auto mesh = testutil::run_command(base + " --devices 4 --strategy model_parallel --tensor-parallel-size 3");
+  EXPECT_EQ(mesh.status, 1) << mesh.output;
+  EXPECT_NE(mesh.output.find("data_parallel_size x tensor_parallel_size must be the world size 4"),
+            std::string::npos) << mesh.output;
+  auto heads = testutil::run_command(base + " --devices 2 --strategy model_parallel --n-head 3 --n-embd 66");
+  EXPECT_EQ(heads.status, 1) << heads.output;
+  EXPECT_NE(heads.output.find("--n-head (3) is not divisible by the tensor-parallel size 2"), std::string::npos)
+      << heads.output;
+  auto flag = testutil::run_command(base + " --tensor-parallel-size 2");
+  EXPECT_EQ(flag.status, 2) << flag.output;
+  EXPECT_NE(flag.output.find("--tensor-parallel-size needs --strategy model_parallel"), std::string::npos)
+      << flag.output;
+  auto choice = testutil::run_command(base + " --devices 2 --strategy model_parallel --data-parallel zero");
+  EXPECT_EQ(choice.status, 1) << choice.output;
+  EXPECT_NE(choice.output.find("valid: 'fsdp'"), std::string::npos) << choice.output;
+}
+
 // Flags below their minimum are errors naming the flag, before anything runs
 // (no training, no checkpoint written into the current directory).
 TEST(Examples, FlagsBelowTheirMinimumAreErrors) {

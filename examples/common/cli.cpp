@@ -75,6 +75,20 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
        "with --strategy deepspeed*: a DeepSpeed JSON config (ds_config.json): ZeRO stage, offload, "
        "bucket sizes, gradient_clipping, fp16 loss scaling; its train_micro_batch_size_per_gpu is "
        "the batch size unless --batch-size is given")
+      ("tensor-parallel-size",
+       po::value(&args.fabric.model_parallel.tensor_parallel_size)
+           ->default_value(args.fabric.model_parallel.tensor_parallel_size),
+       "with --strategy model_parallel: ranks each layer is split across (0: auto, the devices "
+       "per node)")
+      ("data-parallel-size",
+       po::value(&args.fabric.model_parallel.data_parallel_size)
+           ->default_value(args.fabric.model_parallel.data_parallel_size),
+       "with --strategy model_parallel: ranks that see different data (0: auto, the rest of the "
+       "world)")
+      ("data-parallel",
+       po::value(&args.fabric.model_parallel.data_parallel)
+           ->default_value(args.fabric.model_parallel.data_parallel),
+       "with --strategy model_parallel: what the data-parallel dimension runs, fsdp or ddp")
       ("num-nodes", po::value(&args.fabric.num_nodes)->default_value(args.fabric.num_nodes),
        "number of nodes")
       ("precision", po::value(&precision)->default_value(precision),
@@ -182,6 +196,13 @@ TrainArgs parse_args(int argc, char** argv, const std::string& description, Trai
     }
   }
   args.fabric.deepspeed.state_dict_type = args.fabric.fsdp.state_dict_type;
+  args.fabric.model_parallel.state_dict_type = args.fabric.fsdp.state_dict_type;
+  for (const char* flag : {"tensor-parallel-size", "data-parallel-size", "data-parallel"}) {
+    if (!vm[flag].defaulted() && args.fabric.strategy != "model_parallel") {
+      reject(std::string("--") + flag + " needs --strategy model_parallel, got --strategy " +
+             args.fabric.strategy);
+    }
+  }
   if (!args.fabric.deepspeed.config.empty()) {
     if (args.fabric.strategy.rfind("deepspeed", 0) != 0) {
       reject("--deepspeed-config needs --strategy deepspeed (or deepspeed_stage_N...), got --strategy " +

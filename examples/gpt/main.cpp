@@ -8,6 +8,7 @@
 //   gpt --devices 2 --strategy fsdp --n-layer 6 --n-embd 192
 //   gpt --devices 2 --strategy ddp --precision bf16-mixed --sample 400
 //   mpirun -np 2 gpt --strategy fsdp
+//   gpt --devices 4 --strategy model_parallel --tensor-parallel-size 2   (2 x 2 mesh)
 // Prints `step N: train_loss X val_loss Y` every --eval-every steps, then a text
 // sample (every rank samples, since under fsdp each forward is collective; rank
 // 0 prints).
@@ -69,8 +70,18 @@ int run(int argc, char** argv) {
   const int64_t split = text.size(0) * 9 / 10;
   auto train_data = text.slice(0, 0, split), val_data = text.slice(0, split);
 
-  auto model = fabric.init_module<GptImpl>(config);
-  const int64_t n_params = model->num_parameters();
+  // Under model_parallel the layers split over the tensor-parallel group (a
+  // group of one, every layer whole, under every other strategy).
+  const auto tp = fabric::tp::tensor_parallel_group(fabric.strategy());
+  auto model = fabric.init_module<GptImpl>(config, tp);
+  const int64_t local_params = model->num_parameters();
+  int64_t split_params = 0;
+  for (const auto& m : model->modules()) {
+    if (const auto* layer = dynamic_cast<const fabric::tp::ParallelLayer*>(m.get())) {
+      for (const auto& [p, how] : layer->split_parameters()) split_params += p.numel();
+    }
+  }
+  const int64_t n_params = local_params + (tp.size - 1) * split_params;  // the unsplit model's
   auto optimizer = std::make_shared<torch::optim::AdamW>(
       model->parameters(), torch::optim::AdamWOptions(args.lr).weight_decay(0.01));
   auto [net, opt] = fabric.setup(model, optimizer);
@@ -86,20 +97,23 @@ int run(int argc, char** argv) {
   fabric.print("gpt: ", n_params, " parameters, ", config.n_layer, " blocks, ", text.size(0),
                " characters; ", fabric.world_size(), " rank(s), strategy ", fabric.strategy().name(),
                ", precision ", fabric.precision().name(), ", ", total, " steps");
+  if (tp.size > 1) {
+    fabric.print("tensor parallel: ", tp.size, " x data parallel: ", fabric.strategy().data_parallel_size(),
+                 "; parameters on each rank: ", local_params);
+  }
 
-  // Each rank draws its own batches; the stream depends on the seed, rank and step only.
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(args.seed * 1000 + fabric.global_rank());
+  // Each data-parallel rank draws its own batches (tensor-parallel peers the
+  // same ones); the stream depends on the seed, that rank and the step only.
+  const int64_t data_rank = fabric.strategy().data_parallel_rank();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(args.seed * 1000 + data_rank);
   auto evaluate = [&](const torch::Tensor& data) {
     torch::NoGradGuard no_grad;
     net->eval();
-    auto eval_gen = at::make_generator<at::CPUGeneratorImpl>(7 + fabric.global_rank());
+    auto eval_gen = at::make_generator<at::CPUGeneratorImpl>(7 + data_rank);
     double sum = 0;
     for (int64_t i = 0; i < eval_batches; ++i) {
       auto [x, y] = get_batch(data, args.batch_size, config.block_size, eval_gen);
-      auto logits = net(fabric.to_device(x));
-      sum += torch::cross_entropy_loss(logits.view({-1, config.vocab_size}).to(torch::kFloat),
-                                       fabric.to_device(y).view({-1}))
-                 .item<double>();
+      sum += model->loss(net(fabric.to_device(x)), fabric.to_device(y)).item<double>();
     }
     net->train();
     return fabric.all_reduce(sum / eval_batches, "mean");
@@ -116,9 +130,7 @@ int run(int argc, char** argv) {
   for (; step < total;) {
     auto [x, y] = get_batch(train_data, args.batch_size, config.block_size, gen);
     opt.zero_grad();
-    auto logits = net(fabric.to_device(x));
-    auto loss = torch::cross_entropy_loss(logits.view({-1, config.vocab_size}).to(torch::kFloat),
-                                          fabric.to_device(y).view({-1}));
+    auto loss = model->loss(net(fabric.to_device(x)), fabric.to_device(y));
     fabric.backward(loss);
     fabric.clip_gradients(net, opt, {.max_norm = 1.0});
     opt.step();
@@ -152,7 +164,7 @@ int run(int argc, char** argv) {
     for (int64_t i = 0; i < sample; ++i) {
       const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(tokens.size()) - config.block_size);
       auto context = torch::tensor(std::vector<int64_t>(tokens.begin() + start, tokens.end())).unsqueeze(0);
-      auto logits = net(fabric.to_device(context)).select(1, -1).to(torch::kFloat).cpu();
+      auto logits = model->full_logits(net(fabric.to_device(context))).select(1, -1).to(torch::kFloat).cpu();
       auto probs = torch::softmax(logits / 0.8, -1);
       tokens.push_back(torch::multinomial(probs, 1, false, sample_gen).item<int64_t>());
     }

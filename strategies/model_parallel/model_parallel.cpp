@@ -1,0 +1,323 @@
+#include "strategies/model_parallel/model_parallel.h"
+
+#include <cmath>
+#include <cstdio>
+#include <stdexcept>
+
+#include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+
+#include "optim/codec.h"
+#include "precision/grad_scaler.h"
+#include "strategies/ddp.h"
+#include "strategies/fsdp/fsdp.h"
+
+namespace fabric::strategies {
+
+MeshShape resolve_mesh_shape(const ModelParallelOptions& options, int64_t world_size,
+                             int64_t devices_per_node) {
+  if (options.tensor_parallel_size < 0 || options.data_parallel_size < 0) {
+    throw std::invalid_argument(
+        "model_parallel: tensor_parallel_size and data_parallel_size must be positive, or 0 "
+        "(\"auto\"); got tensor_parallel_size=" + std::to_string(options.tensor_parallel_size) +
+        ", data_parallel_size=" + std::to_string(options.data_parallel_size));
+  }
+  MeshShape mesh;
+  int64_t tp = options.tensor_parallel_size, dp = options.data_parallel_size;
+  if (tp == 0 && dp == 0) {
+    tp = devices_per_node;
+  } else if (tp == 0) {
+    tp = dp > 0 && world_size % dp == 0 ? world_size / dp : devices_per_node;
+  }
+  if (dp == 0) dp = tp > 0 && world_size % tp == 0 ? world_size / tp : 0;
+  if (tp * dp != world_size) {
+    throw std::invalid_argument(
+        "model_parallel: data_parallel_size x tensor_parallel_size must be the world size " +
+        std::to_string(world_size) + " (devices x num_nodes), got " +
+        (options.data_parallel_size ? std::to_string(dp) : "auto") + " x " +
+        (options.tensor_parallel_size ? std::to_string(tp) : "auto (" + std::to_string(tp) + ")") +
+        "; choose sizes whose product is " + std::to_string(world_size));
+  }
+  mesh.data_parallel = dp;
+  mesh.tensor_parallel = tp;
+  return mesh;
+}
+
+namespace {
+Topology data_parallel_topology(const Topology& world, const MeshShape& mesh) {
+  Topology t = world;
+  t.global_rank = world.global_rank / mesh.tensor_parallel;
+  t.world_size = mesh.data_parallel;
+  return t;
+}
+}  // namespace
+
+ModelParallelStrategy::ModelParallelStrategy(Topology topology, ProcessGroupOptions process_group,
+                                             ModelParallelOptions options, DDPOptions ddp,
+                                             FSDPOptions fsdp)
+    : ParallelStrategy("model_parallel", topology, process_group), options_(std::move(options)) {
+  mesh_ = resolve_mesh_shape(options_, topology_.world_size,
+                             static_cast<int64_t>(topology_.parallel_devices.size()));
+  tp_rank_ = topology_.global_rank % mesh_.tensor_parallel;
+  dp_rank_ = topology_.global_rank / mesh_.tensor_parallel;
+  if (options_.state_dict_type != "full") {
+    throw std::invalid_argument(
+        "model_parallel: state_dict_type='" + options_.state_dict_type + "' is not supported; "
+        "the valid choice is 'full' (rank 0 writes the unsplit model's state dict, which "
+        "loads at any tensor-parallel size). Sharded checkpoints of split layers are not "
+        "implemented yet");
+  }
+  const auto dp_topology = data_parallel_topology(topology_, mesh_);
+  if (options_.data_parallel == "fsdp") {
+    if (fsdp.state_dict_type != "full") {
+      throw std::invalid_argument("model_parallel: the fsdp options' state_dict_type must be 'full' "
+                                  "(model_parallel writes full checkpoints), got '" +
+                                  fsdp.state_dict_type + "'");
+    }
+    dp_ = std::make_shared<FSDPStrategy>(dp_topology, process_group, fsdp);
+    dp_is_fsdp_ = true;
+  } else if (options_.data_parallel == "ddp") {
+    dp_ = std::make_shared<DDPStrategy>(dp_topology, process_group, ddp);
+  } else {
+    throw std::invalid_argument("model_parallel: data_parallel='" + options_.data_parallel +
+                                "' is not a choice; valid: 'fsdp' (shard each slice over the "
+                                "data-parallel ranks) or 'ddp' (replicate it)");
+  }
+}
+
+ModelParallelStrategy::~ModelParallelStrategy() {
+  if (reducing_scaler_) reducing_scaler_->set_found_inf_reducer(nullptr);
+  dp_.reset();
+  if (tp_pg_.group) {
+    try {
+      tp_pg_.group->shutdown();
+    } catch (...) {
+    }
+  }
+}
+
+tp::Group ModelParallelStrategy::tensor_parallel_group() const {
+  tp::Group group;
+  if (mesh_.tensor_parallel == 1) return group;
+  if (!tp_pg_.group) {
+    throw std::logic_error("model_parallel: the tensor-parallel group does not exist yet: call "
+                           "fabric.launch() before building fabric::tp layers");
+  }
+  group.backend = tp_pg_.group->getBackend(root_device().type());
+  group.rank = tp_rank_;
+  group.size = mesh_.tensor_parallel;
+  return group;
+}
+
+void ModelParallelStrategy::setup_environment() {
+  if (has_process_group()) return;
+  ParallelStrategy::setup_environment();
+  // Every rank makes both groups, in this order (the splits are collective).
+  tp_pg_ = create_sub_group(pg_, pg_options_, "tensor_parallel", static_cast<int>(dp_rank_),
+                            static_cast<int>(tp_rank_), static_cast<int>(mesh_.tensor_parallel));
+  dp_->adopt_process_group(create_sub_group(pg_, pg_options_, "data_parallel",
+                                            static_cast<int>(tp_rank_), static_cast<int>(dp_rank_),
+                                            static_cast<int>(mesh_.data_parallel)));
+}
+
+void ModelParallelStrategy::set_precision(std::shared_ptr<precision::Precision> plugin) {
+  Strategy::set_precision(plugin);
+  dp_->set_precision(plugin);
+  if (reducing_scaler_) reducing_scaler_->set_found_inf_reducer(nullptr);
+  reducing_scaler_ = nullptr;
+  // Tensor-parallel ranks hold different gradients: one inf among them must
+  // skip the step everywhere (the data-parallel strategy's own reducer, over its
+  // group only, is replaced).
+  if (auto* scaler = precision().scaler()) {
+    scaler->set_found_inf_reducer([this](double found) { return all_reduce_value(found, ReduceOp::kMax); });
+    reducing_scaler_ = scaler;
+  }
+}
+
+const tp::Split* ModelParallelStrategy::split_of(const at::Tensor& param) const {
+  auto it = splits_.find(param.unsafeGetTensorImpl());
+  return it == splits_.end() ? nullptr : &it->second.second;
+}
+
+void ModelParallelStrategy::setup_module(torch::nn::Module& module) {
+  module.to(root_device());
+  for (const auto& child : module.modules(/*include_self=*/true)) {
+    const auto* layer = dynamic_cast<const tp::ParallelLayer*>(child.get());
+    if (!layer) continue;
+    if (layer->group().size != mesh_.tensor_parallel) {
+      throw std::invalid_argument(
+          "model_parallel: a fabric::tp layer (" + child->name() + ") was built for a "
+          "tensor-parallel group of " + std::to_string(layer->group().size) + ", but this job's is " +
+          std::to_string(mesh_.tensor_parallel) + "; build the model after fabric.launch() with "
+          "fabric::tp::tensor_parallel_group(fabric.strategy())");
+    }
+    for (const auto& [param, split] : layer->split_parameters()) {
+      splits_[param.unsafeGetTensorImpl()] = {param, split};
+    }
+  }
+  if (mesh_.tensor_parallel > 1) {
+    // Replicated state must be equal within a tensor-parallel group (every rank
+    // computes with it on the same batch): tensor-parallel rank 0's.
+    auto group = tensor_parallel_group();
+    torch::NoGradGuard no_grad;
+    c10d::BroadcastOptions root;
+    root.rootRank = 0;
+    std::vector<at::Tensor> tensors;
+    for (auto& p : module.parameters()) {
+      if (!split_of(p)) tensors.push_back(p.detach());
+    }
+    for (auto& b : module.buffers()) tensors.push_back(b);
+    for (auto& t : tensors) {
+      std::vector<at::Tensor> one = {t};
+      group.backend->broadcast(one, root)->wait();
+    }
+  }
+  dp_->setup_module(module);
+}
+
+precision::ScopePtr ModelParallelStrategy::forward_context(torch::nn::Module& module) {
+  return dp_->forward_context(module);
+}
+
+void ModelParallelStrategy::setup_optimizer(torch::optim::Optimizer& optimizer) {
+  dp_->setup_optimizer(optimizer);
+}
+
+at::Tensor ModelParallelStrategy::optimizer_step(torch::optim::Optimizer& optimizer,
+                                                 const precision::LossClosure& closure) {
+  return dp_->optimizer_step(optimizer, closure);
+}
+
+void ModelParallelStrategy::backward(const at::Tensor& loss) { dp_->backward(loss); }
+
+void ModelParallelStrategy::set_gradient_sync(bool enabled) { dp_->set_gradient_sync(enabled); }
+bool ModelParallelStrategy::gradient_sync() const { return dp_->gradient_sync(); }
+
+double ModelParallelStrategy::clip_gradients_norm(torch::nn::Module* /*module*/,
+                                                  torch::optim::Optimizer& optimizer,
+                                                  double max_norm, double norm_type,
+                                                  bool error_if_nonfinite) {
+  // Each gradient counted once over the world: under fsdp a rank's gradient
+  // pieces are its own along the data-parallel dimension, under ddp every
+  // data-parallel rank holds the same; a replicated parameter's gradient is the
+  // same on every tensor-parallel rank.
+  const double dp = dp_is_fsdp_ ? 1.0 : static_cast<double>(mesh_.data_parallel);
+  const double tp = static_cast<double>(mesh_.tensor_parallel);
+  return clip_pieces_norm(optimizer, max_norm, norm_type, error_if_nonfinite,
+                          [&](const at::Tensor& p) { return split_of(p) ? 1.0 / dp : 1.0 / (dp * tp); });
+}
+
+void ModelParallelStrategy::clip_gradients_value(torch::nn::Module* module,
+                                                 torch::optim::Optimizer& optimizer, double clip_val) {
+  dp_->clip_gradients_value(module, optimizer, clip_val);
+}
+
+// Inside the data-parallel strategy's full state (each rank's slices whole),
+// every split parameter and its per-element optimizer state gathered over the
+// tensor-parallel group: the unsplit model's tensors. After a load, each rank
+// keeps its slice of what was loaded.
+class ModelParallelStrategy::WholeStateScope : public precision::Scope {
+ public:
+  WholeStateScope(ModelParallelStrategy& strategy, bool loading)
+      : strategy_(strategy), loading_(loading), group_(strategy.tensor_parallel_group()) {}
+  ~WholeStateScope() override {
+    try {
+      leave();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "torchfabric: model_parallel: splitting after a checkpoint failed: %s\n",
+                   e.what());
+    }
+  }
+  void enter(const std::vector<torch::nn::Module*>& modules,
+             const std::vector<torch::optim::Optimizer*>& optimizers, precision::ScopePtr inner) {
+    inner_ = std::move(inner);
+    if (group_.size == 1) return;
+    torch::NoGradGuard no_grad;
+    std::unordered_map<const void*, bool> seen;
+    for (auto* module : modules) {
+      for (auto& p : module->parameters()) {
+        const auto* split = strategy_.split_of(p);
+        if (!split || !seen.emplace(p.unsafeGetTensorImpl(), true).second) continue;
+        at::Tensor local = p.data();
+        at::Tensor full;
+        if (loading_) {
+          auto sizes = local.sizes().vec();
+          sizes[static_cast<size_t>(split->dim)] *= group_.size;
+          full = at::empty(sizes, local.options());  // the load writes into it
+        } else {
+          full = tp::unshard(tp::all_gather(group_, local), *split);
+        }
+        params_.push_back({p, local, *split});
+        p.set_data(full);
+      }
+    }
+    optimizers_ = optimizers;
+    if (loading_) return;  // a load replaces the state; leave() splits what it loaded
+    for (auto* optimizer : optimizers) {
+      for (const auto& p : optimizer_parameters(*optimizer)) {
+        const auto* split = strategy_.split_of(p);
+        auto it = optimizer->state().find(p.unsafeGetTensorImpl());
+        if (!split || it == optimizer->state().end()) continue;
+        for (auto* slot : optim::codec_for(optimizer->defaults()).per_element_state(*it->second)) {
+          if (!slot->defined()) continue;
+          slots_.push_back({slot, *slot});
+          *slot = tp::unshard(tp::all_gather(group_, *slot), *split);
+        }
+      }
+    }
+  }
+
+ private:
+  void leave() {
+    if (group_.size != 1) {
+      torch::NoGradGuard no_grad;
+      for (auto& [param, local, split] : params_) {
+        at::Tensor loaded = param.data();
+        param.set_data(local);
+        if (loading_) local.copy_(tp::shard_of(loaded, split, group_.rank, group_.size));
+      }
+      for (auto& [slot, local] : slots_) *slot = local;
+      if (loading_) {
+        // Loaded state is the unsplit model's: keep this rank's slice.
+        for (auto* optimizer : optimizers_) {
+          for (const auto& p : optimizer_parameters(*optimizer)) {
+            const auto* split = strategy_.split_of(p);
+            auto it = optimizer->state().find(p.unsafeGetTensorImpl());
+            if (!split || it == optimizer->state().end()) continue;
+            for (auto* slot : optim::codec_for(optimizer->defaults()).per_element_state(*it->second)) {
+              if (!slot->defined() || slot->dim() <= split->dim ||
+                  slot->size(split->dim) != p.size(split->dim) * group_.size) {
+                continue;
+              }
+              *slot = tp::shard_of(*slot, *split, group_.rank, group_.size);
+            }
+          }
+        }
+      }
+    }
+    inner_.reset();  // then the data-parallel strategy leaves its own full state
+  }
+  struct Param {
+    at::Tensor param, local;
+    tp::Split split;
+  };
+  ModelParallelStrategy& strategy_;
+  bool loading_;
+  tp::Group group_;
+  precision::ScopePtr inner_;
+  std::vector<Param> params_;
+  std::vector<std::pair<at::Tensor*, at::Tensor>> slots_;
+  std::vector<torch::optim::Optimizer*> optimizers_;
+};
+
+precision::ScopePtr ModelParallelStrategy::full_state_context(
+    const std::vector<torch::nn::Module*>& modules,
+    const std::vector<torch::optim::Optimizer*>& optimizers, bool loading) {
+  auto scope = std::make_unique<WholeStateScope>(*this, loading);
+  scope->enter(modules, optimizers, dp_->full_state_context(modules, optimizers, loading));
+  return scope;
+}
+
+}  // namespace fabric::strategies
