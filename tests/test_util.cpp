@@ -1,5 +1,6 @@
 #include "test_util.h"
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <fstream>
@@ -43,12 +44,24 @@ std::string python() {
 }
 
 std::string lightning_port() {
-  // 20000-28999: below the ephemeral range (32768-60999 by default) and clear of
-  // the 29xxx ports that torch's default and some tests use.
+  // Below this machine's ephemeral range (net.ipv4.ip_local_port_range, 32768-60999
+  // by default) and clear of the 29xxx ports that torch's default and some tests
+  // use: 20000 up to the range's start (at most 28999); when fewer than 1000 ports
+  // are there, above the range's end. (The policy of
+  // strategies::job_rendezvous_port; not called, because example_tests and
+  // install_tests link test_util without LibTorch.)
+  int low = 32768, high = 60999;
+  std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> low >> high;
+  int first = 20000, count = std::min(low, 29000) - 20000;
+  if (count < 1000) {
+    first = high + 1;
+    count = 65535 - high;
+  }
+  if (count < 1) return "29500";  // no port outside the range: torch's default
   static std::atomic<int> calls{0};
-  const int start = static_cast<int>((::getpid() * 97 + calls.fetch_add(1) * 13) % 9000);
-  for (int i = 0; i < 9000; ++i) {
-    const int port = 20000 + (start + i) % 9000;
+  const int start = static_cast<int>((::getpid() * 97 + calls.fetch_add(1) * 13) % count);
+  for (int i = 0; i < count; ++i) {
+    const int port = first + (start + i) % count;
     const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0) break;
     sockaddr_in address{};
@@ -59,7 +72,7 @@ std::string lightning_port() {
     ::close(fd);
     if (free) return std::to_string(port);
   }
-  return std::to_string(20000 + start);
+  return std::to_string(first + start);
 }
 
 }  // namespace testutil

@@ -1,13 +1,21 @@
-// FSDP against DDP on the CPU: the GPT example's training step (examples/gpt,
-// every block a sharding unit) at 2 ranks, same model, data, seed and threads
-// (the cores split between the ranks), the two strategies interleaved in one
-// run (ddp, fsdp, ddp, fsdp, ...) and the medians compared.
+// FSDP and tensor parallelism against DDP on the CPU: the GPT example's
+// training step (examples/gpt, every block a sharding unit) at 2 ranks, same
+// model, data, seed and threads (the cores split between the ranks), the
+// strategies interleaved in one run (ddp, fsdp, model_parallel, ddp, ...) and
+// the medians compared. model_parallel is tensor_parallel_size 2 (attention
+// heads, MLP, embedding and head split over both ranks, fsdp on a data-parallel
+// dimension of 1), on the same global batch (so each data-parallel rank takes
+// twice the per-rank batch). On 2 CPU cores its step time is for information (its
+// all-reduces of activations, four per block per step, run on the same cores
+// that compute); the GPU check measures it for real.
 //   fsdp                    runs the comparison
 //   fsdp --worker ...       one strategy (started by the driver)
 // Per-rank memory is the distinct storage bytes of parameters, gradients and
 // AdamW state at rest (between steps). Last lines:
 //   fsdp/ddp per-rank memory: X
 //   fsdp/ddp step time: X
+//   model_parallel/ddp per-rank memory: X
+//   model_parallel/ddp step time: X
 #include <torch/torch.h>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -41,21 +49,25 @@ struct Config {
 };
 
 int worker(const std::string& strategy, const Config& config) {
-  fabric::Fabric fabric({.accelerator = "cpu", .strategy = strategy, .devices = 2});
+  fabric::FabricOptions options{.accelerator = "cpu", .strategy = strategy, .devices = 2};
+  options.model_parallel.tensor_parallel_size = 2;
+  fabric::Fabric fabric(options);
   fabric.launch();
   torch::set_num_threads(std::max(1, config.cores / static_cast<int>(fabric.world_size())));
   torch::manual_seed(0);
-  auto model = std::make_shared<GptImpl>(config.gpt);
+  auto model = std::make_shared<GptImpl>(config.gpt, fabric::tp::tensor_parallel_group(fabric.strategy()));
   const int64_t n_params = model->num_parameters();
   auto optimizer = std::make_shared<torch::optim::AdamW>(model->parameters(), 1e-3);
   auto [net, opt] = fabric.setup(model, optimizer);
   auto text = load_fortunes();
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(1000 + fabric.global_rank());
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(1000 + fabric.strategy().data_parallel_rank());
+  // The same global batch per step for every strategy: tensor-parallel peers
+  // share their batch, so each data-parallel rank takes tp times the per-rank one.
+  const int64_t batch = config.batch * fabric.world_size() / fabric.strategy().data_parallel_size();
   auto step = [&, &net = net, &opt = opt] {
-    auto [x, y] = get_batch(text, config.batch, config.gpt.block_size, gen);
+    auto [x, y] = get_batch(text, batch, config.gpt.block_size, gen);
     opt.zero_grad();
-    auto logits = net(x);
-    fabric.backward(torch::cross_entropy_loss(logits.view({-1, config.gpt.vocab_size}), y.view({-1})));
+    fabric.backward(model->loss(net(x), y));
     opt.step();
   };
   for (int i = 0; i < 3; ++i) step();
@@ -100,14 +112,14 @@ int main(int argc, char** argv) {
   po::options_description flags("fsdp/ddp benchmark (GPT example, 2 CPU ranks)");
   flags.add_options()("help,h", "show this help")
       ("worker", "run one strategy (internal)")
-      ("strategy", po::value(&strategy), "ddp or fsdp (with --worker)")
+      ("strategy", po::value(&strategy), "ddp, fsdp or model_parallel (with --worker)")
       ("n-layer", po::value(&config.gpt.n_layer)->default_value(config.gpt.n_layer), "blocks")
       ("n-embd", po::value(&config.gpt.n_embd)->default_value(config.gpt.n_embd), "width")
       ("n-head", po::value(&config.gpt.n_head)->default_value(config.gpt.n_head), "heads")
       ("block-size", po::value(&config.gpt.block_size)->default_value(config.gpt.block_size), "context")
       ("batch-size", po::value(&config.batch)->default_value(config.batch), "per-rank batch")
       ("steps", po::value(&config.steps)->default_value(config.steps), "timed steps per run")
-      ("rounds", po::value(&rounds)->default_value(rounds), "ddp/fsdp pairs")
+      ("rounds", po::value(&rounds)->default_value(rounds), "ddp/fsdp/model_parallel triples")
       ("cores", po::value(&config.cores)->default_value(config.cores), "cores split between the ranks");
   po::variables_map vm;
   examples::parse_flags(flags, argc, argv, vm);
@@ -119,15 +131,20 @@ int main(int argc, char** argv) {
         " --block-size " + std::to_string(config.gpt.block_size) + " --batch-size " +
         std::to_string(config.batch) + " --steps " + std::to_string(config.steps) + " --cores " +
         std::to_string(config.cores);
-    std::vector<double> ddp_time, fsdp_time, ddp_mem, fsdp_mem;
+    std::vector<double> ddp_time, fsdp_time, mp_time, ddp_mem, fsdp_mem, mp_mem;
     for (int r = 0; r < rounds; ++r) {
       auto [dt, dm] = run_worker(argv[0], "ddp", forwarded);
       auto [ft, fm] = run_worker(argv[0], "fsdp", forwarded);
+      auto [mt, mm] = run_worker(argv[0], "model_parallel", forwarded);
       ddp_time.push_back(dt), ddp_mem.push_back(dm), fsdp_time.push_back(ft), fsdp_mem.push_back(fm);
+      mp_time.push_back(mt), mp_mem.push_back(mm);
     }
+    const double ddp_m = benchmarks::median(ddp_mem), ddp_t = benchmarks::median(ddp_time);
     std::cout << std::fixed << std::setprecision(3)
-              << "fsdp/ddp per-rank memory: " << benchmarks::median(fsdp_mem) / benchmarks::median(ddp_mem) << "\n"
-              << "fsdp/ddp step time: " << benchmarks::median(fsdp_time) / benchmarks::median(ddp_time) << std::endl;
+              << "fsdp/ddp per-rank memory: " << benchmarks::median(fsdp_mem) / ddp_m << "\n"
+              << "fsdp/ddp step time: " << benchmarks::median(fsdp_time) / ddp_t << "\n"
+              << "model_parallel/ddp per-rank memory: " << benchmarks::median(mp_mem) / ddp_m << "\n"
+              << "model_parallel/ddp step time: " << benchmarks::median(mp_time) / ddp_t << std::endl;
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << std::endl;
