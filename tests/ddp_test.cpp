@@ -152,10 +152,11 @@ TEST(DdpCuda, NcclMatchesOneProcessOnTheConcatenatedBatch) {
 }
 
 // model_parallel (strategies/model_parallel/): fabric::tp's layers equal the
-// plain layers they are built from, forward and backward, on 2 ranks.
+// plain layers they are built from, forward and backward, on 2 ranks; dropout
+// in split regions draws different masks on the two ranks, reproducibly.
 TEST(ModelParallel, SplitLayersEqualThePlainLayers) {
   const auto dir = fresh_dir("tp_layers");
-  auto result = testutil::run_command(mpirun() + " " + g_worker + " tp_layers " + dir +
+  auto result = testutil::run_command("timeout -k 10 300 " + mpirun() + " " + g_worker + " tp_layers " + dir +
                                       " --strategy model_parallel --tensor-parallel-size 2");
   EXPECT_EQ(result.status, 0) << result.output;
   EXPECT_NE(result.output.find("tp layers ok"), std::string::npos) << result.output;
@@ -176,7 +177,7 @@ TEST(ModelParallel, ClippedTrainingEqualsOneProcessOnEveryMesh) {
     SCOPED_TRACE(std::to_string(c.ranks) + " ranks, " + c.flags);
     const auto dir = fresh_dir("tp_clip" + std::to_string(c.ranks) + c.flags.substr(16));
     auto result = testutil::run_command(
-        mpirun(c.ranks) + " " + g_worker + " tp_clip " + dir +
+        "timeout -k 10 300 " + mpirun(c.ranks) + " " + g_worker + " tp_clip " + dir +
         " --strategy model_parallel --tensor-parallel-size 2 " + c.flags);
     ASSERT_EQ(result.status, 0) << result.output;
     expect_matches_reference(dir, false, 0.05, c.ranks);
@@ -187,7 +188,7 @@ TEST(ModelParallel, ClippedTrainingEqualsOneProcessOnEveryMesh) {
 // step on every rank (the ranks agree on inf/nan over the whole world).
 TEST(ModelParallel, AnInfOnOneTensorParallelRankSkipsTheStepEverywhere) {
   const auto dir = fresh_dir("tp_scaler");
-  auto result = testutil::run_command(mpirun() + " " + g_worker + " tp_scaler " + dir +
+  auto result = testutil::run_command("timeout -k 10 300 " + mpirun() + " " + g_worker + " tp_scaler " + dir +
                                       " --strategy model_parallel --tensor-parallel-size 2");
   EXPECT_EQ(result.status, 0) << result.output;
   EXPECT_NE(result.output.find("tp_scaler ok"), std::string::npos) << result.output;

@@ -211,6 +211,25 @@ int tensor_parallel_layers(fabric::Fabric& fabric) {
   if (!close(col->weight.grad(), slice(col_full->weight.grad(), 0))) return fail("column weight gradient");
   if (!close(col->bias.grad(), slice(col_full->bias.grad(), 0))) return fail("column bias gradient");
   if (!close(emb->weight.grad(), slice(emb_full->weight.grad(), 0))) return fail("embedding gradient");
+
+  // Dropout inside a split region: each rank its own masks, the same ones again
+  // after the same seed; the default generator (replicated regions) untouched.
+  torch::manual_seed(11);
+  tp::manual_seed_parallel_region(group, 42);
+  auto ones = torch::ones({256});
+  auto first = tp::dropout(ones, 0.5, /*training=*/true, group);
+  const auto replicated = torch::rand({4});
+  tp::manual_seed_parallel_region(group, 42);
+  auto again = tp::dropout(ones, 0.5, true, group);
+  torch::manual_seed(11);
+  if (!torch::equal(torch::rand({4}), replicated)) return fail("tp::dropout drew from the default generator");
+  if (!torch::equal(first, again)) return fail("tp::dropout: the same seed gave other masks");
+  if (!torch::equal(first.eq(0).logical_or(first.eq(2)).all(), torch::tensor(true))) {
+    return fail("tp::dropout: values other than 0 and 1/(1-p)");
+  }
+  auto masks = tp::all_gather(group, first);
+  if (torch::equal(masks[0], masks[1])) return fail("tp::dropout: two tensor-parallel ranks drew the same mask");
+  if (!torch::equal(tp::dropout(ones, 0.5, /*training=*/false, group), ones)) return fail("tp::dropout in eval");
   fabric.print("tp layers ok");
   return 0;
 }

@@ -5,7 +5,9 @@
 #include <stdexcept>
 #include <string>
 
+#include <ATen/Context.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/dropout.h>
 #include <ATen/ops/cross_entropy_loss.h>
 #include <ATen/ops/embedding.h>
 #include <ATen/ops/empty_like.h>
@@ -219,6 +221,58 @@ at::Tensor gather_from_tensor_parallel(const at::Tensor& x, const Group& group) 
 }
 at::Tensor scatter_to_tensor_parallel(const at::Tensor& x, const Group& group) {
   return group.size == 1 ? x : ScatterTo::apply(x, group_id(group));
+}
+
+namespace {
+struct RegionGenerators {
+  std::mutex mutex;
+  std::map<int64_t, uint64_t> seeds;  // by group
+  std::map<std::pair<int64_t, std::string>, at::Generator> generators;  // by group and device
+};
+RegionGenerators& region_generators() {
+  static auto* g = new RegionGenerators;
+  return *g;
+}
+}  // namespace
+
+void manual_seed_parallel_region(const Group& group, uint64_t seed) {
+  auto& g = region_generators();
+  std::lock_guard<std::mutex> lock(g.mutex);
+  const int64_t id = reinterpret_cast<int64_t>(group.backend.get());
+  g.seeds[id] = seed;
+  for (auto it = g.generators.begin(); it != g.generators.end();) {
+    it = it->first.first == id ? g.generators.erase(it) : std::next(it);
+  }
+}
+
+at::Generator parallel_region_generator(const Group& group, c10::Device device) {
+  auto& g = region_generators();
+  std::lock_guard<std::mutex> lock(g.mutex);
+  const int64_t id = reinterpret_cast<int64_t>(group.backend.get());
+  const auto key = std::make_pair(id, device.str());
+  auto it = g.generators.find(key);
+  if (it != g.generators.end()) return it->second;
+  auto defaults = at::globalContext().defaultGenerator(device);
+  auto seed = g.seeds.find(id);
+  const uint64_t base = seed != g.seeds.end() ? seed->second : defaults.current_seed();
+  at::Generator generator = defaults.clone();
+  generator.set_current_seed(base + 2718 + static_cast<uint64_t>(group.rank));
+  g.generators.emplace(key, generator);
+  return generator;
+}
+
+at::Tensor dropout(const at::Tensor& x, double p, bool training, const Group& group) {
+  if (p < 0 || p > 1) throw std::invalid_argument("tp::dropout: p must be in [0, 1], got " + std::to_string(p));
+  if (group.size == 1) return at::dropout(x, p, training);
+  if (!training || p == 0) return x;
+  if (p == 1) return x * 0;
+  auto generator = parallel_region_generator(group, x.device());
+  at::Tensor mask;
+  {
+    torch::NoGradGuard no_grad;  // (bernoulli_ takes the generator's lock itself)
+    mask = at::empty_like(x).bernoulli_(1 - p, generator);
+  }
+  return x * mask / (1 - p);
 }
 
 at::Tensor vocab_parallel_cross_entropy(const at::Tensor& local_logits, const at::Tensor& targets,

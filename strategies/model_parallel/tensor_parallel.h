@@ -72,6 +72,18 @@ at::Tensor gather_from_tensor_parallel(const at::Tensor& x, const Group& group);
 // Forward: this rank's part along the last dimension; backward: the gathered gradient.
 at::Tensor scatter_to_tensor_parallel(const at::Tensor& x, const Group& group);
 
+// Random numbers inside split regions (dropout of this rank's heads or MLP
+// slice): one generator per tensor-parallel rank, so that peers draw different
+// masks for their different slices, while the replicated regions keep the
+// default generator, the same on every peer. Seeded with seed + 2718 + the
+// tensor-parallel rank (Megatron's offset). Used before any seed was given, it
+// takes the default generator's current seed (fabric.seed_everything's).
+void manual_seed_parallel_region(const Group& group, uint64_t seed);
+at::Generator parallel_region_generator(const Group& group, c10::Device device);
+// Dropout of `x` inside a split region, with this rank's generator; for a
+// group of one, torch's dropout (the default generator).
+at::Tensor dropout(const at::Tensor& x, double p, bool training, const Group& group);
+
 // What model_parallel asks a split layer: which of its parameters are split,
 // and how (the others are replicated on every rank of the group). The strategy
 // gathers them for full checkpoints and counts their gradients once in clipping.
