@@ -36,6 +36,13 @@ using Path = std::vector<c10::IValue>;
 // opposed to scalars such as "step", which every rank holds whole.
 using ShardOf = std::function<std::optional<ShardedJob::Shard>(const at::Tensor&)>;
 
+// The ranges {first element, count} of the flattened whole that a rank's
+// `numel` elements of a sharded tensor are, in order.
+std::vector<std::pair<int64_t, int64_t>> ranges_of(const ShardedJob::Shard& shard, int64_t numel) {
+  if (!shard.ranges.empty()) return shard.ranges;
+  return {{shard.flat_offset, numel}};
+}
+
 bool per_element(const std::string& slot) {
   static const std::set<std::string> slots = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer",
                                               "square_avg", "grad_avg", "sum"};
@@ -76,15 +83,17 @@ struct Collector {
       e.storage.push_back(writer.write(t));
       return;
     }
+    if (!shard->owner) return;
     auto& e = entry(path, t, shard->full_shape);
     const at::Tensor flat = t.reshape({-1});
     int64_t at = 0;
-    for (auto& chunk : dcp::chunks_of_range(shard->full_shape, shard->flat_offset,
-                                            shard->flat_offset + flat.numel())) {
-      const at::Tensor piece = flat.narrow(0, at, chunk.numel()).view(chunk.sizes);
-      at += chunk.numel();
-      e.storage.push_back(writer.write(piece));
-      e.chunks.push_back(std::move(chunk));
+    for (const auto& [first, count] : ranges_of(*shard, flat.numel())) {
+      for (auto& chunk : dcp::chunks_of_range(shard->full_shape, first, first + count)) {
+        const at::Tensor piece = flat.narrow(0, at, chunk.numel()).view(chunk.sizes);
+        at += chunk.numel();
+        e.storage.push_back(writer.write(piece));
+        e.chunks.push_back(std::move(chunk));
+      }
     }
   }
   void value(const Path& path, const c10::IValue& v) {
@@ -469,13 +478,18 @@ c10::IValue read_with_meta(const std::string& dir, const dcp::Reader& reader, co
 }
 
 // Where each of this rank's pieces lies in the checkpoint's flattened tensors:
-// key -> (first element, count), for every sharded parameter of `state` and its
-// per-element optimizer state. nullopt when an optimizer holds a sharded
-// parameter that no module of the state names (its keys cannot be found).
-std::optional<std::map<std::string, std::pair<int64_t, int64_t>>> pieces_of(
+// key -> the ranges of the flattened whole it is, and the shape this rank holds
+// it in, for every sharded parameter of `state` and its per-element optimizer
+// state. nullopt when an optimizer holds a sharded parameter that no module of
+// the state names (its keys cannot be found).
+struct Piece {
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  std::vector<int64_t> sizes;
+};
+std::optional<std::map<std::string, Piece>> pieces_of(
     const State& state, const Path& prefix, const ShardOf& shard_of, const dcp::Metadata& metadata,
     const std::unordered_map<const void*, std::string>& names) {
-  std::map<std::string, std::pair<int64_t, int64_t>> out;
+  std::map<std::string, Piece> out;
   for (const auto& [key, v] : state) {
     Path path = prefix;
     path.emplace_back(key);
@@ -487,7 +501,7 @@ std::optional<std::map<std::string, std::pair<int64_t, int64_t>>> pieces_of(
         p.emplace_back(item.key());
         const auto entry = metadata.entries.find(dotted(p));
         if (entry == metadata.entries.end() || entry->second.size != shard->full_shape) continue;  // reported by the load
-        out[dotted(p)] = {shard->flat_offset, item.value().numel()};
+        out[dotted(p)] = {ranges_of(*shard, item.value().numel()), item.value().sizes().vec()};
       }
     } else if (v.kind() == StateValue::Kind::kOptimizer) {
       for (const auto& group : v.optimizer()->param_groups()) {
@@ -504,7 +518,7 @@ std::optional<std::map<std::string, std::pair<int64_t, int64_t>>> pieces_of(
                it != metadata.entries.end() && it->first.compare(0, slots.size(), slots) == 0; ++it) {
             const auto slot = it->first.substr(slots.size());
             if (per_element(slot) && it->second.size == shard->full_shape) {
-              out[it->first] = {shard->flat_offset, param.numel()};
+              out[it->first] = {ranges_of(*shard, param.numel()), param.sizes().vec()};
             }
           }
         }
@@ -543,9 +557,16 @@ std::optional<c10::IValue> read_sharded_pieces(const std::string& path, const St
     if (piece == pieces->end() || !entry.tensor) {
       return entry.tensor ? c10::IValue(reader.tensor(fqn)) : reader.value(fqn);
     }
-    at::Tensor flat = at::empty({piece->second.second}, at::TensorOptions().dtype(entry.dtype));
-    reader.read_flat(fqn, piece->second.first, flat);
-    return flat;
+    int64_t numel = 0;
+    for (const auto& range : piece->second.ranges) numel += range.second;
+    at::Tensor flat = at::empty({numel}, at::TensorOptions().dtype(entry.dtype));
+    int64_t at = 0;
+    for (const auto& [first, count] : piece->second.ranges) {
+      at::Tensor part = flat.narrow(0, at, count);
+      reader.read_flat(fqn, first, part);
+      at += count;
+    }
+    return flat.view(piece->second.sizes);
   });
 }
 

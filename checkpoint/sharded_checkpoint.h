@@ -39,6 +39,13 @@ struct ShardedJob {
   struct Shard {
     std::vector<int64_t> full_shape;
     int64_t flat_offset = 0;
+    // When not empty, instead of flat_offset: the rank's data, flattened, is
+    // these ranges {first element, count} of the flattened whole, one after
+    // the other (a tensor-parallel slice: one range per contiguous run).
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    // Whether this rank writes its data: false for a piece other ranks hold
+    // the same copy of (one of them writes it).
+    bool owner = true;
   };
   std::function<std::optional<Shard>(const at::Tensor&)> shard_of;
   // The module parameter an optimizer's tensor stands for, when the optimizer

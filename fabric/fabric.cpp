@@ -203,7 +203,8 @@ std::function<std::optional<ShardedJob::Shard>(const at::Tensor&)> shard_answers
   return [&strategy](const at::Tensor& param) -> std::optional<ShardedJob::Shard> {
     auto shard = strategy.parameter_shard(param);
     if (!shard) return std::nullopt;
-    return ShardedJob::Shard{std::move(shard->full_shape), shard->flat_offset};
+    return ShardedJob::Shard{std::move(shard->full_shape), shard->flat_offset, std::move(shard->ranges),
+                             shard->owner};
   };
 }
 

@@ -143,8 +143,9 @@ struct ModelParallelOptions {
   // FabricOptions::ddp's).
   std::string data_parallel = "fsdp";
   // What fabric.save writes: "full" (rank 0 writes the unsplit model's state
-  // dict, the file single_device writes). "sharded" is not implemented yet: an
-  // error that says to use "full".
+  // dict, the file single_device writes) or "sharded" (a
+  // torch.distributed.checkpoint directory with the unsplit model's keys and
+  // shapes, each rank writing its slices; it loads at any mesh).
   std::string state_dict_type = "full";
 };
 

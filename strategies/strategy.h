@@ -128,6 +128,12 @@ class Strategy {
   struct ParameterShard {
     std::vector<int64_t> full_shape;
     int64_t flat_offset = 0;
+    // When not empty, instead of flat_offset: the piece, flattened, is these
+    // ranges {first element, count} of the flattened whole in turn (a
+    // tensor-parallel slice is one range per contiguous run of it).
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    // false: another rank holds the same piece and writes it.
+    bool owner = true;
   };
   virtual std::optional<ParameterShard> parameter_shard(const at::Tensor& /*param*/) const {
     return std::nullopt;

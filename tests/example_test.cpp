@@ -309,6 +309,32 @@ TEST(Examples, GptUnderModelParallelEqualsTheUnsplitModel) {
   auto other = testutil::run_command(testutil::python() + " " + script + " " + dir + "/single5.pt " + dir +
                                      "/tp10_from_single.pt 1e-5");
   EXPECT_NE(other.status, 0) << other.output;
+
+  // Sharded checkpoints (a DCP directory of each rank's slices) load at another
+  // mesh: tp=2's at one process and at 2 x 2 (fsdp and ddp on the data-parallel
+  // dimension), 2 x 2's at one process; each load, saved again in full at the
+  // same step, is the full file the writing run saved. Python's DCP reads them.
+  const std::string sharded = " --state-dict-type sharded";
+  run("--max-steps 5 --devices 2" + mp + sharded, "tp5_dcp");
+  run("--max-steps 5 --strategy single_device --resume " + dir + "/tp5_dcp", "tp5_dcp_at_1.pt");
+  run("--max-steps 5 --devices 4" + mp + " --resume " + dir + "/tp5_dcp", "tp5_dcp_at_2x2.pt");
+  run("--max-steps 5 --devices 4" + mp + " --data-parallel ddp --resume " + dir + "/tp5_dcp", "tp5_dcp_at_2x2ddp.pt");
+  compare("tp5.pt", "tp5_dcp_at_1.pt", 1e-6);
+  compare("tp5.pt", "tp5_dcp_at_2x2.pt", 1e-6);
+  compare("tp5.pt", "tp5_dcp_at_2x2ddp.pt", 1e-6);
+  run("--max-steps 5 --untied-head --devices 4" + mp + " --data-parallel fsdp" + sharded, "mesh_fsdp5_dcp");
+  run("--max-steps 5 --untied-head --devices 4" + mp + " --data-parallel ddp" + sharded, "mesh_ddp5_dcp");
+  run("--max-steps 5 --untied-head --strategy single_device --resume " + dir + "/mesh_fsdp5_dcp", "mesh_fsdp5_dcp_at_1.pt");
+  run("--max-steps 5 --untied-head --strategy single_device --resume " + dir + "/mesh_ddp5_dcp", "mesh_ddp5_dcp_at_1.pt");
+  compare("mesh_fsdp5.pt", "mesh_fsdp5_dcp_at_1.pt", 1e-6);
+  compare("mesh_ddp5.pt", "mesh_ddp5_dcp_at_1.pt", 1e-6);
+  auto python = testutil::run_command(
+      testutil::python() + " -c \"import torch; from torch.distributed.checkpoint.format_utils import dcp_to_torch_save as c; "
+      "c('" + dir + "/tp5_dcp', '" + dir + "/tp5_py.pt'); a = torch.load('" + dir + "/tp5_py.pt')['model']; "
+      "b = torch.load('" + dir + "/tp5.pt')['model']; assert sorted(a) == sorted(b); "
+      "assert all(torch.equal(a[k], b[k]) for k in b); print('python reads', len(a), 'tensors')\"");
+  EXPECT_EQ(python.status, 0) << python.output;
+  EXPECT_NE(python.output.find("python reads"), std::string::npos) << python.output;
 }
 
 // model_parallel's errors name the numbers: a mesh that is not the world, heads

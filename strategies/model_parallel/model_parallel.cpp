@@ -1,5 +1,6 @@
 #include "strategies/model_parallel/model_parallel.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <stdexcept>
@@ -62,20 +63,15 @@ ModelParallelStrategy::ModelParallelStrategy(Topology topology, ProcessGroupOpti
                              static_cast<int64_t>(topology_.parallel_devices.size()));
   tp_rank_ = topology_.global_rank % mesh_.tensor_parallel;
   dp_rank_ = topology_.global_rank / mesh_.tensor_parallel;
-  if (options_.state_dict_type != "full") {
+  if (options_.state_dict_type != "full" && options_.state_dict_type != "sharded") {
     throw std::invalid_argument(
-        "model_parallel: state_dict_type='" + options_.state_dict_type + "' is not supported; "
-        "the valid choice is 'full' (rank 0 writes the unsplit model's state dict, which "
-        "loads at any tensor-parallel size). Sharded checkpoints of split layers are not "
-        "implemented yet");
+        "model_parallel: state_dict_type='" + options_.state_dict_type + "' is not a choice; "
+        "valid: 'full' (rank 0 writes the unsplit model's state dict) or 'sharded' (a "
+        "torch.distributed.checkpoint directory, each rank writing what it holds)");
   }
   const auto dp_topology = data_parallel_topology(topology_, mesh_);
   if (options_.data_parallel == "fsdp") {
-    if (fsdp.state_dict_type != "full") {
-      throw std::invalid_argument("model_parallel: the fsdp options' state_dict_type must be 'full' "
-                                  "(model_parallel writes full checkpoints), got '" +
-                                  fsdp.state_dict_type + "'");
-    }
+    fsdp.state_dict_type = "full";  // (model_parallel decides what a checkpoint holds)
     dp_ = std::make_shared<FSDPStrategy>(dp_topology, process_group, fsdp);
     dp_is_fsdp_ = true;
   } else if (options_.data_parallel == "ddp") {
@@ -311,6 +307,51 @@ class ModelParallelStrategy::WholeStateScope : public precision::Scope {
   std::vector<std::pair<at::Tensor*, at::Tensor>> slots_;
   std::vector<torch::optim::Optimizer*> optimizers_;
 };
+
+std::optional<Strategy::ParameterShard> ModelParallelStrategy::parameter_shard(const at::Tensor& param) const {
+  auto inner = dp_->parameter_shard(param);  // fsdp's piece of this rank's tensor
+  const auto* split = split_of(param);
+  if (!split || mesh_.tensor_parallel == 1) {
+    // Whole on this rank (rank 0 writes it), or fsdp's piece of a tensor every
+    // tensor-parallel peer holds alike: tensor-parallel rank 0 writes it.
+    if (inner) inner->owner = tp_rank_ == 0;
+    return inner;
+  }
+  // This rank's slice, as runs of the unsplit tensor: for every index before
+  // the split dimension and every block, `part` rows of `inner_n` elements.
+  const std::vector<int64_t> local = inner ? inner->full_shape : param.sizes().vec();
+  const int64_t begin = inner ? inner->flat_offset : 0, end = begin + param.numel();
+  const auto d = static_cast<size_t>(split->dim);
+  ParameterShard out;
+  out.full_shape = local;
+  out.full_shape[d] *= mesh_.tensor_parallel;
+  out.owner = dp_is_fsdp_ || dp_rank_ == 0;  // ddp replicas hold the same slice
+  int64_t outer = 1, inner_n = 1;
+  for (size_t i = 0; i < d; ++i) outer *= local[i];
+  for (size_t i = d + 1; i < local.size(); ++i) inner_n *= local[i];
+  const int64_t part = local[d] / split->stride, run = part * inner_n;
+  const int64_t full_d = out.full_shape[d], block = full_d / split->stride;
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t b = 0; b < split->stride; ++b) {
+      const int64_t local_start = (o * split->stride + b) * run;
+      const int64_t lo = std::max(begin, local_start), hi = std::min(end, local_start + run);
+      if (hi <= lo) continue;
+      const int64_t full_start = o * full_d * inner_n + (b * block + tp_rank_ * part) * inner_n;
+      out.ranges.emplace_back(full_start + (lo - local_start), hi - lo);
+    }
+  }
+  return out;
+}
+
+at::Tensor ModelParallelStrategy::parameter_of(const at::Tensor& optimizer_tensor) const {
+  return dp_->parameter_of(optimizer_tensor);
+}
+
+precision::ScopePtr ModelParallelStrategy::sharded_state_context(
+    const std::vector<torch::nn::Module*>& modules,
+    const std::vector<torch::optim::Optimizer*>& optimizers, bool loading) {
+  return dp_->sharded_state_context(modules, optimizers, loading);
+}
 
 precision::ScopePtr ModelParallelStrategy::full_state_context(
     const std::vector<torch::nn::Module*>& modules,

@@ -78,6 +78,17 @@ class ModelParallelStrategy : public ParallelStrategy {
   precision::ScopePtr full_state_context(const std::vector<torch::nn::Module*>& modules,
                                          const std::vector<torch::optim::Optimizer*>& optimizers,
                                          bool loading) override;
+  // state_dict_type="sharded": a DCP directory in which each rank writes what it
+  // holds at rest. A split parameter's slice (and under fsdp the data-parallel
+  // piece of it) is written as ranges of the unsplit tensor, so the directory
+  // has the unsplit model's keys and shapes and loads at any mesh, single-device
+  // and in Python. A piece several ranks hold alike is written by one of them.
+  bool sharded_checkpoints() const override { return options_.state_dict_type == "sharded"; }
+  std::optional<ParameterShard> parameter_shard(const at::Tensor& param) const override;
+  at::Tensor parameter_of(const at::Tensor& optimizer_tensor) const override;
+  precision::ScopePtr sharded_state_context(const std::vector<torch::nn::Module*>& modules,
+                                            const std::vector<torch::optim::Optimizer*>& optimizers,
+                                            bool loading) override;
 
  private:
   class WholeStateScope;
