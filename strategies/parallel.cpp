@@ -81,12 +81,18 @@ void ParallelStrategy::setup_environment() {
 }
 
 void ParallelStrategy::broadcast_module_state(torch::nn::Module& module) {
-  auto& be = backend();
+  broadcast_module_state(module, backend());
+}
+
+void ParallelStrategy::broadcast_module_state(torch::nn::Module& module, c10d::Backend& be,
+                                              const std::function<bool(const at::Tensor&)>& include) {
   torch::NoGradGuard no_grad;
   c10d::BroadcastOptions root;
   root.rootRank = 0;
   std::vector<at::Tensor> tensors;
-  for (auto& p : module.parameters()) tensors.push_back(p.detach());
+  for (auto& p : module.parameters()) {
+    if (!include || include(p)) tensors.push_back(p.detach());
+  }
   for (auto& b : module.buffers()) tensors.push_back(b);
   for (auto& t : tensors) {
     std::vector<at::Tensor> one = {t};

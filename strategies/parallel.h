@@ -46,8 +46,12 @@ class ParallelStrategy : public Strategy {
   void adopt_process_group(ProcessGroupHandle group);
 
  protected:
-  // Broadcasts rank 0's parameters and buffers of `module` to every rank.
+  // Broadcasts rank 0's parameters and buffers of `module` to every rank (of
+  // `backend`, this strategy's own by default; only the parameters `include`
+  // accepts, when given).
   void broadcast_module_state(torch::nn::Module& module);
+  void broadcast_module_state(torch::nn::Module& module, c10d::Backend& backend,
+                              const std::function<bool(const at::Tensor& param)>& include = {});
   // clip_gradients_norm for a strategy whose optimizer holds disjoint pieces of
   // the gradients on each rank (fsdp, ZeRO): unscales, takes the norm over every
   // rank's pieces (one all-reduce), scales them; returns the norm before clipping.

@@ -151,15 +151,24 @@ TEST(DdpCuda, NcclMatchesOneProcessOnTheConcatenatedBatch) {
   }
 }
 
+// Runs `ddp_worker MODE` under model_parallel at tp=2 on 2 ranks (stopped after
+// 300 s, so that a rank waiting for its failed peer cannot hold the suite) and
+// expects it to succeed and print `done`.
+namespace {
+void expect_tensor_parallel_mode(const std::string& mode, const std::string& done) {
+  const auto dir = fresh_dir(mode);
+  auto result = testutil::run_command("timeout -k 10 300 " + mpirun() + " " + g_worker + " " + mode + " " + dir +
+                                      " --strategy model_parallel --tensor-parallel-size 2");
+  EXPECT_EQ(result.status, 0) << result.output;
+  EXPECT_NE(result.output.find(done), std::string::npos) << result.output;
+}
+}  // namespace
+
 // model_parallel (strategies/model_parallel/): fabric::tp's layers equal the
 // plain layers they are built from, forward and backward, on 2 ranks; dropout
 // in split regions draws different masks on the two ranks, reproducibly.
 TEST(ModelParallel, SplitLayersEqualThePlainLayers) {
-  const auto dir = fresh_dir("tp_layers");
-  auto result = testutil::run_command("timeout -k 10 300 " + mpirun() + " " + g_worker + " tp_layers " + dir +
-                                      " --strategy model_parallel --tensor-parallel-size 2");
-  EXPECT_EQ(result.status, 0) << result.output;
-  EXPECT_NE(result.output.find("tp layers ok"), std::string::npos) << result.output;
+  expect_tensor_parallel_mode("tp_layers", "tp layers ok");
 }
 
 // An MLP split column- then row-wise trains (Adam, clipping to a total norm of
@@ -187,11 +196,7 @@ TEST(ModelParallel, ClippedTrainingEqualsOneProcessOnEveryMesh) {
 // Under loss scaling an inf in one tensor-parallel rank's gradient skips the
 // step on every rank (the ranks agree on inf/nan over the whole world).
 TEST(ModelParallel, AnInfOnOneTensorParallelRankSkipsTheStepEverywhere) {
-  const auto dir = fresh_dir("tp_scaler");
-  auto result = testutil::run_command("timeout -k 10 300 " + mpirun() + " " + g_worker + " tp_scaler " + dir +
-                                      " --strategy model_parallel --tensor-parallel-size 2");
-  EXPECT_EQ(result.status, 0) << result.output;
-  EXPECT_NE(result.output.find("tp_scaler ok"), std::string::npos) << result.output;
+  expect_tensor_parallel_mode("tp_scaler", "tp_scaler ok");
 }
 
 TEST(Ddp, GradientAsBucketViewMatchesToo) {

@@ -156,19 +156,8 @@ void ModelParallelStrategy::setup_module(torch::nn::Module& module) {
   if (mesh_.tensor_parallel > 1) {
     // Replicated state must be equal within a tensor-parallel group (every rank
     // computes with it on the same batch): tensor-parallel rank 0's.
-    auto group = tensor_parallel_group();
-    torch::NoGradGuard no_grad;
-    c10d::BroadcastOptions root;
-    root.rootRank = 0;
-    std::vector<at::Tensor> tensors;
-    for (auto& p : module.parameters()) {
-      if (!split_of(p)) tensors.push_back(p.detach());
-    }
-    for (auto& b : module.buffers()) tensors.push_back(b);
-    for (auto& t : tensors) {
-      std::vector<at::Tensor> one = {t};
-      group.backend->broadcast(one, root)->wait();
-    }
+    broadcast_module_state(module, *tensor_parallel_group().backend,
+                           [this](const at::Tensor& p) { return split_of(p) == nullptr; });
   }
   dp_->setup_module(module);
 }
@@ -251,21 +240,28 @@ class ModelParallelStrategy::WholeStateScope : public precision::Scope {
     }
     optimizers_ = optimizers;
     if (loading_) return;  // a load replaces the state; leave() splits what it loaded
-    for (auto* optimizer : optimizers) {
+    for_each_split_slot([&](at::Tensor* slot, const at::Tensor& /*param*/, const tp::Split& split) {
+      slots_.push_back({slot, *slot});
+      *slot = tp::unshard(tp::all_gather(group_, *slot), split);
+    });
+  }
+
+ private:
+  // Every defined per-element optimizer state tensor of a split parameter.
+  template <typename F>
+  void for_each_split_slot(F&& fn) const {
+    for (auto* optimizer : optimizers_) {
       for (const auto& p : optimizer_parameters(*optimizer)) {
         const auto* split = strategy_.split_of(p);
         auto it = optimizer->state().find(p.unsafeGetTensorImpl());
         if (!split || it == optimizer->state().end()) continue;
         for (auto* slot : optim::codec_for(optimizer->defaults()).per_element_state(*it->second)) {
-          if (!slot->defined()) continue;
-          slots_.push_back({slot, *slot});
-          *slot = tp::unshard(tp::all_gather(group_, *slot), *split);
+          if (slot->defined()) fn(slot, p, *split);
         }
       }
     }
   }
 
- private:
   void leave() {
     if (group_.size != 1) {
       torch::NoGradGuard no_grad;
@@ -277,20 +273,11 @@ class ModelParallelStrategy::WholeStateScope : public precision::Scope {
       for (auto& [slot, local] : slots_) *slot = local;
       if (loading_) {
         // Loaded state is the unsplit model's: keep this rank's slice.
-        for (auto* optimizer : optimizers_) {
-          for (const auto& p : optimizer_parameters(*optimizer)) {
-            const auto* split = strategy_.split_of(p);
-            auto it = optimizer->state().find(p.unsafeGetTensorImpl());
-            if (!split || it == optimizer->state().end()) continue;
-            for (auto* slot : optim::codec_for(optimizer->defaults()).per_element_state(*it->second)) {
-              if (!slot->defined() || slot->dim() <= split->dim ||
-                  slot->size(split->dim) != p.size(split->dim) * group_.size) {
-                continue;
-              }
-              *slot = tp::shard_of(*slot, *split, group_.rank, group_.size);
-            }
+        for_each_split_slot([&](at::Tensor* slot, const at::Tensor& p, const tp::Split& split) {
+          if (slot->dim() > split.dim && slot->size(split.dim) == p.size(split.dim) * group_.size) {
+            *slot = tp::shard_of(*slot, split, group_.rank, group_.size);
           }
-        }
+        });
       }
     }
     inner_.reset();  // then the data-parallel strategy leaves its own full state
