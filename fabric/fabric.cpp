@@ -32,6 +32,7 @@ Fabric::Fabric(FabricOptions options) : options_(std::move(options)) {
   Connection connection = connect(options_);
   accelerator_name_ = connection.accelerator->name();
   needs_launch_ = connection.needs_launch;
+  node_launch_ = connection.node_launch;
   supervises_restarts_ = connection.supervises_restarts;
   strategies::StrategyArgs args;
   args.topology = connection.topology;
@@ -104,7 +105,12 @@ void Fabric::launch() {
       launchers::relaunch_under_mpirun(static_cast<int>(world_size()));
     }
     // Other devices (CUDA/NCCL): this process is rank 0 and starts the others.
-    local_ranks_ = std::make_unique<launchers::LocalRanks>(static_cast<int>(world_size()));
+    const int local = static_cast<int>(world_size()) / node_launch_.num_nodes;
+    launchers::LocalRanks::Node node{node_launch_.num_nodes, node_launch_.node_rank,
+                                     node_launch_.main_address, node_launch_.main_port};
+    local_ranks_ = std::make_unique<launchers::LocalRanks>(local, std::vector<std::string>{},
+                                                           launchers::LocalRanks::FailureHandler{},
+                                                           std::move(node));
   }
   strategy_->setup_environment();
   launched_ = true;

@@ -284,6 +284,7 @@ class Fabric {
   int64_t next_log_step_ = 0;
   bool launched_ = false;
   bool needs_launch_ = false;
+  Connection::NodeLaunch node_launch_;
   bool supervises_restarts_ = false;
   // Ranks this process spawned (CUDA); waited for when the Fabric is destroyed.
   std::unique_ptr<launchers::LocalRanks> local_ranks_;

@@ -14,7 +14,8 @@
 
 namespace fabric::launchers {
 
-LocalRanks::LocalRanks(int nprocs, std::vector<std::string> command, FailureHandler on_failure)
+LocalRanks::LocalRanks(int nprocs, std::vector<std::string> command, FailureHandler on_failure,
+                       Node node)
     : supervisor_(std::make_unique<Supervisor>()) {
   if (command.empty()) command = own_command_line();
   if (!on_failure) {
@@ -23,13 +24,16 @@ LocalRanks::LocalRanks(int nprocs, std::vector<std::string> command, FailureHand
       std::_Exit(status);
     };
   }
-  const int port = free_port();
+  const std::string address = node.main_address.empty() ? "127.0.0.1" : node.main_address;
+  const int port = node.main_port > 0 ? node.main_port : free_port();
+  const int world = nprocs * node.num_nodes, first = node.node_rank * nprocs;
   for (int rank = 1; rank < nprocs; ++rank) {
-    supervisor_->start(rank, command,
-                       torchrun_environment(rank, rank, nprocs, nprocs, 0, "127.0.0.1", port));
+    supervisor_->start(first + rank, command,
+                       torchrun_environment(first + rank, rank, world, nprocs, node.node_rank,
+                                            address, port));
   }
   for (const auto& [key, value] :
-       torchrun_environment(0, 0, nprocs, nprocs, 0, "127.0.0.1", port)) {
+       torchrun_environment(first, 0, world, nprocs, node.node_rank, address, port)) {
     ::setenv(key.c_str(), value.c_str(), 1);
   }
   exceptions_at_start_ = std::uncaught_exceptions();

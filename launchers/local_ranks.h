@@ -27,15 +27,28 @@ namespace fabric::launchers {
 
 class Supervisor;
 
+// This node's place in the job, for LocalRanks. One node (the default): the ranks
+// meet on loopback at a free port. Several (one launcher per node, e.g. one srun
+// task per node): global ranks node_rank*nprocs.., meeting at main_address:main_port.
+struct LocalRanksNode {
+  int num_nodes = 1;
+  int node_rank = 0;
+  std::string main_address;
+  int main_port = 0;
+};
+
 class LocalRanks {
  public:
   // What happens when a spawned rank fails (default: std::_Exit(status)); the
   // argument is the failing rank's status (128 + signal for a killed rank).
   using FailureHandler = std::function<void(int status)>;
 
+  using Node = LocalRanksNode;
+
   // Starts `command` (default: this program's own command line) for local ranks
-  // 1..nprocs-1 and sets this process's own torchrun-style variables as rank 0.
-  LocalRanks(int nprocs, std::vector<std::string> command = {}, FailureHandler on_failure = {});
+  // 1..nprocs-1 and sets this process's own torchrun-style variables as local rank 0.
+  LocalRanks(int nprocs, std::vector<std::string> command = {}, FailureHandler on_failure = {},
+             Node node = {});
   // join()s, or stop()s while an exception unwinds (see above).
   ~LocalRanks();
   LocalRanks(const LocalRanks&) = delete;

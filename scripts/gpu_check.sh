@@ -101,6 +101,9 @@ if cmake -S . -B "$build" "${generator[@]}" -DCMAKE_PREFIX_PATH="$prefix_path" -
        --gtest_filter=-Examples.ClassifierReachesEightyFivePercent:Examples.AutoencoderRunsInEveryCpuPrecision \
        --gtest_output="xml:$out/example_tests.xml" > "$out/example_tests.log" 2>&1) &
     # Two simulated hosts (network namespaces; every case skips without root).
+    # Not the SLURM cases (no scripts/slurm_cluster.sh given: they skip): a bare GPU
+    # image has no SLURM, and under --cpu this machine's PMIx and munge libraries,
+    # which slurmd loads, are hidden. The Bazel leg of make test runs them.
     "$build/host_tests" scripts/two_hosts.sh "$build/ddp_worker" "$build/fsdp_worker" \
       "$build/fabric-run" "$build/custom_trainer" \
       --gtest_output="xml:$out/host_tests.xml" > "$out/host_tests.log" 2>&1 &

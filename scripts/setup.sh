@@ -3,7 +3,8 @@
 # there. Idempotent. Called by `make run`, `make test` and `make bench`.
 #   Debian packages: Bazel (bazel-bootstrap + the mock rule repositories in
 #     bazel-bootstrap-source), CMake, g++, GoogleTest, Boost.Program_options, zlib,
-#     Open MPI, the Fashion-MNIST data and the fortunes text (examples/gpt).
+#     Open MPI, the Fashion-MNIST data and the fortunes text (examples/gpt), and
+#     SLURM with munge and its PMIx plugin (the test cluster of scripts/slurm_cluster.sh).
 #   pip: torch==2.11.0 (a CUDA 13.0 build that also runs without a GPU), numpy,
 #     lightning==2.6.6 and tensorboard (Python comparisons and read-backs in tests
 #     and benchmarks), into $PYTHON
@@ -16,7 +17,8 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=2.11.0
 PACKAGES=(bazel-bootstrap bazel-bootstrap-source cmake g++ make libgtest-dev googletest
           libboost-program-options-dev zlib1g-dev libopenmpi-dev openmpi-bin
-          dataset-fashion-mnist fortunes strace iproute2 nlohmann-json3-dev)
+          dataset-fashion-mnist fortunes strace iproute2 nlohmann-json3-dev
+          slurmd slurmctld slurm-client munge slurm-wlm-basic-plugins)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

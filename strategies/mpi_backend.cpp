@@ -219,8 +219,11 @@ std::pair<int, int> mpi_world() {
 }
 
 bool launched_by_mpi() {
-  const char* size = std::getenv("OMPI_COMM_WORLD_SIZE");
-  return size && *size;
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK"}) {
+    const char* value = std::getenv(name);
+    if (value && *value) return true;
+  }
+  return false;
 }
 
 class MPIBackend::Work : public c10d::Work {

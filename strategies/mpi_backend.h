@@ -11,7 +11,8 @@
 // (MPI_THREAD_SERIALIZED). A backend over a sub-group (split_color) serves a 2-D
 // mesh (model_parallel's tensor- and data-parallel groups): every rank must issue
 // its collectives on all groups in the same order, as SPMD programs do. The ranks must have been started by mpirun (or another
-// Open MPI launcher): two independently started processes cannot form a world.
+// Open MPI launcher) or by srun --mpi=pmix: two independently started processes
+// cannot form a world.
 // With a collective timeout, a CollectiveWatchdog (collective_watchdog.h) ends the
 // job when a collective does not complete in time, naming the ranks not in it.
 #pragma once
@@ -29,7 +30,9 @@ namespace fabric::strategies {
 // Initialises MPI on first use (MPI_THREAD_SERIALIZED) and finalises it at exit.
 // Returns {rank, size} of MPI_COMM_WORLD.
 std::pair<int, int> mpi_world();
-// True when this process was started by an Open MPI launcher (OMPI_COMM_WORLD_SIZE set).
+// True when this process can join an MPI world through MPI_Init: it was started by
+// an Open MPI launcher (mpirun: OMPI_COMM_WORLD_SIZE set) or by a PMIx launcher
+// that Open MPI's PMIx support joins (srun --mpi=pmix: PMIX_RANK set).
 bool launched_by_mpi();
 
 // Timing of one collective, for overlap measurements.

@@ -308,6 +308,33 @@ void check_backend(const std::string& backend, c10::DeviceType device_type) {
                               valid);
 }
 
+namespace {
+
+// Where the ranks of an MPI job are, as far as the launcher says before MPI_Init.
+struct MpiJob {
+  bool one_node = false;  // every rank on this node
+  long id = 0;            // differs between concurrent jobs on the node
+};
+
+MpiJob mpi_job() {
+  MpiJob job;
+  if (!env_or("OMPI_COMM_WORLD_SIZE", "").empty()) {  // mpirun
+    job.one_node = env_or("OMPI_COMM_WORLD_LOCAL_SIZE", "") == env_or("OMPI_COMM_WORLD_SIZE", "1");
+    job.id = std::atol(env_or("OMPI_MCA_ess_base_jobid", "0").c_str());
+  } else if (!env_or("SLURM_STEP_ID", env_or("SLURM_STEPID", "")).empty()) {  // srun --mpi=pmix
+    const std::string nodes = env_or("SLURM_STEP_NUM_NODES", env_or("SLURM_NNODES", ""));
+    job.one_node = nodes == "1";
+    // Steps of one job are numbered 0, 1, ...; jobs are numbered too: one id per step.
+    job.id = std::atol(env_or("SLURM_JOB_ID", "0").c_str()) * 101 +
+             std::atol(env_or("SLURM_STEP_ID", env_or("SLURM_STEPID", "0")).c_str());
+  }
+  // Another PMIx launcher: the layout is not known before MPI_Init; rank 0 sends
+  // its addresses and port over MPI, which works on one node and on many.
+  return job;
+}
+
+}  // namespace
+
 int job_rendezvous_port(long job_id, int ephemeral_low, int ephemeral_high) {
   const long job = job_id < 0 ? -job_id : job_id;
   constexpr int kFirst = 10000, kLast = 65535, kEnough = 1000;
@@ -321,10 +348,19 @@ int job_rendezvous_port(long job_id, int ephemeral_low, int ephemeral_high) {
 ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
   check_backend(options.backend, options.device.type());
   if (options.backend == "mpi" && options.world_size > 1 && !launched_by_mpi()) {
+    if (!env_or("SLURM_STEP_ID", env_or("SLURM_STEPID", "")).empty()) {
+      throw std::runtime_error(
+          "the mpi backend needs an MPI world, but srun started these " +
+          std::to_string(options.world_size) + " tasks without PMIx (SLURM_MPI_TYPE='" +
+          env_or("SLURM_MPI_TYPE", "") + "'), so Open MPI cannot join them. Add --mpi=pmix to "
+          "srun (srun --mpi=pmix -n " + std::to_string(options.world_size) +
+          " PROGRAM; `srun --mpi=list` shows the cluster's types), or start the ranks with "
+          "mpirun inside the allocation (mpirun PROGRAM in the sbatch script)");
+    }
     throw std::runtime_error(
         "the mpi backend needs its ranks started by Open MPI (mpirun, or fabric-run / "
-        "fabric.launch() which call it): independently started processes cannot form an "
-        "MPI world, and Gloo is not available in this LibTorch. Start the job with "
+        "fabric.launch() which call it) or by srun --mpi=pmix: independently started processes "
+        "cannot form an MPI world, and Gloo is not available in this LibTorch. Start the job with "
         "`mpirun -np N PROGRAM` or `fabric-run --devices N PROGRAM`");
   }
   std::string addr = options.master_addr.empty() ? env_or("MASTER_ADDR", "") : options.master_addr;
@@ -336,14 +372,14 @@ ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
   if (addr.empty() && options.world_size == 1) {
     addr = "127.0.0.1";  // nobody else to meet: any free port
   } else if (launched_by_mpi()) {
-    const std::string size = env_or("OMPI_COMM_WORLD_SIZE", "1");
-    if (env_or("OMPI_COMM_WORLD_LOCAL_SIZE", "") == size) {
+    const MpiJob job_layout = mpi_job();
+    if (job_layout.one_node) {
       // One node: meet on loopback (or MASTER_ADDR), on a port derived from this
-      // mpirun job's id (so the rendezvous, with its timeout, happens before
-      // MPI_Init, which would wait forever for a rank that never starts).
+      // mpirun job's (or srun step's) id, so the rendezvous, with its timeout,
+      // happens before MPI_Init, which would wait forever for a rank that never starts.
       if (addr.empty()) addr = "127.0.0.1";
       if (port == 0) {
-        const long job = std::atol(env_or("OMPI_MCA_ess_base_jobid", "0").c_str());
+        const long job = job_layout.id;
         int low = 32768, high = 60999;
         std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> low >> high;
         port = job_rendezvous_port(job, low, high);
@@ -378,7 +414,7 @@ ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
     } catch (const std::exception& e) {
       throw std::runtime_error(
           "rank 0 could not open the rendezvous store on port " + std::to_string(port) +
-          (derived_port ? " (derived from the mpirun job id)" : "") + ": " + e.what() +
+          (derived_port ? " (derived from the mpirun job's or srun step's id)" : "") + ": " + e.what() +
           ". Set MASTER_PORT to a free port");
     }
     port = tcp->getPort();

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdio>
 #include <csignal>
 #include <stdexcept>
 #include <string>
@@ -63,6 +64,27 @@ TEST(Launcher, RankZeroWaitsForTheOtherRanks) {
   }  // the destructor waits
   EXPECT_GE(seconds_since(start), 0.45) << "rank 0 did not wait for ranks 1 and 2";
   EXPECT_EQ(failures, 0);
+}
+
+// One launcher per node (one srun task per node on GPUs): the ranks it starts
+// are this node's, numbered after the nodes before it, and meet at the main
+// node's address and port, not on loopback.
+TEST(Launcher, ANodesLauncherNumbersItsRanksAfterTheNodesBeforeIt) {
+  RankEnvironmentGuard env;
+  const std::string out = ::testing::TempDir() + "/node_launch_env";
+  std::remove(out.c_str());
+  {
+    fabric::launchers::LocalRanks ranks(
+        2, {"sh", "-c", "echo $RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $NODE_RANK $MASTER_ADDR $MASTER_PORT > " + out},
+        {}, {3, 2, "node07", 15123});
+    EXPECT_STREQ(std::getenv("RANK"), "4");
+    EXPECT_STREQ(std::getenv("LOCAL_RANK"), "0");
+    EXPECT_STREQ(std::getenv("WORLD_SIZE"), "6");
+    EXPECT_STREQ(std::getenv("NODE_RANK"), "2");
+    EXPECT_STREQ(std::getenv("MASTER_ADDR"), "node07");
+    EXPECT_STREQ(std::getenv("MASTER_PORT"), "15123");
+  }
+  EXPECT_EQ(testutil::read_file(out), "5 1 6 2 2 node07 15123\n");
 }
 
 // Rank 0 throws (and its Fabric, inside the try, is destroyed on the way to the

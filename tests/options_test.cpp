@@ -202,7 +202,7 @@ TEST(Options, SlurmVariablesAreRead) {
   EnvGuard procid("SLURM_PROCID", "3"), ntasks("SLURM_NTASKS", "4"), localid("SLURM_LOCALID", "1"),
       nodeid("SLURM_NODEID", "1"), nnodes("SLURM_NNODES", "2"),
       nodelist("SLURM_NODELIST", "gpu[12-13]"), job("SLURM_JOB_ID", "987654"),
-      name("SLURM_JOB_NAME", "train");
+      name("SLURM_JOB_NAME", "train"), step("SLURM_STEP_ID", "0");
   auto env = fabric::launchers::detect_cluster_environment();
   EXPECT_EQ(env.kind, "slurm");
   EXPECT_EQ(env.global_rank, 3);
@@ -210,11 +210,104 @@ TEST(Options, SlurmVariablesAreRead) {
   EXPECT_EQ(env.local_rank, 1);
   EXPECT_EQ(env.node_rank, 1);
   EXPECT_EQ(env.local_world_size, 2);
+  EXPECT_EQ(env.num_nodes, 2);
   EXPECT_EQ(env.main_address, "gpu12");
   EXPECT_EQ(env.main_port, 15000 + 7654);
+  EXPECT_FALSE(env.pmix);
+  {
+    EnvGuard pmix("PMIX_RANK", "3");
+    EXPECT_TRUE(fabric::launchers::detect_cluster_environment().pmix);
+  }
   // An interactive `srun bash` is not a launcher.
   EnvGuard interactive("SLURM_JOB_NAME", "bash");
   EXPECT_EQ(fabric::launchers::detect_cluster_environment().kind, "none");
+}
+
+// The sbatch script itself has SLURM_PROCID=0 and the job's SLURM_NTASKS but is
+// not one of the job's tasks (no step id): a program run there directly is a
+// plain process, which may start the ranks itself (through mpirun on the CPU).
+TEST(Options, TheBatchScriptIsNotAnSrunTask) {
+  EnvGuard procid("SLURM_PROCID", "0"), ntasks("SLURM_NTASKS", "2"), localid("SLURM_LOCALID", "0"),
+      nodeid("SLURM_NODEID", "0"), nnodes("SLURM_NNODES", "1"), job("SLURM_JOB_ID", "17"),
+      name("SLURM_JOB_NAME", "train.sh"), step("SLURM_STEP_ID", std::nullopt),
+      stepid("SLURM_STEPID", std::nullopt);
+  EXPECT_EQ(fabric::launchers::detect_cluster_environment().kind, "none");
+  Fabric fabric({.accelerator = "cpu"});
+  EXPECT_EQ(fabric.world_size(), 1);
+}
+
+// Inside an allocation the step's own variables win over the job's (srun -n 4 in
+// an 8-task job), and SLURM's compressed per-node counts are read.
+TEST(Options, SlurmStepVariablesWinOverTheJobs) {
+  EnvGuard procid("SLURM_PROCID", "2"), ntasks("SLURM_NTASKS", "8"), localid("SLURM_LOCALID", "0"),
+      nodeid("SLURM_NODEID", "1"), nnodes("SLURM_NNODES", "4"), step("SLURM_STEP_ID", "3"),
+      step_tasks("SLURM_STEP_NUM_TASKS", "4"), step_nodes("SLURM_STEP_NUM_NODES", "2"),
+      per_node("SLURM_STEP_TASKS_PER_NODE", "2(x2)"), job_per_node("SLURM_TASKS_PER_NODE", "2(x4)"),
+      job_list("SLURM_JOB_NODELIST", "a[1-4]"), step_list("SLURM_STEP_NODELIST", "rack[2-3]-n[07-08]"),
+      job("SLURM_JOB_ID", "42"), name("SLURM_JOB_NAME", "train");
+  auto env = fabric::launchers::detect_cluster_environment();
+  EXPECT_EQ(env.kind, "slurm");
+  EXPECT_EQ(env.world_size, 4);
+  EXPECT_EQ(env.num_nodes, 2);
+  EXPECT_EQ(env.local_world_size, 2);
+  EXPECT_EQ(env.main_address, "rack2-n07");
+  EXPECT_EQ(env.main_port, 15042);
+  {
+    EnvGuard uneven("SLURM_STEP_TASKS_PER_NODE", "3,1");
+    EXPECT_THROW_WITH(fabric::launchers::detect_cluster_environment(), "unevenly",
+                      "SLURM_STEP_TASKS_PER_NODE=3,1", "--ntasks-per-node");
+  }
+  {
+    EnvGuard bad("SLURM_STEP_TASKS_PER_NODE", "2(x");
+    EXPECT_THROW_WITH(fabric::launchers::detect_cluster_environment(), "SLURM_STEP_TASKS_PER_NODE='2(x'");
+  }
+  // devices='auto' follows --ntasks-per-node.
+  Fabric fabric({.accelerator = "cpu"});
+  EXPECT_EQ(fabric.world_size(), 4);
+  EXPECT_EQ(fabric.global_rank(), 2);
+  EXPECT_EQ(fabric.node_rank(), 1);
+}
+
+// srun without PMIx (MpiDefault=none, no --mpi=pmix) cannot give Open MPI a
+// world: the error says what would work, before any rank waits for another.
+TEST(Options, SrunWithoutPmixSaysToAddItOrUseMpirun) {
+  EnvGuard procid("SLURM_PROCID", "0"), ntasks("SLURM_NTASKS", "2"), localid("SLURM_LOCALID", "0"),
+      nodeid("SLURM_NODEID", "0"), nnodes("SLURM_NNODES", "1"), step("SLURM_STEP_ID", "0"),
+      per_node("SLURM_TASKS_PER_NODE", "2"), job("SLURM_JOB_ID", "43"), name("SLURM_JOB_NAME", "t"),
+      type("SLURM_MPI_TYPE", "none"), pmix("PMIX_RANK", std::nullopt);
+  Fabric fabric({.accelerator = "cpu"});
+  EXPECT_EQ(fabric.world_size(), 2);
+  EXPECT_THROW_WITH(fabric.launch(), "srun started these 2 tasks without PMIx", "SLURM_MPI_TYPE='none'",
+                    "--mpi=pmix", "mpirun");
+}
+
+// On the CPU the ranks are one MPI world, which srun must start: one task per
+// node with devices=2 is an error with the srun line that works.
+TEST(Options, OneSrunTaskWithCpuDevicesNamesTheSrunLine) {
+  EnvGuard procid("SLURM_PROCID", "0"), ntasks("SLURM_NTASKS", "1"), localid("SLURM_LOCALID", "0"),
+      nodeid("SLURM_NODEID", "0"), nnodes("SLURM_NNODES", "1"), step("SLURM_STEP_ID", "0"),
+      job("SLURM_JOB_ID", "44"), name("SLURM_JOB_NAME", "t");
+  EXPECT_THROW_WITH(Fabric({.accelerator = "cpu", .devices = 2}), "srun --ntasks-per-node=2 --mpi=pmix");
+}
+
+// srun --gpus-per-task=1: each task sees one GPU (its own) where the node runs
+// several ranks, so each rank's device is index 0 of what it sees.
+TEST(Options, EachTaskUsesTheGpuSrunGaveIt) {
+  using fabric::per_task_devices;
+  const auto cuda = c10::DeviceType::CUDA;
+  for (const fabric::Devices& devices : {fabric::Devices(), fabric::Devices(4), fabric::Devices(-1)}) {
+    auto own = per_task_devices(devices, 4, 1, cuda);
+    ASSERT_TRUE(own.has_value()) << devices.str();
+    ASSERT_EQ(own->size(), 4u);
+    for (const auto& d : *own) EXPECT_EQ(d, c10::Device(cuda, 0));
+  }
+  // The task sees the node's GPUs (--gpus-per-node): parsed as usual, by local rank.
+  EXPECT_FALSE(per_task_devices(fabric::Devices(), 4, 4, cuda).has_value());
+  EXPECT_FALSE(per_task_devices(fabric::Devices({0, 1}), 4, 1, cuda).has_value());
+  EXPECT_FALSE(per_task_devices(fabric::Devices(2), 4, 1, cuda).has_value());
+  EnvGuard cvd("CUDA_VISIBLE_DEVICES", "2,3");
+  EXPECT_THROW_WITH(per_task_devices(fabric::Devices(), 4, 2, cuda), "sees 2 GPUs (CUDA_VISIBLE_DEVICES=2,3)",
+                    "--gpus-per-task=1", "--gpus-per-node=4");
 }
 
 // A one-node mpirun job's rendezvous port is never inside the ephemeral range:
@@ -240,7 +333,8 @@ TEST(Options, JobRendezvousPortsAvoidTheEphemeralRange) {
 
 TEST(Options, TorchrunTakesPrecedenceOverMpiAndSlurm) {
   EnvGuard rank("RANK", "1"), size("WORLD_SIZE", "2"), ompi("OMPI_COMM_WORLD_SIZE", "8"),
-      slurm("SLURM_NTASKS", "16"), procid("SLURM_PROCID", "0"), addr("MASTER_ADDR", "10.0.0.1"),
+      slurm("SLURM_NTASKS", "16"), procid("SLURM_PROCID", "0"), step("SLURM_STEP_ID", "0"),
+      addr("MASTER_ADDR", "10.0.0.1"),
       port("MASTER_PORT", "70000");
   EXPECT_THROW_WITH(fabric::launchers::detect_cluster_environment(), "MASTER_PORT=70000");
   EnvGuard good_port("MASTER_PORT", "29555");

@@ -23,17 +23,17 @@
 
 #include "checkpoint/checkpoint.h"
 #include "checkpoint/filesystem.h"
+#include "host_test_util.h"
 #include "mpi_test_util.h"
 #include "test_util.h"
 
 namespace {
 
-std::string g_script, g_ddp_worker, g_fsdp_worker, g_fabric_run, g_custom_trainer;
-
-std::string absolute(const char* path) {
-  char resolved[PATH_MAX];
-  return ::realpath(path, resolved) ? resolved : path;
-}
+using hosttest::g_custom_trainer;
+using hosttest::g_ddp_worker;
+using hosttest::g_fabric_run;
+using hosttest::g_fsdp_worker;
+using hosttest::g_script;
 
 std::string fresh_dir(const std::string& name) {
   const std::string dir = ::testing::TempDir() + "/two_hosts_" + name;
@@ -231,23 +231,6 @@ TEST_F(TwoHosts, KillingARankOnTheSecondHostEndsTheJobNamingIt) {
   }
 }
 
-// Every tensor in a checkpoint file, in key order (nested dicts and lists walked).
-void collect_tensors(const c10::IValue& value, std::vector<torch::Tensor>& out) {
-  if (value.isTensor()) {
-    out.push_back(value.toTensor());
-  } else if (value.isGenericDict()) {
-    std::map<std::string, c10::IValue> sorted;
-    for (const auto& item : value.toGenericDict()) {
-      if (item.key().isString()) sorted.emplace(item.key().toStringRef(), item.value());
-    }
-    for (const auto& [key, item] : sorted) collect_tensors(item, out);
-  } else if (value.isList()) {
-    for (const auto& item : value.toListRef()) collect_tensors(item, out);
-  } else if (value.isTuple()) {
-    for (const auto& item : value.toTupleRef().elements()) collect_tensors(item, out);
-  }
-}
-
 // fabric-run --hosts starts one job across both hosts; with --max-restarts, rank 3
 // (on hostB) killed at step 50 ends every rank on both hosts, the job starts again
 // on both, resumes from its step-40 checkpoint and ends with the weights of the
@@ -268,8 +251,8 @@ TEST_F(TwoHosts, ARankKilledOnTheSecondHostRestartsTheJobOnBothAndItResumes) {
                       "restarting every rank as attempt 2 (FABRIC_RESTART_COUNT=1)"), std::string::npos) << said;
   EXPECT_NE(said.find("resumed from " + dir + "/b/step-40.ckpt at step 40"), std::string::npos) << said;
   std::vector<torch::Tensor> a, b;
-  collect_tensors(fabric::read_checkpoint(dir + "/a.pt"), a);
-  collect_tensors(fabric::read_checkpoint(dir + "/b.pt"), b);
+  hosttest::collect_tensors(fabric::read_checkpoint(dir + "/a.pt"), a);
+  hosttest::collect_tensors(fabric::read_checkpoint(dir + "/b.pt"), b);
   ASSERT_FALSE(a.empty());
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
@@ -286,10 +269,38 @@ TEST_F(TwoHosts, ARankKilledOnTheSecondHostRestartsTheJobOnBothAndItResumes) {
   }
 }
 
+namespace hosttest {
+
+std::string g_script, g_ddp_worker, g_fsdp_worker, g_fabric_run, g_custom_trainer, g_slurm_cluster;
+
+std::string absolute(const char* path) {
+  char resolved[PATH_MAX];
+  return ::realpath(path, resolved) ? resolved : path;
+}
+
+void collect_tensors(const c10::IValue& value, std::vector<torch::Tensor>& out) {
+  if (value.isTensor()) {
+    out.push_back(value.toTensor());
+  } else if (value.isGenericDict()) {
+    std::map<std::string, c10::IValue> sorted;
+    for (const auto& item : value.toGenericDict()) {
+      if (item.key().isString()) sorted.emplace(item.key().toStringRef(), item.value());
+    }
+    for (const auto& [key, item] : sorted) collect_tensors(item, out);
+  } else if (value.isList()) {
+    for (const auto& item : value.toListRef()) collect_tensors(item, out);
+  } else if (value.isTuple()) {
+    for (const auto& item : value.toTupleRef().elements()) collect_tensors(item, out);
+  }
+}
+
+}  // namespace hosttest
+
 int main(int argc, char** argv) {
+  using namespace hosttest;
   ::testing::InitGoogleTest(&argc, argv);
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s TWO_HOSTS_SH DDP_WORKER FSDP_WORKER [FABRIC_RUN CUSTOM_TRAINER]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s TWO_HOSTS_SH DDP_WORKER FSDP_WORKER [FABRIC_RUN CUSTOM_TRAINER [SLURM_CLUSTER_SH]]\n", argv[0]);
     return 2;
   }
   g_script = absolute(argv[1]);
@@ -299,9 +310,11 @@ int main(int argc, char** argv) {
     g_fabric_run = absolute(argv[4]);
     g_custom_trainer = absolute(argv[5]);
   }
+  if (argc > 6) g_slurm_cluster = absolute(argv[6]);
   // The workers must not inherit a launcher environment from whoever runs the tests.
   for (const char* var : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
-                          "MASTER_ADDR", "MASTER_PORT"}) {
+                          "MASTER_ADDR", "MASTER_PORT", "SLURM_CONF", "SLURM_JOB_ID",
+                          "SLURM_STEP_ID", "SLURM_PROCID", "PMIX_RANK"}) {
     ::unsetenv(var);
   }
   // This run's own namespaces, so that two test runs cannot meet.
