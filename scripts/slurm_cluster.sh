@@ -2,6 +2,12 @@
 # A one-node SLURM cluster on this machine, for the SLURM tests (tests/slurm_test.cpp).
 #
 #   slurm_cluster.sh up DIR      start munged, slurmctld and slurmd, configured in DIR
+#   slurm_cluster.sh up DIR --two-hosts
+#                                two nodes instead, one slurmd in each simulated host
+#                                of scripts/two_hosts.sh (which must be `up`): tfnode1
+#                                on hostA (10.231.0.1, with slurmctld), tfnode2 on hostB
+#                                (10.231.0.2); clients then run on hostA
+#                                (two_hosts.sh exec A srun ...)
 #   slurm_cluster.sh down DIR    stop them (by the process ids in DIR); safe to repeat
 #   slurm_cluster.sh env DIR     print the variables a client needs (SLURM_CONF=...)
 #
@@ -29,6 +35,36 @@ skip() { echo "slurm_cluster.sh: $*" >&2; exit 77; }
 
 cmd=${1:-}
 dir=${2:-}
+two_hosts=""
+if [ "${3:-}" = "--two-hosts" ]; then
+  two_hosts=${TWO_HOSTS_SH:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/two_hosts.sh}
+  [ -x "$two_hosts" ] || die "--two-hosts needs scripts/two_hosts.sh beside this script (or TWO_HOSTS_SH)"
+fi
+# A daemon on a node: in its simulated host with --two-hosts, else here. `ip netns
+# exec` gives the host a fresh /sys without cgroups, which slurmd needs: the
+# machine's cgroup mounts are made again there (same types and options). Each
+# runs in its own mount namespace (ip netns exec's).
+on_node() {
+  local node=$1
+  shift
+  if [ -n "$two_hosts" ]; then
+    local mounts
+    mounts=$(awk '$2 ~ "^/sys/fs/cgroup" && ($3 == "cgroup" || $3 == "cgroup2" || $3 == "tmpfs") {print $3, $2, $4}' /proc/mounts)
+    "$two_hosts" exec "$([ "$node" = tfnode1 ] && echo A || echo B)" sh -c '
+      printf "%s\n" "$1" | while read -r type path options; do
+        [ -n "$type" ] || continue
+        mkdir -p "$path" 2> /dev/null
+        mount -t "$type" -o "$options" "$type" "$path" 2> /dev/null
+      done
+      # Both hosts share the file system: each node gets its own PMIx client
+      # folder (the plugin names them by job and step only).
+      mkdir -p "$2.$3" && mount --bind "$2.$3" "$2"
+      shift 3
+      exec "$@"' sh "$mounts" "$dir/pmix" "$node" "$@"
+  else
+    "$@"
+  fi
+}
 [ -n "$cmd" ] && [ -n "$dir" ] || die "usage: slurm_cluster.sh up|down|env DIR"
 
 free_port() {  # a port in 17000-19999 nobody listens on
@@ -73,7 +109,8 @@ down() {
   for pid in $(grep -lsa "SLURM_CONF=$conf" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3); do
     tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -q '^SLURM_JOB_ID=' && kill -KILL "$pid" 2>/dev/null
   done
-  stop_pid_file "$dir/slurmd.pid"
+  local file
+  for file in "$dir"/slurmd.*.pid; do stop_pid_file "$file"; done
   stop_pid_file "$dir/slurmctld.pid"
   stop_pid_file "$dir/munged.pid"
   # slurmstepd processes left without their slurmd (their parent is init)
@@ -99,8 +136,16 @@ up() {
   munged --key-file="$dir/munge.key" --socket="$dir/munge.sock" --pid-file="$dir/munged.pid" \
          --log-file="$dir/log/munged.log" --seed-file="$dir/munge.seed" --force \
     > "$dir/log/munged.out" 2>&1 || skip "munged did not start: $(tail -3 "$dir/log/munged.out" "$dir/log/munged.log" 2>/dev/null)"
-  local host ctld_port slurmd_port
+  local host ctld_port slurmd_port ctld_addr=127.0.0.1 nodes
   host=$(hostname -s)
+  if [ -n "$two_hosts" ]; then
+    "$two_hosts" exec A true 2> /dev/null || die "--two-hosts: the simulated hosts are not up (two_hosts.sh up)"
+    host=hostA ctld_addr=10.231.0.1
+    nodes="NodeName=tfnode1 NodeAddr=10.231.0.1 NodeHostname=hostA CPUs=8 State=UNKNOWN
+NodeName=tfnode2 NodeAddr=10.231.0.2 NodeHostname=hostB CPUs=8 State=UNKNOWN"
+  else
+    nodes="NodeName=tfnode1 NodeAddr=127.0.0.1 NodeHostname=$host CPUs=8 State=UNKNOWN"
+  fi
   ctld_port=$(free_port)
   slurmd_port=$(free_port)
   [ "$ctld_port" != "$slurmd_port" ] || slurmd_port=$((ctld_port + 1))
@@ -110,7 +155,7 @@ ClusterName=torchfabric
 # Job ids differ from the last cluster's: SLURM's PMIx plugin names per-step
 # folders by job id, and a killed step's folder would refuse the next same id.
 FirstJobId=$(( ($(date +%s) % 60000) * 1000 + 1 ))
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$host($ctld_addr)
 SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
 SlurmUser=root
@@ -120,11 +165,11 @@ AuthInfo=socket=$dir/munge.sock
 CredType=cred/munge
 PluginDir=$plugins
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/slurmd.%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd.log
+SlurmdLogFile=$dir/log/slurmd.%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -139,28 +184,34 @@ JobAcctGatherType=jobacct_gather/none
 SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
-NodeName=tfnode1 NodeAddr=127.0.0.1 NodeHostname=$host CPUs=8 State=UNKNOWN
-PartitionName=debug Nodes=tfnode1 Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+$nodes
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
   # mpi.conf, beside slurm.conf: the PMIx plugin's client folders go in DIR too.
   mkdir -p "$dir/pmix"
   echo "PMIxCliTmpDirBase=$dir/pmix" > "$dir/mpi.conf"
-  slurmctld -f "$dir/slurm.conf" > "$dir/log/slurmctld.out" 2>&1 ||
+  on_node tfnode1 slurmctld -f "$dir/slurm.conf" > "$dir/log/slurmctld.out" 2>&1 ||
     { local why; why=$(tail -3 "$dir/log/slurmctld.out" "$dir/log/slurmctld.log" 2>/dev/null); down; skip "slurmctld did not start: $why"; }
-  slurmd -f "$dir/slurm.conf" -N tfnode1 > "$dir/log/slurmd.out" 2>&1 ||
-    { local why; why=$(tail -3 "$dir/log/slurmd.out" "$dir/log/slurmd.log" 2>/dev/null); down; skip "slurmd did not start: $why"; }
-  # Ready when the node is idle.
+  local node
+  for node in $(sed -n 's/^NodeName=\([^ ]*\).*/\1/p' "$dir/slurm.conf"); do
+    mkdir -p "$dir/spool/$node"
+    on_node "$node" slurmd -f "$dir/slurm.conf" -N "$node" > "$dir/log/slurmd.$node.out" 2>&1 ||
+      { local why; why=$(tail -3 "$dir/log/slurmd.$node.out" "$dir/log/slurmd.$node.log" 2>/dev/null); down; skip "slurmd ($node) did not start: $why"; }
+  done
+  # Ready when every node is idle.
+  local count
+  count=$(grep -c '^NodeName=' "$dir/slurm.conf")
   for _ in $(seq 1 100); do
-    if SLURM_CONF=$dir/slurm.conf sinfo -h -n tfnode1 -o %t 2>/dev/null | grep -q '^idle'; then
+    if [ "$(on_node tfnode1 env SLURM_CONF="$dir/slurm.conf" sinfo -h -N -o %t 2>/dev/null | grep -c '^idle')" = "$count" ]; then
       echo "SLURM_CONF=$dir/slurm.conf"
       return 0
     fi
     sleep 0.2
   done
   local why
-  why=$(SLURM_CONF=$dir/slurm.conf sinfo -h -N -o '%N %t %E' 2>&1; tail -3 "$dir/log/slurmctld.log" "$dir/log/slurmd.log")
+  why=$(on_node tfnode1 env SLURM_CONF="$dir/slurm.conf" sinfo -h -N -o '%N %t %E' 2>&1; tail -3 "$dir"/log/*.log)
   down
-  skip "the node did not become idle within 20 s: $why"
+  skip "the nodes did not become idle within 20 s: $why"
 }
 
 case "$cmd" in

@@ -5,7 +5,8 @@
 // weights of the same job under mpirun, from srun and from an sbatch script;
 // srun without PMIx fails saying what works; a task killed mid-run ends the step
 // naming its rank; scancel ends every rank. Where the daemons cannot start (no
-// root, packages missing) every case is skipped with the reason.
+// root, packages missing) every case is skipped with the reason. SlurmTwoHosts puts
+// one slurmd in each simulated host of scripts/two_hosts.sh for a 2-node job.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -224,4 +225,66 @@ TEST_F(Slurm, ScancelEndsEveryRank) {
     if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
   EXPECT_TRUE(gone) << "job " << job_id << " is still in the queue";
+}
+
+namespace {
+
+// Two nodes: one slurmd in each simulated host of scripts/two_hosts.sh (tfnode1
+// on hostA with slurmctld, tfnode2 on hostB), their names known to neither host.
+class SlurmTwoHosts : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (hosttest::g_slurm_cluster.empty()) GTEST_SKIP() << "no scripts/slurm_cluster.sh given";
+    auto hosts = run(hosttest::g_script + " up", 60);
+    if (hosts.status == 77) GTEST_SKIP() << "no two-host test bed here: " << hosts.output;
+    ASSERT_EQ(hosts.status, 0) << hosts.output;
+    hosts_up_ = true;
+    char dir[] = "/tmp/tfslurm2.XXXXXX";
+    ASSERT_NE(::mkdtemp(dir), nullptr);
+    dir_ = dir;
+    auto up = run("TWO_HOSTS_SH=" + hosttest::g_script + " " + hosttest::g_slurm_cluster + " up " + dir_ +
+                  " --two-hosts", 60);
+    if (up.status == 77) GTEST_SKIP() << "no two-node SLURM cluster here: " << up.output;
+    ASSERT_EQ(up.status, 0) << up.output;
+  }
+  void TearDown() override {
+    if (!dir_.empty()) {
+      auto down = run("TWO_HOSTS_SH=" + hosttest::g_script + " " + hosttest::g_slurm_cluster + " down " + dir_, 60);
+      EXPECT_EQ(down.status, 0) << down.output;
+      if (down.status == 0) fabric::fs::remove_all(dir_);
+    }
+    if (hosts_up_) {
+      auto down = run(hosttest::g_script + " down", 60);
+      EXPECT_EQ(down.status, 0) << down.output;
+    }
+  }
+  // A client command on hostA (where srun and sbatch reach slurmctld).
+  std::string on_a(const std::string& command) const {
+    return hosttest::g_script + " exec A env SLURM_CONF=" + dir_ + "/slurm.conf " + command;
+  }
+  std::string dir_;
+  bool hosts_up_ = false;
+};
+
+}  // namespace
+
+// srun --mpi=pmix -N 2: two ranks on each node form one MPI world across the
+// hosts (rank 0 sends its addresses over MPI; the node names resolve nowhere)
+// and end with the weights of the same 4-rank job on one host under mpirun.
+TEST_F(SlurmTwoHosts, SrunAcrossTwoNodesEqualsTheJobOnOneHost) {
+  const auto one = fresh_dir("one_host");
+  auto reference = run(kThreads + testutil::mpirun(4) + " " + hosttest::g_ddp_worker + " train " + one);
+  ASSERT_EQ(reference.status, 0) << reference.output;
+  const auto two = fresh_dir("two_nodes");
+  auto job = run(on_a(kThreads + "srun -N 2 --ntasks-per-node=2 --mpi=pmix sh -c \"hostname > " + two +
+                      "/host_\\$SLURM_PROCID; exec " + hosttest::g_ddp_worker + " train " + two + "\""));
+  ASSERT_EQ(job.status, 0) << job.output;
+  for (int rank = 0; rank < 4; ++rank) {
+    std::string host;
+    std::ifstream(two + "/host_" + std::to_string(rank)) >> host;
+    EXPECT_EQ(host, rank < 2 ? "hostA" : "hostB") << "rank " << rank;
+    const std::string file = "/params_rank" + std::to_string(rank) + ".pt";
+    expect_same_tensors(testutil::read_tensor_list(one + file), testutil::read_tensor_list(two + file),
+                        "rank " + std::to_string(rank));
+  }
 }
