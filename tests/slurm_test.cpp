@@ -138,7 +138,9 @@ TEST_F(Slurm, SrunWithPmixTrainsAsMpirun) {
 }
 
 // A batch script as users write it (#SBATCH lines, srun inside) trains the
-// custom_trainer example to the checkpoint the same job writes under mpirun.
+// custom_trainer example to the checkpoint the same job writes under mpirun. So
+// does the program run in the script itself with --devices 2: the script is not
+// one of the job's tasks, and the program starts its ranks (through mpirun).
 TEST_F(Slurm, AnSbatchScriptWithSrunEqualsTheJobUnderMpirun) {
   if (hosttest::g_custom_trainer.empty()) GTEST_SKIP() << "no custom_trainer given";
   const auto dir = fresh_dir("sbatch");
@@ -153,14 +155,20 @@ TEST_F(Slurm, AnSbatchScriptWithSrunEqualsTheJobUnderMpirun) {
                                           "#SBATCH --ntasks-per-node=2\n"
                                           "#SBATCH --output=" << dir << "/train.out\n"
                                           "srun --mpi=pmix " << hosttest::g_custom_trainer << flags
-                                       << " --checkpoint-dir " << dir << "/b --checkpoint " << dir << "/b.pt\n";
+                                       << " --checkpoint-dir " << dir << "/b --checkpoint " << dir << "/b.pt\n"
+                                       // the script itself is no task: the program starts its ranks
+                                       << hosttest::g_custom_trainer << flags << " --devices 2 --checkpoint-dir "
+                                       << dir << "/c --checkpoint " << dir << "/c.pt\n";
   auto job = run("cd " + dir + " && " + kThreads + "sbatch --wait train.sbatch");
   const std::string said = testutil::read_file(dir + "/train.out");
   ASSERT_EQ(job.status, 0) << job.output << said;
-  std::vector<torch::Tensor> a, b;
+  std::vector<torch::Tensor> a, b, c;
   hosttest::collect_tensors(fabric::read_checkpoint(dir + "/a.pt"), a);
   hosttest::collect_tensors(fabric::read_checkpoint(dir + "/b.pt"), b);
   expect_same_tensors(a, b, "sbatch + srun against mpirun");
+  ASSERT_TRUE(fabric::fs::exists(dir + "/c.pt")) << said;
+  hosttest::collect_tensors(fabric::read_checkpoint(dir + "/c.pt"), c);
+  expect_same_tensors(a, c, "--devices 2 run in the batch script against mpirun");
 }
 
 // A cluster whose MpiDefault is none, and srun without --mpi=pmix: Open MPI
