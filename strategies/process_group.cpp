@@ -310,6 +310,9 @@ void check_backend(const std::string& backend, c10::DeviceType device_type) {
 
 namespace {
 
+// The srun step this process is a task of ("" when srun did not start it).
+std::string srun_step_id() { return env_or("SLURM_STEP_ID", env_or("SLURM_STEPID", "")); }
+
 // Where the ranks of an MPI job are, as far as the launcher says before MPI_Init.
 struct MpiJob {
   bool one_node = false;  // every rank on this node
@@ -321,12 +324,12 @@ MpiJob mpi_job() {
   if (!env_or("OMPI_COMM_WORLD_SIZE", "").empty()) {  // mpirun
     job.one_node = env_or("OMPI_COMM_WORLD_LOCAL_SIZE", "") == env_or("OMPI_COMM_WORLD_SIZE", "1");
     job.id = std::atol(env_or("OMPI_MCA_ess_base_jobid", "0").c_str());
-  } else if (!env_or("SLURM_STEP_ID", env_or("SLURM_STEPID", "")).empty()) {  // srun --mpi=pmix
+  } else if (!srun_step_id().empty()) {  // srun --mpi=pmix
     const std::string nodes = env_or("SLURM_STEP_NUM_NODES", env_or("SLURM_NNODES", ""));
     job.one_node = nodes == "1";
     // Steps of one job are numbered 0, 1, ...; jobs are numbered too: one id per step.
     job.id = std::atol(env_or("SLURM_JOB_ID", "0").c_str()) * 101 +
-             std::atol(env_or("SLURM_STEP_ID", env_or("SLURM_STEPID", "0")).c_str());
+             std::atol(srun_step_id().c_str());
   }
   // Another PMIx launcher: the layout is not known before MPI_Init; rank 0 sends
   // its addresses and port over MPI, which works on one node and on many.
@@ -348,7 +351,7 @@ int job_rendezvous_port(long job_id, int ephemeral_low, int ephemeral_high) {
 ProcessGroupHandle create_process_group(const ProcessGroupOptions& options) {
   check_backend(options.backend, options.device.type());
   if (options.backend == "mpi" && options.world_size > 1 && !launched_by_mpi()) {
-    if (!env_or("SLURM_STEP_ID", env_or("SLURM_STEPID", "")).empty()) {
+    if (!srun_step_id().empty()) {
       throw std::runtime_error(
           "the mpi backend needs an MPI world, but srun started these " +
           std::to_string(options.world_size) + " tasks without PMIx (SLURM_MPI_TYPE='" +

@@ -130,11 +130,7 @@ TEST_F(Slurm, SrunWithPmixTrainsAsMpirun) {
   auto job = run(kThreads + "srun --mpi=pmix --ntasks-per-node=2 -N 1 " + hosttest::g_ddp_worker + " train " +
                  under_srun);
   ASSERT_EQ(job.status, 0) << job.output;
-  for (int rank = 0; rank < 2; ++rank) {
-    const std::string file = "/params_rank" + std::to_string(rank) + ".pt";
-    expect_same_tensors(testutil::read_tensor_list(under_mpirun + file),
-                        testutil::read_tensor_list(under_srun + file), "rank " + std::to_string(rank));
-  }
+  hosttest::expect_same_params(under_mpirun, under_srun, 2);
 }
 
 // A batch script as users write it (#SBATCH lines, srun inside) trains the
@@ -287,12 +283,6 @@ TEST_F(SlurmTwoHosts, SrunAcrossTwoNodesEqualsTheJobOnOneHost) {
   auto job = run(on_a(kThreads + "srun -N 2 --ntasks-per-node=2 --mpi=pmix sh -c \"hostname > " + two +
                       "/host_\\$SLURM_PROCID; exec " + hosttest::g_ddp_worker + " train " + two + "\""));
   ASSERT_EQ(job.status, 0) << job.output;
-  for (int rank = 0; rank < 4; ++rank) {
-    std::string host;
-    std::ifstream(two + "/host_" + std::to_string(rank)) >> host;
-    EXPECT_EQ(host, rank < 2 ? "hostA" : "hostB") << "rank " << rank;
-    const std::string file = "/params_rank" + std::to_string(rank) + ".pt";
-    expect_same_tensors(testutil::read_tensor_list(one + file), testutil::read_tensor_list(two + file),
-                        "rank " + std::to_string(rank));
-  }
+  hosttest::expect_placement(two, 2);
+  hosttest::expect_same_params(one, two, 4);
 }

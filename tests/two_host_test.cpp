@@ -34,6 +34,8 @@ using hosttest::g_ddp_worker;
 using hosttest::g_fabric_run;
 using hosttest::g_fsdp_worker;
 using hosttest::g_script;
+using hosttest::expect_placement;
+using hosttest::expect_same_params;
 
 std::string fresh_dir(const std::string& name) {
   const std::string dir = ::testing::TempDir() + "/two_hosts_" + name;
@@ -69,30 +71,6 @@ std::string worker_command(const std::string& worker, const std::string& mode,
                            const std::string& dir, const std::string& flags = "") {
   return "sh -c \"hostname > " + dir + "/host_\\$OMPI_COMM_WORLD_RANK; exec " + worker + " " +
          mode + " " + dir + " " + flags + "\"";
-}
-
-void expect_same_params(const std::string& one_host, const std::string& two_hosts, int ranks) {
-  for (int rank = 0; rank < ranks; ++rank) {
-    SCOPED_TRACE("rank " + std::to_string(rank));
-    const std::string file = "/params_rank" + std::to_string(rank) + ".pt";
-    const auto expected = testutil::read_tensor_list(one_host + file);
-    const auto got = testutil::read_tensor_list(two_hosts + file);
-    ASSERT_FALSE(expected.empty()) << one_host + file;
-    ASSERT_EQ(got.size(), expected.size()) << two_hosts + file;
-    for (size_t i = 0; i < got.size(); ++i) {
-      EXPECT_TRUE(torch::allclose(got[i], expected[i], 1e-5, 1e-6))
-          << "parameter " << i << " max diff " << (got[i] - expected[i]).abs().max().item<double>();
-    }
-  }
-}
-
-// Ranks 0..per_host-1 ran on hostA, the others on hostB.
-void expect_placement(const std::string& dir, int per_host) {
-  for (int rank = 0; rank < 2 * per_host; ++rank) {
-    std::string host;
-    std::ifstream(dir + "/host_" + std::to_string(rank)) >> host;
-    EXPECT_EQ(host, rank < per_host ? "hostA" : "hostB") << "rank " << rank;
-  }
 }
 
 class TwoHosts : public ::testing::Test {
@@ -276,6 +254,30 @@ std::string g_script, g_ddp_worker, g_fsdp_worker, g_fabric_run, g_custom_traine
 std::string absolute(const char* path) {
   char resolved[PATH_MAX];
   return ::realpath(path, resolved) ? resolved : path;
+}
+
+void expect_same_params(const std::string& one_host, const std::string& two_hosts, int ranks) {
+  for (int rank = 0; rank < ranks; ++rank) {
+    SCOPED_TRACE("rank " + std::to_string(rank));
+    const std::string file = "/params_rank" + std::to_string(rank) + ".pt";
+    const auto expected = testutil::read_tensor_list(one_host + file);
+    const auto got = testutil::read_tensor_list(two_hosts + file);
+    ASSERT_FALSE(expected.empty()) << one_host + file;
+    ASSERT_EQ(got.size(), expected.size()) << two_hosts + file;
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_TRUE(torch::allclose(got[i], expected[i], 1e-5, 1e-6))
+          << "parameter " << i << " max diff " << (got[i] - expected[i]).abs().max().item<double>();
+    }
+  }
+}
+
+// Ranks 0..per_host-1 ran on hostA, the others on hostB.
+void expect_placement(const std::string& dir, int per_host) {
+  for (int rank = 0; rank < 2 * per_host; ++rank) {
+    std::string host;
+    std::ifstream(dir + "/host_" + std::to_string(rank)) >> host;
+    EXPECT_EQ(host, rank < per_host ? "hostA" : "hostB") << "rank " << rank;
+  }
 }
 
 void collect_tensors(const c10::IValue& value, std::vector<torch::Tensor>& out) {
